@@ -1,0 +1,374 @@
+//! The one validated configuration every process runs from.
+//!
+//! Raw input comes from three layers, later ones winning: a TOML file, the
+//! `GANCLUSTER__SECTION__KEY` environment variables, and CLI flags (passed
+//! in as `section.key = value` overrides). The result is checked once,
+//! before anything runs, and every error names the key that is wrong, so a
+//! typo never silently falls back to a default.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variable prefix; `GANCLUSTER__TRAIN__STEPS=10` sets `train.steps`.
+pub const ENV_PREFIX: &str = "GANCLUSTER";
+
+/// Everything wrong with a configuration, each naming what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file, an environment variable or a flag could not be read or parsed.
+    #[error("configuration: {0} (keys are documented in the README's configuration section)")]
+    Load(#[from] config::ConfigError),
+    /// A key parsed but holds a value training cannot use.
+    #[error("configuration key `{key}` = {value}: {expected}")]
+    Invalid {
+        /// The dotted key, e.g. `model.image_size`.
+        key: &'static str,
+        /// The rejected value as written.
+        value: String,
+        /// What would be accepted.
+        expected: &'static str,
+    },
+    /// The effective configuration could not be rendered back to TOML.
+    #[error("rendering the configuration as TOML: {0}")]
+    Render(#[from] toml::ser::Error),
+}
+
+/// The complete, validated configuration of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Network shapes.
+    pub model: ModelConfig,
+    /// Optimisation and schedule.
+    pub train: TrainConfig,
+    /// Where images come from.
+    pub data: DataConfig,
+    /// Where artifacts go.
+    pub output: OutputConfig,
+}
+
+/// DCGAN shapes; defaults are the reference 64×64 network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Side of the square images, one of 16, 32, 64, 128; the number of
+    /// up/down-sampling layers follows from it.
+    pub image_size: usize,
+    /// Length of the noise vector z.
+    pub nz: usize,
+    /// Generator feature maps in its last hidden layer.
+    pub ngf: usize,
+    /// Discriminator feature maps in its first layer.
+    pub ndf: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            image_size: 64,
+            nz: 100,
+            ngf: 64,
+            ndf: 64,
+        }
+    }
+}
+
+/// Optimiser and schedule; defaults are the DCGAN paper's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Training iterations (one D step and one G step each).
+    pub steps: u64,
+    /// Images per batch on each worker.
+    pub batch_size: usize,
+    /// Adam learning rate for both networks.
+    pub lr: f64,
+    /// Adam β1.
+    pub beta1: f64,
+    /// Adam β2.
+    pub beta2: f64,
+    /// Seeds weights, noise and data order: same seed, same run.
+    pub seed: u64,
+    /// Log a line every this many steps.
+    pub log_every: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch_size: 128,
+            lr: 2e-4,
+            beta1: 0.5,
+            beta2: 0.999,
+            seed: 42,
+            log_every: 10,
+        }
+    }
+}
+
+/// The data set partition to read, as in CelebA's `list_eval_partition.txt`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    /// Partition 0.
+    Train,
+    /// Partition 1.
+    Val,
+    /// Partition 2.
+    Test,
+    /// Every image, with or without a partition file.
+    All,
+}
+
+/// Where training images come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// `synthetic` for the built-in face-like set, or a folder: a CelebA
+    /// root holding `img_align_celeba/`, or any folder of JPEG/PNG files.
+    pub source: String,
+    /// Which partition to train on.
+    pub split: Split,
+    /// Images in the built-in synthetic set's training split.
+    pub synthetic_size: usize,
+    /// Batches decoded ahead of the one being trained on.
+    pub prefetch: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            source: "synthetic".into(),
+            split: Split::Train,
+            synthetic_size: 20_000,
+            prefetch: 2,
+        }
+    }
+}
+
+/// Where a run writes its artifacts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Folder for the sample grid, loss CSV and effective config.
+    pub dir: PathBuf,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("runs/default"),
+        }
+    }
+}
+
+impl Config {
+    /// Loads defaults ← `file` ← `GANCLUSTER__*` environment ← `overrides`,
+    /// then validates the result.
+    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, overrides, None)
+    }
+
+    /// As [`Config::load`] with an explicit environment, so tests do not
+    /// have to mutate the process environment.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        overrides: &[(&str, String)],
+        env: Option<config::Map<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = config::Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true)
+            .source(env);
+        builder = builder.add_source(environment);
+        for (key, value) in overrides {
+            builder = builder.set_override(*key, value.as_str())?;
+        }
+        let raw: Config = builder.build()?.try_deserialize()?;
+        raw.validate()?;
+        Ok(raw)
+    }
+
+    /// The configuration as TOML, for `--print-config` and for saving next
+    /// to a run's artifacts.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.model;
+        check(
+            "model.image_size",
+            m.image_size,
+            [16, 32, 64, 128].contains(&m.image_size),
+            "one of 16, 32, 64, 128",
+        )?;
+        check("model.nz", m.nz, m.nz > 0, "a positive integer")?;
+        check("model.ngf", m.ngf, m.ngf > 0, "a positive integer")?;
+        check("model.ndf", m.ndf, m.ndf > 0, "a positive integer")?;
+        let t = &self.train;
+        check("train.steps", t.steps, t.steps > 0, "a positive integer")?;
+        check(
+            "train.batch_size",
+            t.batch_size,
+            t.batch_size > 0,
+            "a positive integer",
+        )?;
+        check(
+            "train.lr",
+            t.lr,
+            t.lr > 0.0 && t.lr.is_finite(),
+            "a positive number",
+        )?;
+        check(
+            "train.beta1",
+            t.beta1,
+            (0.0..1.0).contains(&t.beta1),
+            "in [0, 1)",
+        )?;
+        check(
+            "train.beta2",
+            t.beta2,
+            (0.0..1.0).contains(&t.beta2),
+            "in [0, 1)",
+        )?;
+        check(
+            "train.log_every",
+            t.log_every,
+            t.log_every > 0,
+            "a positive integer",
+        )?;
+        let d = &self.data;
+        check(
+            "data.source",
+            &d.source,
+            !d.source.trim().is_empty(),
+            "`synthetic` or a folder of images",
+        )?;
+        check(
+            "data.synthetic_size",
+            d.synthetic_size,
+            d.synthetic_size > 0,
+            "a positive integer",
+        )?;
+        check(
+            "data.prefetch",
+            d.prefetch,
+            d.prefetch > 0,
+            "a positive integer",
+        )
+    }
+}
+
+fn check<T: std::fmt::Debug>(
+    key: &'static str,
+    value: T,
+    ok: bool,
+    expected: &'static str,
+) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            key,
+            value: format!("{value:?}"),
+            expected,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<config::Map<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+        file
+    }
+
+    #[test]
+    fn defaults_are_the_dcgan_reference() {
+        let c = Config::load_with_env(None, &[], env(&[])).unwrap();
+        assert_eq!((c.model.image_size, c.model.nz, c.model.ngf), (64, 100, 64));
+        assert_eq!(
+            (c.train.batch_size, c.train.lr, c.train.beta1),
+            (128, 2e-4, 0.5)
+        );
+    }
+
+    #[test]
+    fn file_then_env_then_flags_win_in_that_order() {
+        let file = toml_file("[train]\nsteps = 5\nseed = 1\nbatch_size = 8\n");
+        let c = Config::load_with_env(
+            Some(file.path()),
+            &[("train.seed", "3".into())],
+            env(&[
+                ("GANCLUSTER__TRAIN__STEPS", "7"),
+                ("GANCLUSTER__TRAIN__SEED", "2"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((c.train.steps, c.train.seed, c.train.batch_size), (7, 3, 8));
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_named() {
+        let file = toml_file("[train]\nlearning_rate = 0.1\n");
+        let err = Config::load_with_env(Some(file.path()), &[], env(&[])).unwrap_err();
+        assert!(err.to_string().contains("learning_rate"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_is_named() {
+        let err =
+            Config::load_with_env(None, &[], env(&[("GANCLUSTER__MODEL__NGFF", "3")])).unwrap_err();
+        assert!(err.to_string().contains("ngff"), "{err}");
+    }
+
+    #[test]
+    fn mistyped_value_names_the_key() {
+        let file = toml_file("[model]\nngf = \"many\"\n");
+        let err = Config::load_with_env(Some(file.path()), &[], env(&[])).unwrap_err();
+        assert!(err.to_string().contains("model.ngf"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_names_key_and_expectation() {
+        let err = Config::load_with_env(None, &[("model.image_size", "48".into())], env(&[]))
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("model.image_size") && text.contains("16, 32, 64, 128"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn toml_round_trips() {
+        let c = Config::load_with_env(None, &[("data.split", "all".into())], env(&[])).unwrap();
+        let file = toml_file(&c.to_toml().unwrap());
+        assert_eq!(
+            Config::load_with_env(Some(file.path()), &[], env(&[])).unwrap(),
+            c
+        );
+    }
+}

@@ -1,0 +1,291 @@
+//! Where a data set's images are: a CelebA root, any image folder, or the
+//! built-in synthetic faces.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::config::{DataConfig, Split};
+use image::DynamicImage;
+
+use super::DataError;
+use super::synthetic;
+
+/// CelebA's image folder inside its root.
+pub const CELEBA_IMAGES: &str = "img_align_celeba";
+/// CelebA's split file inside its root: `<name> <0|1|2>` per line.
+pub const CELEBA_PARTITION: &str = "list_eval_partition.txt";
+
+/// An indexable, deterministic list of images.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    /// Image files on disk, sorted by name.
+    Files {
+        /// The folder the user named, for messages.
+        root: PathBuf,
+        /// The selected files.
+        paths: Vec<PathBuf>,
+    },
+    /// Synthetic faces `offset..offset + len` of the generator seeded by `seed`.
+    Synthetic {
+        /// Generator seed.
+        seed: u64,
+        /// First face index; splits use disjoint ranges.
+        offset: u64,
+        /// Number of faces.
+        len: usize,
+    },
+}
+
+/// Synthetic splits never overlap: each starts this many faces after the previous.
+const SYNTHETIC_SPLIT_STRIDE: u64 = 1 << 40;
+
+impl ImageSource {
+    /// Resolves the configured source and split. `seed` seeds synthetic faces.
+    pub fn open(cfg: &DataConfig, seed: u64) -> Result<Self, DataError> {
+        if cfg.source == "synthetic" {
+            return Ok(Self::synthetic(seed, cfg.split, cfg.synthetic_size));
+        }
+        Self::folder(Path::new(&cfg.source), cfg.split)
+    }
+
+    /// The synthetic split `split` with `train_len` training faces; val and
+    /// test hold a tenth of that each, like CelebA's proportions.
+    pub fn synthetic(seed: u64, split: Split, train_len: usize) -> Self {
+        let held_out = (train_len / 10).max(1);
+        let (offset, len) = match split {
+            Split::Train | Split::All => (0, train_len),
+            Split::Val => (SYNTHETIC_SPLIT_STRIDE, held_out),
+            Split::Test => (2 * SYNTHETIC_SPLIT_STRIDE, held_out),
+        };
+        Self::Synthetic { seed, offset, len }
+    }
+
+    /// A CelebA root (with `img_align_celeba/`) or a plain folder of images.
+    pub fn folder(root: &Path, split: Split) -> Result<Self, DataError> {
+        let celeba = root.join(CELEBA_IMAGES);
+        let images_dir = if celeba.is_dir() {
+            celeba
+        } else {
+            root.to_path_buf()
+        };
+        let mut paths = list_images(&images_dir)?;
+        let partition = root.join(CELEBA_PARTITION);
+        if split != Split::All {
+            if !partition.is_file() {
+                return Err(DataError::NoPartition {
+                    path: partition,
+                    split: format!("{split:?}").to_lowercase(),
+                });
+            }
+            let keep = read_partition(&partition, split)?;
+            paths.retain(|p| {
+                p.file_name()
+                    .is_some_and(|n| keep.contains(&n.to_string_lossy().into_owned()))
+            });
+        }
+        if paths.is_empty() {
+            return Err(DataError::Empty {
+                path: root.to_path_buf(),
+            });
+        }
+        Ok(Self::Files {
+            root: root.to_path_buf(),
+            paths,
+        })
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Files { paths, .. } => paths.len(),
+            Self::Synthetic { len, .. } => *len,
+        }
+    }
+
+    /// Whether there are no images (never true for an opened source).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A short description for messages and logs.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Files { root, .. } => root.display().to_string(),
+            Self::Synthetic { seed, .. } => format!("the synthetic data set (seed {seed})"),
+        }
+    }
+
+    /// Decodes image `index`.
+    pub fn load(&self, index: usize) -> Result<DynamicImage, DataError> {
+        match self {
+            Self::Files { paths, .. } => decode(&paths[index]),
+            Self::Synthetic { seed, offset, .. } => Ok(DynamicImage::ImageRgb8(synthetic::face(
+                *seed,
+                offset + index as u64,
+                synthetic::CELEBA_WIDTH,
+                synthetic::CELEBA_HEIGHT,
+            ))),
+        }
+    }
+
+    /// The file behind `index`, when there is one, for error reports.
+    pub fn path(&self, index: usize) -> Option<&Path> {
+        match self {
+            Self::Files { paths, .. } => Some(&paths[index]),
+            Self::Synthetic { .. } => None,
+        }
+    }
+}
+
+fn decode(path: &Path) -> Result<DynamicImage, DataError> {
+    let fail = |message: String| DataError::Image {
+        path: path.to_path_buf(),
+        message,
+    };
+    image::ImageReader::open(path)
+        .map_err(|e| fail(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?
+        .decode()
+        .map_err(|e| fail(e.to_string()))
+}
+
+fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let folder_error = |source| DataError::Folder {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut paths = Vec::new();
+    for entry in fs::read_dir(dir).map_err(folder_error)? {
+        let path = entry.map_err(folder_error)?.path();
+        let is_image = path
+            .extension()
+            .map(|e| e.to_string_lossy().to_lowercase())
+            .is_some_and(|e| matches!(e.as_str(), "jpg" | "jpeg" | "png"));
+        if is_image && path.is_file() {
+            paths.push(path);
+        }
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+fn read_partition(
+    path: &Path,
+    split: Split,
+) -> Result<std::collections::HashSet<String>, DataError> {
+    let wanted = match split {
+        Split::Train => "0",
+        Split::Val => "1",
+        Split::Test => "2",
+        Split::All => unreachable!("`all` needs no partition file"),
+    };
+    let text = fs::read_to_string(path).map_err(|source| DataError::Folder {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut keep = std::collections::HashSet::new();
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let bad = |message: &str| DataError::Partition {
+            path: path.to_path_buf(),
+            line: n + 1,
+            message: message.to_string(),
+        };
+        let mut fields = line.split_whitespace();
+        let (Some(name), Some(part), None) = (fields.next(), fields.next(), fields.next()) else {
+            return Err(bad("expected `<image name> <0|1|2>`"));
+        };
+        if !matches!(part, "0" | "1" | "2") {
+            return Err(bad("the partition must be 0 (train), 1 (val) or 2 (test)"));
+        }
+        if part == wanted {
+            keep.insert(name.to_string());
+        }
+    }
+    Ok(keep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn celeba_root(names: &[&str], partition: Option<&str>) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let images = root.path().join(CELEBA_IMAGES);
+        fs::create_dir(&images).unwrap();
+        for name in names {
+            fs::write(images.join(name), b"not decoded by listing").unwrap();
+        }
+        if let Some(text) = partition {
+            fs::write(root.path().join(CELEBA_PARTITION), text).unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn partition_selects_the_split() {
+        let root = celeba_root(
+            &["1.jpg", "2.jpg", "3.jpg"],
+            Some("1.jpg 0\n2.jpg 1\n3.jpg 0\n"),
+        );
+        let train = ImageSource::folder(root.path(), Split::Train).unwrap();
+        assert_eq!(train.len(), 2);
+        assert_eq!(
+            ImageSource::folder(root.path(), Split::Val).unwrap().len(),
+            1
+        );
+        assert_eq!(
+            ImageSource::folder(root.path(), Split::All).unwrap().len(),
+            3
+        );
+    }
+
+    #[test]
+    fn split_without_partition_file_names_the_file() {
+        let root = celeba_root(&["1.jpg"], None);
+        let err = ImageSource::folder(root.path(), Split::Test)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(CELEBA_PARTITION) && err.contains("--split all"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_partition_line_is_located() {
+        let root = celeba_root(&["1.jpg"], Some("1.jpg 0\n1.jpg 7\n"));
+        let err = ImageSource::folder(root.path(), Split::Train)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+    }
+
+    #[test]
+    fn empty_folder_says_what_was_expected() {
+        let root = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("notes.txt"), "x").unwrap();
+        let err = ImageSource::folder(root.path(), Split::All)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no images in") && err.contains("img_align_celeba"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn synthetic_splits_are_disjoint() {
+        let train = ImageSource::synthetic(1, Split::Train, 100);
+        let val = ImageSource::synthetic(1, Split::Val, 100);
+        assert_eq!((train.len(), val.len()), (100, 10));
+        assert_ne!(
+            train.load(0).unwrap().to_rgb8(),
+            val.load(0).unwrap().to_rgb8()
+        );
+    }
+}

@@ -1,0 +1,55 @@
+//! Quality measurement of a generator against held-out real images.
+
+use anyhow::Context;
+use burn::tensor::backend::AutodiffBackend;
+use common::config::{Config, Split};
+
+use crate::data::{ImageSource, preprocess};
+use crate::swd::{SwdReport, sliced_wasserstein};
+use crate::training::Trainer;
+
+/// Seed of the patch positions and projection directions, fixed so that
+/// two evaluations of one run are comparable.
+const SWD_SEED: u64 = 0x5744;
+/// Seed of the evaluation noise, distinct from the sample grid's.
+const EVAL_NOISE_SEED: u64 = 0xE7A1;
+
+/// SWD between `count` generated images and `count` images of the data
+/// set's validation split (the synthetic set's or CelebA's partition 1).
+pub fn swd_against_held_out<B: AutodiffBackend>(
+    trainer: &Trainer<B>,
+    cfg: &Config,
+    count: usize,
+) -> anyhow::Result<SwdReport> {
+    let size = cfg.model.image_size;
+    let real = held_out_images(cfg, count)?;
+    let fake = trainer
+        .sample(count, EVAL_NOISE_SEED)
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("reading generated images back: {e:?}"))?;
+    sliced_wasserstein(&fake, &real, size, SWD_SEED).context("computing SWD")
+}
+
+/// The first `count` validation images, preprocessed as for training.
+pub fn held_out_images(cfg: &Config, count: usize) -> anyhow::Result<Vec<f32>> {
+    let mut data = cfg.data.clone();
+    data.split = Split::Val;
+    if data.source == "synthetic" {
+        data.synthetic_size = data.synthetic_size.max(count * 10);
+    }
+    let source =
+        ImageSource::open(&data, cfg.train.seed).context("opening the held-out split for SWD")?;
+    anyhow::ensure!(
+        source.len() >= count,
+        "SWD wants {count} held-out images but {} has {}",
+        source.name(),
+        source.len()
+    );
+    let mut pixels = Vec::with_capacity(count * 3 * cfg.model.image_size.pow(2));
+    for i in 0..count {
+        preprocess::append_chw(&source.load(i)?, cfg.model.image_size as u32, &mut pixels);
+    }
+    Ok(pixels)
+}

@@ -1,0 +1,13 @@
+//! The gancluster worker: the burn DCGAN, the CelebA data pipeline and the
+//! training loop, usable standalone or (later) as one replica of a
+//! coordinator-driven data-parallel group.
+
+pub mod backend;
+pub mod data;
+pub mod eval;
+pub mod model;
+pub mod output;
+pub mod params;
+pub mod standalone;
+pub mod swd;
+pub mod training;

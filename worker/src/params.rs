@@ -1,0 +1,136 @@
+//! Gradients as one flat `Vec<f32>` per network, and back.
+//!
+//! The all-reduce moves bytes, not tensors: every replica flattens its
+//! gradients in the order burn's module visitor walks the trainable
+//! parameters (BatchNorm running statistics are not trainable and are left
+//! out), the coordinator averages them, and each replica turns the average
+//! back into `GradientsParams` for its optimizer. The order is fixed by the
+//! module's structure, so all replicas agree on it without negotiating.
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+
+/// Number of trainable scalars in `module`: the length of its flat gradient.
+pub fn trainable_len<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> usize {
+    struct Count(usize);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if param.val().is_require_grad() {
+                self.0 += param.val().shape().num_elements();
+            }
+        }
+    }
+    let mut count = Count(0);
+    module.visit(&mut count);
+    count.0
+}
+
+/// Flattens `grads` of `module`'s trainable parameters in visitor order.
+/// A parameter without a gradient contributes zeros, so the layout never
+/// depends on which parameters the loss happened to reach.
+pub fn flatten<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> Vec<f32> {
+    struct Flatten<'a> {
+        grads: &'a GradientsParams,
+        out: Vec<f32>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Flatten<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            if !value.is_require_grad() {
+                return;
+            }
+            match self.grads.get::<B::InnerBackend, D>(param.id) {
+                Some(grad) => self.out.extend(
+                    grad.into_data()
+                        .convert::<f32>()
+                        .into_vec::<f32>()
+                        .expect("gradient converted to f32"),
+                ),
+                None => self
+                    .out
+                    .resize(self.out.len() + value.shape().num_elements(), 0.0),
+            }
+        }
+    }
+    let mut visitor = Flatten {
+        grads,
+        out: Vec::with_capacity(trainable_len(module)),
+    };
+    module.visit(&mut visitor);
+    visitor.out
+}
+
+/// Rebuilds `GradientsParams` for `module` from a flat gradient laid out as
+/// [`flatten`] writes it.
+///
+/// # Panics
+/// When `flat` does not have exactly [`trainable_len`] elements: replicas
+/// disagreeing on the layout is a bug, and applying a misaligned gradient
+/// would silently corrupt training.
+pub fn unflatten<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    flat: &[f32],
+) -> GradientsParams {
+    struct Unflatten<'a> {
+        flat: &'a [f32],
+        grads: GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Unflatten<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            if !value.is_require_grad() {
+                return;
+            }
+            let dims = value.dims();
+            let (head, rest) = self.flat.split_at(value.shape().num_elements());
+            self.flat = rest;
+            let data = TensorData::new(head.to_vec(), dims);
+            let grad = Tensor::<B::InnerBackend, D>::from_data(data, &value.device());
+            self.grads.register::<B::InnerBackend, D>(param.id, grad);
+        }
+    }
+    let expected = trainable_len(module);
+    assert_eq!(
+        flat.len(),
+        expected,
+        "flat gradient length does not match the module"
+    );
+    let mut visitor = Unflatten {
+        flat,
+        grads: GradientsParams::new(),
+    };
+    module.visit(&mut visitor);
+    visitor.grads
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::TrainBackend as B;
+    use crate::model::{Discriminator, WeightInit};
+    use common::config::ModelConfig;
+
+    #[test]
+    fn flatten_and_unflatten_are_inverse_and_skip_running_stats() {
+        let device = Default::default();
+        let cfg = ModelConfig {
+            image_size: 16,
+            nz: 4,
+            ngf: 2,
+            ndf: 2,
+        };
+        let mut rng = rand::SeedableRng::seed_from_u64(0);
+        let d = Discriminator::<B>::new(&cfg, &mut WeightInit::new(&mut rng, &device));
+        // conv 3→2, conv 2→4 (+BN γ, β of 4), conv 4→1; all k4.
+        let expected = 3 * 2 * 16 + 2 * 4 * 16 + 2 * 4 + 4 * 16;
+        assert_eq!(trainable_len(&d), expected);
+        let flat: Vec<f32> = (0..expected).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let grads = unflatten(&d, &flat);
+        assert_eq!(flatten(&d, &grads), flat);
+    }
+}

@@ -1,0 +1,316 @@
+//! One DCGAN training iteration, split where distributed training needs it.
+//!
+//! An iteration is a discriminator step on a real and a fake batch, then a
+//! generator step with the non-saturating loss (fakes labelled real). Each
+//! step computes its gradient as one flat vector, hands it to a
+//! [`GradientReducer`] and applies whatever comes back: standalone training
+//! uses [`LocalReducer`] (the gradient itself), distributed training plugs
+//! the coordinator's all-reduce in at exactly that point.
+
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{Adam, AdamConfig, Optimizer};
+use burn::tensor::activation::relu;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, Tensor, TensorData};
+use common::config::{ModelConfig, TrainConfig};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::model::{Discriminator, Generator, WeightInit};
+use crate::params;
+
+/// Which network a gradient belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// The discriminator.
+    Discriminator,
+    /// The generator.
+    Generator,
+}
+
+/// Turns this replica's flat gradient into the one every replica applies.
+pub trait GradientReducer {
+    /// Returns the gradient to apply for `net`, e.g. the mean over all workers.
+    fn reduce(&mut self, net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>>;
+}
+
+/// Single-process training: the local gradient is the global one.
+pub struct LocalReducer;
+
+impl GradientReducer for LocalReducer {
+    fn reduce(&mut self, _net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>> {
+        Ok(grads)
+    }
+}
+
+/// Losses of one iteration, as the DCGAN reference reports them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepLosses {
+    /// BCE of D on the real batch plus on the fake batch.
+    pub d_loss: f32,
+    /// Non-saturating generator loss: BCE of D(G(z)) against "real".
+    pub g_loss: f32,
+    /// Mean D(x) on real images (probability), ideally drifting towards 0.5.
+    pub d_real: f32,
+    /// Mean D(G(z)) before the D update.
+    pub d_fake: f32,
+}
+
+type Opt<M, B> = OptimizerAdaptor<Adam, M, B>;
+
+/// Both networks, their optimizers and the noise stream of one replica.
+pub struct Trainer<B: AutodiffBackend> {
+    generator: Generator<B>,
+    discriminator: Discriminator<B>,
+    opt_g: Opt<Generator<B>, B>,
+    opt_d: Opt<Discriminator<B>, B>,
+    lr: f64,
+    nz: usize,
+    noise: ChaCha8Rng,
+    device: B::Device,
+}
+
+/// Streams of the seed's generator: initial weights, training noise, and
+/// the fixed sample-grid noise.
+const WEIGHT_STREAM: u64 = 0;
+/// Noise streams: one for training, one for the fixed sample grid.
+const TRAIN_NOISE_STREAM: u64 = 1;
+const GRID_NOISE_STREAM: u64 = 2;
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Fresh networks and optimizers; identical for every caller with the same seed.
+    pub fn new(model: &ModelConfig, train: &TrainConfig, device: &B::Device) -> Self {
+        let mut weights = ChaCha8Rng::seed_from_u64(train.seed);
+        weights.set_stream(WEIGHT_STREAM);
+        let mut init = WeightInit::new(&mut weights, device);
+        let generator = Generator::new(model, &mut init);
+        let discriminator = Discriminator::new(model, &mut init);
+        let adam = || {
+            AdamConfig::new()
+                .with_beta_1(train.beta1 as f32)
+                .with_beta_2(train.beta2 as f32)
+                .with_epsilon(1e-8)
+        };
+        let mut noise = ChaCha8Rng::seed_from_u64(train.seed);
+        noise.set_stream(TRAIN_NOISE_STREAM);
+        Self {
+            generator,
+            discriminator,
+            opt_g: adam().init(),
+            opt_d: adam().init(),
+            lr: train.lr,
+            nz: model.nz,
+            noise,
+            device: device.clone(),
+        }
+    }
+
+    /// One full iteration on `real` images [batch, 3, size, size].
+    pub fn train_step(
+        &mut self,
+        real: Tensor<B, 4>,
+        reducer: &mut impl GradientReducer,
+    ) -> anyhow::Result<StepLosses> {
+        let [batch, _, _, _] = real.dims();
+        let z = self.draw_noise(batch);
+        let fake = self.generator.forward(z); // [batch, 3, size, size], tracked for the G step
+
+        let (d_grads, d_out) = self.discriminator_step(real, fake.clone().detach());
+        let d_grads = reducer.reduce(Net::Discriminator, d_grads)?;
+        self.apply_discriminator(&d_grads);
+
+        let (g_grads, g_loss) = self.generator_step(fake);
+        let g_grads = reducer.reduce(Net::Generator, g_grads)?;
+        self.apply_generator(&g_grads);
+
+        Ok(StepLosses { g_loss, ..d_out })
+    }
+
+    /// D's flat gradient for BCE(D(real), 1) + BCE(D(fake), 0). Real and
+    /// fake pass through separately, each with its own BatchNorm statistics,
+    /// as in the reference implementation.
+    pub fn discriminator_step(
+        &self,
+        real: Tensor<B, 4>,
+        fake: Tensor<B, 4>,
+    ) -> (Vec<f32>, StepLosses) {
+        let real_logits = self.discriminator.forward(real); // [batch]
+        let fake_logits = self.discriminator.forward(fake); // [batch]
+        let d_real = mean_probability(&real_logits);
+        let d_fake = mean_probability(&fake_logits);
+        let loss = bce_with_logits(real_logits, 1.0) + bce_with_logits(fake_logits, 0.0);
+        let d_loss = scalar(&loss);
+        let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &self.discriminator);
+        let losses = StepLosses {
+            d_loss,
+            g_loss: f32::NAN,
+            d_real,
+            d_fake,
+        };
+        (params::flatten(&self.discriminator, &grads), losses)
+    }
+
+    /// G's flat gradient for the non-saturating loss BCE(D(G(z)), 1),
+    /// through the already updated discriminator.
+    pub fn generator_step(&self, fake: Tensor<B, 4>) -> (Vec<f32>, f32) {
+        let loss = bce_with_logits(self.discriminator.forward(fake), 1.0);
+        let g_loss = scalar(&loss);
+        let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &self.generator);
+        (params::flatten(&self.generator, &grads), g_loss)
+    }
+
+    /// Applies a flat D gradient (local or averaged) with Adam.
+    pub fn apply_discriminator(&mut self, flat: &[f32]) {
+        let grads = params::unflatten(&self.discriminator, flat);
+        self.discriminator = self.opt_d.step(self.lr, self.discriminator.clone(), grads);
+    }
+
+    /// Applies a flat G gradient (local or averaged) with Adam.
+    pub fn apply_generator(&mut self, flat: &[f32]) {
+        let grads = params::unflatten(&self.generator, flat);
+        self.generator = self.opt_g.step(self.lr, self.generator.clone(), grads);
+    }
+
+    /// Draws the next `batch` noise vectors from this replica's stream.
+    pub fn draw_noise(&mut self, batch: usize) -> Tensor<B, 2> {
+        noise_tensor(&mut self.noise, batch, self.nz, &self.device)
+    }
+
+    /// `count` images [count, 3, size, size] from the generator in inference
+    /// mode (BatchNorm running statistics), from noise seeded by `seed` so a
+    /// sample grid shows the same faces as training progresses.
+    pub fn sample(&self, count: usize, seed: u64) -> Tensor<B::InnerBackend, 4> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(GRID_NOISE_STREAM);
+        let z = noise_tensor(&mut rng, count, self.nz, &self.device);
+        self.generator.valid().forward(z)
+    }
+
+    /// The generator, for evaluation and export.
+    pub fn generator(&self) -> &Generator<B> {
+        &self.generator
+    }
+
+    /// The discriminator, for evaluation and export.
+    pub fn discriminator(&self) -> &Discriminator<B> {
+        &self.discriminator
+    }
+}
+
+fn noise_tensor<B: Backend>(
+    rng: &mut ChaCha8Rng,
+    batch: usize,
+    nz: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
+    let values: Vec<f32> = (0..batch * nz)
+        .map(|_| StandardNormal.sample(rng))
+        .collect();
+    Tensor::from_data(TensorData::new(values, [batch, nz]), device)
+}
+
+/// Mean binary cross-entropy of `logits` against a constant `target`, in the
+/// overflow-free form max(x, 0) − x·y + log(1 + e^−|x|).
+fn bce_with_logits<B: Backend>(logits: Tensor<B, 1>, target: f32) -> Tensor<B, 1> {
+    let softplus_tail = logits.clone().abs().neg().exp().log1p();
+    (relu(logits.clone()) - logits * target + softplus_tail).mean()
+}
+
+fn mean_probability<B: Backend>(logits: &Tensor<B, 1>) -> f32 {
+    scalar(&burn::tensor::activation::sigmoid(logits.clone()).mean())
+}
+
+fn scalar<B: Backend>(t: &Tensor<B, 1>) -> f32 {
+    t.clone().into_scalar().elem::<f32>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{Inner, TrainBackend as B};
+    use burn::tensor::ElementConversion;
+
+    fn tiny() -> (ModelConfig, TrainConfig) {
+        let model = ModelConfig {
+            image_size: 16,
+            nz: 8,
+            ngf: 4,
+            ndf: 4,
+        };
+        let train = TrainConfig {
+            batch_size: 4,
+            ..TrainConfig::default()
+        };
+        (model, train)
+    }
+
+    fn real_batch(device: &burn::tensor::Device<B>) -> Tensor<B, 4> {
+        let values: Vec<f32> = (0..4 * 3 * 16 * 16)
+            .map(|i| ((i % 17) as f32 / 8.0) - 1.0)
+            .collect();
+        Tensor::from_data(TensorData::new(values, [4, 3, 16, 16]), device)
+    }
+
+    #[test]
+    fn bce_matches_the_closed_form() {
+        let device = Default::default();
+        let logits = Tensor::<Inner, 1>::from_floats([2.0, -1.0, 0.0], &device);
+        let ones = bce_with_logits(logits.clone(), 1.0)
+            .into_scalar()
+            .elem::<f32>();
+        let zeros = bce_with_logits(logits, 0.0).into_scalar().elem::<f32>();
+        let sp = |x: f32| (1.0 + x.exp()).ln();
+        assert!((ones - (sp(-2.0) + sp(1.0) + sp(0.0)) / 3.0).abs() < 1e-6);
+        assert!((zeros - (sp(2.0) + sp(-1.0) + sp(0.0)) / 3.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn same_seed_gives_bitwise_identical_steps() {
+        let device = Default::default();
+        let (model, train) = tiny();
+        let run = || {
+            let mut t = Trainer::<B>::new(&model, &train, &device);
+            (0..3)
+                .map(|_| {
+                    t.train_step(real_batch(&device), &mut LocalReducer)
+                        .unwrap()
+                })
+                .map(|l| (l.d_loss.to_bits(), l.g_loss.to_bits()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    /// Applying an externally supplied gradient is what the all-reduce does:
+    /// a reducer that doubles the gradient must change the trajectory, and
+    /// one that returns it unchanged must not.
+    #[test]
+    fn reducer_output_is_what_gets_applied() {
+        struct Scale(f32);
+        impl GradientReducer for Scale {
+            fn reduce(&mut self, _: Net, g: Vec<f32>) -> anyhow::Result<Vec<f32>> {
+                Ok(g.into_iter().map(|x| x * self.0).collect())
+            }
+        }
+        let device = Default::default();
+        let (model, train) = tiny();
+        let losses_with = |reducer: &mut dyn FnMut() -> Scale| {
+            let mut t = Trainer::<B>::new(&model, &train, &device);
+            let mut r = reducer();
+            t.train_step(real_batch(&device), &mut r).unwrap();
+            t.train_step(real_batch(&device), &mut r).unwrap().d_loss
+        };
+        let local = {
+            let mut t = Trainer::<B>::new(&model, &train, &device);
+            t.train_step(real_batch(&device), &mut LocalReducer)
+                .unwrap();
+            t.train_step(real_batch(&device), &mut LocalReducer)
+                .unwrap()
+                .d_loss
+        };
+        assert_eq!(losses_with(&mut || Scale(1.0)).to_bits(), local.to_bits());
+        assert_ne!(losses_with(&mut || Scale(0.0)).to_bits(), local.to_bits());
+    }
+}
