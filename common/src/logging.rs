@@ -1,8 +1,9 @@
 //! Process-wide `tracing` setup shared by both binaries.
 //!
-//! Humans get compact coloured lines, log collectors get one JSON object
+//! Humans get compact lines (coloured only on a terminal), log collectors get one JSON object
 //! per line; `RUST_LOG` filters either way (default `info`).
 
+use std::io::IsTerminal;
 use std::str::FromStr;
 
 use tracing_subscriber::EnvFilter;
@@ -37,6 +38,7 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.compact().init(),

@@ -1,1 +1,142 @@
-//! x
+//! Support for tests that run gancluster's real binaries.
+//!
+//! Every child runs under a deadline and is killed when its handle drops,
+//! so a hung or failing test never leaves processes behind. Output is
+//! captured on threads, so a chatty child cannot block on a full pipe.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wait_timeout::ChildExt;
+
+/// What a finished child left behind.
+#[derive(Debug)]
+pub struct Finished {
+    /// Its exit status.
+    pub status: ExitStatus,
+    /// Everything it wrote to stdout.
+    pub stdout: String,
+    /// Everything it wrote to stderr.
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Panics with the child's output unless it exited with status 0.
+    pub fn assert_success(self) -> Self {
+        assert!(
+            self.status.success(),
+            "child failed ({}):\n{}\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Panics with the child's output unless it failed.
+    pub fn assert_failure(self) -> Self {
+        assert!(
+            !self.status.success(),
+            "child unexpectedly succeeded:\n{}\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A running child that is killed and reaped when dropped.
+pub struct Running {
+    child: Child,
+    stdout: Option<JoinHandle<String>>,
+    stderr: Option<JoinHandle<String>>,
+}
+
+impl Running {
+    /// Starts `command` with captured stdout and stderr.
+    pub fn spawn(command: &mut Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {command:?}: {e}"));
+        let stdout = child.stdout.take().map(drain);
+        let stderr = child.stderr.take().map(drain);
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits at most `limit` for the child to exit; on timeout it is killed
+    /// and the test fails with what it printed so far.
+    pub fn wait(mut self, limit: Duration) -> Finished {
+        let status = self.child.wait_timeout(limit).expect("waiting for child");
+        let Some(status) = status else {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let (out, err) = self.output();
+            panic!("child did not finish within {limit:?}:\n{out}\n{err}");
+        };
+        let (stdout, stderr) = self.output();
+        Finished {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn output(&mut self) -> (String, String) {
+        let join = |h: Option<JoinHandle<String>>| {
+            h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+        };
+        (join(self.stdout.take()), join(self.stderr.take()))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = pipe.read_to_string(&mut text);
+        text
+    })
+}
+
+/// Runs `command` to completion within `limit`.
+pub fn run(command: &mut Command, limit: Duration) -> Finished {
+    Running::spawn(command).wait(limit)
+}
+
+/// A binary of this workspace, built by the same `cargo test` invocation.
+///
+/// Test executables live in `target/<profile>/deps/`; the binaries one
+/// level up. `cargo test --workspace` builds the `worker` and
+/// `coordinator` binaries because their packages have integration tests.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo test --workspace` (it builds the binaries)",
+        path.display()
+    );
+    path
+}
