@@ -47,6 +47,10 @@ pub struct Config {
     pub data: DataConfig,
     /// Where artifacts go.
     pub output: OutputConfig,
+    /// How the coordinator forms the group.
+    pub coordinator: CoordinatorConfig,
+    /// How gradients travel.
+    pub allreduce: AllReduceConfig,
 }
 
 /// DCGAN shapes; defaults are the reference 64×64 network.
@@ -165,7 +169,57 @@ impl Default for OutputConfig {
     }
 }
 
+/// Rendezvous and serving.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// TCP address the gRPC service listens on; port 0 picks a free one.
+    pub listen: String,
+    /// Seconds to wait for all workers to join before giving up.
+    pub join_timeout_s: u64,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:0".into(),
+            join_timeout_s: 120,
+        }
+    }
+}
+
+/// The gradient all-reduce.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AllReduceConfig {
+    /// Bytes per gradient chunk on the wire.
+    pub chunk_bytes: usize,
+    /// `f32` (exact) or `bf16` (half the bytes, reduced in f32).
+    pub wire: crate::wire::WireFormat,
+}
+
+impl Default for AllReduceConfig {
+    fn default() -> Self {
+        Self {
+            chunk_bytes: 4 << 20,
+            wire: crate::wire::WireFormat::F32,
+        }
+    }
+}
+
+/// The largest gRPC message: one chunk plus headers.
+pub const MAX_CHUNK_BYTES: usize = 64 << 20;
+
 impl Config {
+    /// A hash of everything that must be equal on every replica (model,
+    /// training, data and all-reduce settings; not where outputs go or how
+    /// the coordinator listens). Workers with another hash are refused.
+    pub fn training_hash(&self) -> String {
+        let relevant = (&self.model, &self.train, &self.data, &self.allreduce);
+        let text = serde_json::to_string(&relevant).expect("config serialises");
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+    }
+
     /// Loads defaults ← `file` ← `GANCLUSTER__*` environment ← `overrides`,
     /// then validates the result.
     pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Self, ConfigError> {
@@ -360,6 +414,15 @@ mod tests {
             text.contains("model.image_size") && text.contains("16, 32, 64, 128"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn training_hash_ignores_output_but_not_training_settings() {
+        let base = Config::load_with_env(None, &[], env(&[])).unwrap();
+        let elsewhere = Config::load_with_env(None, &[("output.dir", "/tmp/x".into())], env(&[])).unwrap();
+        let other_lr = Config::load_with_env(None, &[("train.lr", "0.001".into())], env(&[])).unwrap();
+        assert_eq!(base.training_hash(), elsewhere.training_hash());
+        assert_ne!(base.training_hash(), other_lr.training_hash());
     }
 
     #[test]

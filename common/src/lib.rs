@@ -1,13 +1,18 @@
 //! Shared pieces of gancluster that do not need burn: configuration,
-//! data-set sharding and the errors they report.
+//! data-set sharding, the wire contract, the gradient codec and the
+//! worker's client side of the coordinator protocol.
 //!
 //! The coordinator depends on this crate only, so it compiles fast and its
 //! image stays small; anything touching tensors lives in `worker`.
 #![deny(missing_docs)]
 
+pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod pb;
+pub mod session;
 pub mod shard;
+pub mod wire;
 
 pub use config::{Config, ConfigError};
 pub use shard::ShardSampler;

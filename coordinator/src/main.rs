@@ -1,26 +1,61 @@
-//! `coordinator`: forms the worker group, all-reduces gradients and
-//! schedules checkpoints. Only its command line exists so far.
+//! `coordinator`: trains with N local worker processes, or waits for N
+//! external workers (Kubernetes), and all-reduces their gradients.
 
+use anyhow::Context;
 use clap::Parser;
+use common::cli::ConfigArgs;
+use common::logging::{self, LogFormat};
+use coordinator::{CoordinatorError, Mode};
 
-/// gancluster coordinator (rendezvous and all-reduce arrive with the
-/// distributed-training work; use `worker train --standalone` meanwhile).
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about = "gancluster coordinator: rendezvous and all-reduce for DCGAN workers")]
 struct Cli {
-    /// Number of workers to spawn locally (or wait for, with --external).
+    /// Workers to spawn on this machine (or to wait for, with --external).
     #[arg(long, default_value_t = 4)]
     workers: usize,
-    /// Wait for workers started elsewhere (Kubernetes) instead of spawning them.
+    /// Wait for workers started elsewhere instead of spawning them.
     #[arg(long)]
     external: bool,
+    /// Shared secret external workers must present.
+    #[arg(long, env = "GANCLUSTER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// `human` lines or one `json` object per line.
+    #[arg(long, default_value = "human")]
+    log_format: LogFormat,
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    anyhow::bail!(
-        "distributed training ({} workers{}) is not implemented yet: use `worker train --standalone`",
-        cli.workers,
-        if cli.external { ", external" } else { "" }
-    )
+    logging::init(cli.log_format);
+    let cfg = cli.config.load()?;
+    if cli.config.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    anyhow::ensure!(cli.workers > 0, "--workers must be at least 1");
+    let mode = if cli.external {
+        Mode::External { workers: cli.workers, token: cli.token.ok_or(CoordinatorError::MissingToken)? }
+    } else {
+        Mode::Local(cli.workers)
+    };
+    coordinator::run(cfg, mode, shutdown_signal()).await.context("training failed")
+}
+
+/// Ctrl-C or SIGTERM (Kubernetes eviction).
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     let mut times = Vec::with_capacity(iters);
     for it in 0..WARMUP + iters {
         let started = Instant::now();
-        let losses = trainer.train_step(real.clone(), &mut LocalReducer)?;
+        let losses = trainer.train_step(it as u64, real.clone(), &mut LocalReducer)?;
         let dt = started.elapsed().as_secs_f64();
         println!(
             "iter {it} {dt:.3}s D {:.4} G {:.4}",

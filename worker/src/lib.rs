@@ -1,9 +1,10 @@
 //! The gancluster worker: the burn DCGAN, the CelebA data pipeline and the
-//! training loop, usable standalone or (later) as one replica of a
-//! coordinator-driven data-parallel group.
+//! training loop, run standalone or as one replica of a coordinator-driven
+//! data-parallel group.
 
 pub mod backend;
 pub mod data;
+pub mod distributed;
 pub mod eval;
 pub mod model;
 pub mod output;
@@ -11,3 +12,4 @@ pub mod params;
 pub mod standalone;
 pub mod swd;
 pub mod training;
+pub mod training_loop;

@@ -1,14 +1,15 @@
-//! `worker`: trains the DCGAN (standalone for now), writes the synthetic
-//! CelebA-layout data set, and measures SWD between image folders.
+//! `worker`: trains the DCGAN (standalone, or as one replica under a
+//! coordinator), writes the synthetic CelebA-layout data set, and measures
+//! SWD between image folders.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use common::Config;
+use common::cli::ConfigArgs;
 use common::logging::{self, LogFormat};
 use worker::data::{ImageSource, preprocess, synthetic};
-use worker::{standalone, swd};
+use worker::{distributed, standalone, swd};
 
 #[derive(Parser)]
 #[command(version, about = "gancluster worker: DCGAN training on burn")]
@@ -55,70 +56,25 @@ enum Command {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("mode").required(true).args(["standalone", "coordinator"])))]
 struct TrainArgs {
     /// Train in this process alone, without a coordinator.
-    #[arg(long, required = true)]
+    #[arg(long)]
     standalone: bool,
-    /// TOML configuration file (see the README for every key).
+    /// Join the coordinator at this address (http://host:port).
     #[arg(long)]
-    config: Option<PathBuf>,
-    /// Print the effective configuration as TOML and exit.
-    #[arg(long)]
-    print_config: bool,
-    /// Training iterations [train.steps].
-    #[arg(long)]
-    steps: Option<u64>,
-    /// `synthetic`, a CelebA root or a folder of images [data.source].
-    #[arg(long)]
-    data: Option<String>,
-    /// train, val, test or all [data.split].
-    #[arg(long)]
-    split: Option<String>,
-    /// Images per batch [train.batch_size].
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// 16, 32, 64 or 128 [model.image_size].
-    #[arg(long)]
-    image_size: Option<usize>,
-    /// Generator width [model.ngf].
-    #[arg(long)]
-    ngf: Option<usize>,
-    /// Discriminator width [model.ndf].
-    #[arg(long)]
-    ndf: Option<usize>,
-    /// Seed of weights, noise and data order [train.seed].
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Output folder [output.dir].
-    #[arg(long)]
-    out: Option<PathBuf>,
+    coordinator: Option<String>,
+    /// The rank to ask the coordinator for (default: any free rank).
+    #[arg(long, requires = "coordinator")]
+    rank: Option<usize>,
+    /// The coordinator's shared secret.
+    #[arg(long, env = "GANCLUSTER_TOKEN", hide_env_values = true, default_value = "")]
+    token: String,
     /// After training, SWD against this many held-out images (0: skip).
     #[arg(long, default_value_t = 0)]
     eval_images: usize,
-}
-
-impl TrainArgs {
-    fn overrides(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        let mut set = |key, value: Option<String>| {
-            if let Some(v) = value {
-                out.push((key, v));
-            }
-        };
-        set("train.steps", self.steps.map(|v| v.to_string()));
-        set("data.source", self.data.clone());
-        set("data.split", self.split.clone());
-        set("train.batch_size", self.batch_size.map(|v| v.to_string()));
-        set("model.image_size", self.image_size.map(|v| v.to_string()));
-        set("model.ngf", self.ngf.map(|v| v.to_string()));
-        set("model.ndf", self.ndf.map(|v| v.to_string()));
-        set("train.seed", self.seed.map(|v| v.to_string()));
-        set(
-            "output.dir",
-            self.out.as_ref().map(|p| p.display().to_string()),
-        );
-        out
-    }
+    #[command(flatten)]
+    config: ConfigArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -151,18 +107,24 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<()> {
-    let cfg = Config::load(args.config.as_deref(), &args.overrides())?;
-    if args.print_config {
+    let cfg = args.config.load()?;
+    if args.config.print_config {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
-    let summary = standalone::run(&cfg, args.eval_images)?;
+    let summary = match args.coordinator {
+        None => standalone::run(&cfg, args.eval_images)?,
+        Some(address) => {
+            let connection = distributed::Connection { address, token: args.token, rank: args.rank };
+            distributed::run(&cfg, &connection, args.eval_images)?
+        }
+    };
     tracing::info!(
         d_loss = summary.last.d_loss,
         g_loss = summary.last.g_loss,
         images_per_s = format!("{:.1}", summary.images_per_s),
         skipped = summary.skipped,
-        out = %summary.out_dir.display(),
+        out = %cfg.output.dir.display(),
         "training finished"
     );
     if let Some(swd) = summary.swd {

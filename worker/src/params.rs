@@ -108,6 +108,36 @@ pub fn unflatten<B: AutodiffBackend, M: AutodiffModule<B>>(
     visitor.grads
 }
 
+/// The trainable parameters of `module` as one flat vector, in the same
+/// order as its gradients.
+pub fn flat_params<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val();
+            if value.is_require_grad() {
+                let data = value.inner().into_data().convert::<f32>();
+                self.0.extend(data.into_vec::<f32>().expect("parameter converted to f32"));
+            }
+        }
+    }
+    let mut collect = Collect(Vec::with_capacity(trainable_len(module)));
+    module.visit(&mut collect);
+    collect.0
+}
+
+/// xxh3 over the little-endian bits of `parts`, in order.
+pub fn checksum(parts: &[&[f32]]) -> u64 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut bytes = Vec::with_capacity(4 * 4096);
+    for chunk in parts.iter().flat_map(|p| p.chunks(4096)) {
+        bytes.clear();
+        chunk.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+        hasher.update(&bytes);
+    }
+    hasher.digest()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

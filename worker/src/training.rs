@@ -32,15 +32,15 @@ pub enum Net {
 
 /// Turns this replica's flat gradient into the one every replica applies.
 pub trait GradientReducer {
-    /// Returns the gradient to apply for `net`, e.g. the mean over all workers.
-    fn reduce(&mut self, net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>>;
+    /// Returns the gradient to apply for `net` at `step`, e.g. the mean over all workers.
+    fn reduce(&mut self, step: u64, net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>>;
 }
 
 /// Single-process training: the local gradient is the global one.
 pub struct LocalReducer;
 
 impl GradientReducer for LocalReducer {
-    fn reduce(&mut self, _net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>> {
+    fn reduce(&mut self, _step: u64, _net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>> {
         Ok(grads)
     }
 }
@@ -68,6 +68,7 @@ pub struct Trainer<B: AutodiffBackend> {
     opt_d: Opt<Discriminator<B>, B>,
     lr: f64,
     nz: usize,
+    seed: u64,
     noise: ChaCha8Rng,
     device: B::Device,
 }
@@ -75,12 +76,14 @@ pub struct Trainer<B: AutodiffBackend> {
 /// Streams of the seed's generator: initial weights, training noise, and
 /// the fixed sample-grid noise.
 const WEIGHT_STREAM: u64 = 0;
-/// Noise streams: one for training, one for the fixed sample grid.
-const TRAIN_NOISE_STREAM: u64 = 1;
-const GRID_NOISE_STREAM: u64 = 2;
+/// The fixed sample-grid noise.
+const GRID_NOISE_STREAM: u64 = 1;
+/// Training noise: rank r uses stream TRAIN_NOISE_STREAM + r.
+const TRAIN_NOISE_STREAM: u64 = 2;
 
 impl<B: AutodiffBackend> Trainer<B> {
-    /// Fresh networks and optimizers; identical for every caller with the same seed.
+    /// Fresh networks and optimizers, identical for every caller with the
+    /// same seed, drawing rank 0's training noise.
     pub fn new(model: &ModelConfig, train: &TrainConfig, device: &B::Device) -> Self {
         let mut weights = ChaCha8Rng::seed_from_u64(train.seed);
         weights.set_stream(WEIGHT_STREAM);
@@ -93,8 +96,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .with_beta_2(train.beta2 as f32)
                 .with_epsilon(1e-8)
         };
-        let mut noise = ChaCha8Rng::seed_from_u64(train.seed);
-        noise.set_stream(TRAIN_NOISE_STREAM);
+        let noise = noise_stream(train.seed, 0);
         Self {
             generator,
             discriminator,
@@ -102,27 +104,36 @@ impl<B: AutodiffBackend> Trainer<B> {
             opt_d: adam().init(),
             lr: train.lr,
             nz: model.nz,
+            seed: train.seed,
             noise,
             device: device.clone(),
         }
     }
 
-    /// One full iteration on `real` images [batch, 3, size, size].
+    /// Switches to replica `rank`'s noise stream, so replicas draw
+    /// different fakes as DDP ranks do; weights are unaffected.
+    pub fn for_rank(mut self, rank: usize) -> Self {
+        self.noise = noise_stream(self.seed, rank);
+        self
+    }
+
+    /// Iteration `step` on `real` images [batch, 3, size, size].
     pub fn train_step(
         &mut self,
+        step: u64,
         real: Tensor<B, 4>,
         reducer: &mut impl GradientReducer,
     ) -> anyhow::Result<StepLosses> {
         let [batch, _, _, _] = real.dims();
-        let z = self.draw_noise(batch);
-        let fake = self.generator.forward(z); // [batch, 3, size, size], tracked for the G step
+        let z = self.draw_noise(batch); // [batch, nz]
+        let fake = self.generate(z); // [batch, 3, size, size], tracked for the G step
 
         let (d_grads, d_out) = self.discriminator_step(real, fake.clone().detach());
-        let d_grads = reducer.reduce(Net::Discriminator, d_grads)?;
+        let d_grads = reducer.reduce(step, Net::Discriminator, d_grads)?;
         self.apply_discriminator(&d_grads);
 
         let (g_grads, g_loss) = self.generator_step(fake);
-        let g_grads = reducer.reduce(Net::Generator, g_grads)?;
+        let g_grads = reducer.reduce(step, Net::Generator, g_grads)?;
         self.apply_generator(&g_grads);
 
         Ok(StepLosses { g_loss, ..d_out })
@@ -173,6 +184,24 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.generator = self.opt_g.step(self.lr, self.generator.clone(), grads);
     }
 
+    /// G(z) in training mode, tracked for a later generator step.
+    pub fn generate(&self, z: Tensor<B, 2>) -> Tensor<B, 4> {
+        self.generator.forward(z)
+    }
+
+    /// A checksum of every trainable parameter of both networks: equal on
+    /// two replicas exactly when their parameters are bitwise equal.
+    pub fn checksum(&self) -> u64 {
+        params::checksum(&[&params::flat_params(&self.generator), &params::flat_params(&self.discriminator)])
+    }
+
+    /// All trainable parameters, G's then D's, in visitor order.
+    pub fn flat_params(&self) -> Vec<f32> {
+        let mut all = params::flat_params(&self.generator);
+        all.extend(params::flat_params(&self.discriminator));
+        all
+    }
+
     /// Draws the next `batch` noise vectors from this replica's stream.
     pub fn draw_noise(&mut self, batch: usize) -> Tensor<B, 2> {
         noise_tensor(&mut self.noise, batch, self.nz, &self.device)
@@ -199,7 +228,15 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 }
 
-fn noise_tensor<B: Backend>(
+/// The training noise of replica `rank`: one ChaCha stream per rank.
+pub fn noise_stream(seed: u64, rank: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(TRAIN_NOISE_STREAM + rank as u64);
+    rng
+}
+
+/// `batch` noise vectors [batch, nz] drawn from `rng`.
+pub fn noise_tensor<B: Backend>(
     rng: &mut ChaCha8Rng,
     batch: usize,
     nz: usize,
@@ -274,7 +311,7 @@ mod tests {
             let mut t = Trainer::<B>::new(&model, &train, &device);
             (0..3)
                 .map(|_| {
-                    t.train_step(real_batch(&device), &mut LocalReducer)
+                    t.train_step(0, real_batch(&device), &mut LocalReducer)
                         .unwrap()
                 })
                 .map(|l| (l.d_loss.to_bits(), l.g_loss.to_bits()))
@@ -290,7 +327,7 @@ mod tests {
     fn reducer_output_is_what_gets_applied() {
         struct Scale(f32);
         impl GradientReducer for Scale {
-            fn reduce(&mut self, _: Net, g: Vec<f32>) -> anyhow::Result<Vec<f32>> {
+            fn reduce(&mut self, _: u64, _: Net, g: Vec<f32>) -> anyhow::Result<Vec<f32>> {
                 Ok(g.into_iter().map(|x| x * self.0).collect())
             }
         }
@@ -299,14 +336,14 @@ mod tests {
         let losses_with = |reducer: &mut dyn FnMut() -> Scale| {
             let mut t = Trainer::<B>::new(&model, &train, &device);
             let mut r = reducer();
-            t.train_step(real_batch(&device), &mut r).unwrap();
-            t.train_step(real_batch(&device), &mut r).unwrap().d_loss
+            t.train_step(0, real_batch(&device), &mut r).unwrap();
+            t.train_step(0, real_batch(&device), &mut r).unwrap().d_loss
         };
         let local = {
             let mut t = Trainer::<B>::new(&model, &train, &device);
-            t.train_step(real_batch(&device), &mut LocalReducer)
+            t.train_step(0, real_batch(&device), &mut LocalReducer)
                 .unwrap();
-            t.train_step(real_batch(&device), &mut LocalReducer)
+            t.train_step(0, real_batch(&device), &mut LocalReducer)
                 .unwrap()
                 .d_loss
         };

@@ -6,7 +6,7 @@ use common::Config;
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
 use worker::eval::swd_against_held_out;
-use worker::standalone::to_tensor;
+use worker::training_loop::to_tensor;
 use worker::training::{LocalReducer, Trainer};
 
 const EVAL_IMAGES: usize = 256;

@@ -1,0 +1,218 @@
+//! The worker's side of the coordinator protocol: connect, join, then one
+//! long-lived stream for all-reduces, step reports and control.
+//!
+//! [`Session::all_reduce`] sends a gradient chunk by chunk while already
+//! collecting the reduced chunks coming back, so the coordinator's
+//! pipelining pays off: the first averaged chunk can be decoded before the
+//! last local chunk has left.
+
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::MAX_CHUNK_BYTES;
+use crate::pb::coordinator_client::CoordinatorClient;
+use crate::pb::{self, coordinator_message, worker_message};
+use crate::wire::{self, Chunking, WireError, WireFormat};
+
+/// Messages a worker may have queued towards the coordinator.
+const OUTBOUND_QUEUE: usize = 16;
+
+/// What can end a worker's conversation with the coordinator.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionError {
+    /// The address is not a valid URI.
+    #[error("invalid coordinator address `{address}`: {source} (expected e.g. http://10.0.0.5:50051)")]
+    Address {
+        /// What was given.
+        address: String,
+        /// Why it was rejected.
+        source: tonic::transport::Error,
+    },
+    /// Nothing answered at the address.
+    #[error("cannot connect to the coordinator at {address}: {source}; is it running and reachable?")]
+    Connect {
+        /// The address tried.
+        address: String,
+        /// The transport's reason.
+        source: tonic::transport::Error,
+    },
+    /// The coordinator refused this worker at join (token, version, config).
+    #[error("the coordinator refused this worker: {0}")]
+    Refused(String),
+    /// The stream failed underneath us.
+    #[error("the coordinator stream failed: {0}")]
+    Stream(#[from] tonic::Status),
+    /// The coordinator stopped the run, and said why.
+    #[error("the coordinator aborted the run: {0}")]
+    Aborted(String),
+    /// The coordinator sent something the protocol does not allow here.
+    #[error("protocol violation from the coordinator: {0}")]
+    Protocol(String),
+    /// The coordinator went away without a word.
+    #[error("the coordinator closed the session unexpectedly")]
+    Closed,
+    /// A reduced chunk did not decode.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// A gRPC client for the coordinator at `address` (`http://host:port`),
+/// with message limits large enough for gradient chunks.
+pub async fn connect(address: &str) -> Result<CoordinatorClient<Channel>, SessionError> {
+    let endpoint = Endpoint::from_shared(address.to_string()).map_err(|source| SessionError::Address {
+        address: address.to_string(),
+        source,
+    })?;
+    let channel = endpoint
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|source| SessionError::Connect { address: address.to_string(), source })?;
+    Ok(CoordinatorClient::new(channel)
+        .max_decoding_message_size(MAX_CHUNK_BYTES)
+        .max_encoding_message_size(MAX_CHUNK_BYTES))
+}
+
+/// Joins the group; returns once every worker has joined.
+pub async fn join(
+    client: &mut CoordinatorClient<Channel>,
+    request: pb::JoinRequest,
+) -> Result<pb::JoinReply, SessionError> {
+    client
+        .join(request)
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| SessionError::Refused(status.message().to_string()))
+}
+
+/// An open session: send chunks and reports, receive reduced chunks and control.
+pub struct Session {
+    outbound: mpsc::Sender<pb::WorkerMessage>,
+    inbound: tonic::Streaming<pb::CoordinatorMessage>,
+    format: WireFormat,
+    chunk_bytes: usize,
+}
+
+impl Session {
+    /// Opens the stream, introduces this member and waits for the start signal.
+    pub async fn open(
+        client: &mut CoordinatorClient<Channel>,
+        joined: &pb::JoinReply,
+        format: WireFormat,
+        chunk_bytes: usize,
+    ) -> Result<(Self, pb::Start), SessionError> {
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let hello = pb::Hello { member_id: joined.member_id.clone(), generation: joined.generation };
+        tx.send(message(worker_message::Kind::Hello(hello))).await.map_err(|_| SessionError::Closed)?;
+        let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        let mut session = Self { outbound: tx, inbound, format, chunk_bytes };
+        match session.next().await? {
+            coordinator_message::Kind::Start(start) => Ok((session, start)),
+            other => Err(SessionError::Protocol(format!("expected Start, got {other:?}"))),
+        }
+    }
+
+    /// Sends this worker's gradient for (`step`, `net`) and returns the mean
+    /// over all workers, as the coordinator computed it.
+    pub async fn all_reduce(&mut self, step: u64, net: pb::Net, grads: &[f32]) -> Result<Vec<f32>, SessionError> {
+        let chunking = Chunking::new(grads.len(), self.chunk_bytes, self.format);
+        let (format, outbound) = (self.format, &self.outbound);
+        let header = |index: usize| pb::GradChunk {
+            step,
+            net: net as i32,
+            index: index as u32,
+            count: chunking.count() as u32,
+            total_elems: grads.len() as u64,
+            format: wire_format(format) as i32,
+            data: Default::default(),
+        };
+        let send = async {
+            for index in 0..chunking.count() {
+                let chunk = pb::GradChunk { data: wire::encode(&grads[chunking.range(index)], format), ..header(index) };
+                outbound.send(message(worker_message::Kind::Chunk(chunk))).await.map_err(|_| SessionError::Closed)?;
+            }
+            Ok::<_, SessionError>(())
+        };
+        let inbound = &mut self.inbound;
+        let receive = async {
+            let mut mean = vec![0.0f32; grads.len()];
+            let mut seen = vec![false; chunking.count()];
+            for _ in 0..chunking.count() {
+                let chunk = match next(inbound).await? {
+                    coordinator_message::Kind::Chunk(chunk) => chunk,
+                    other => return Err(SessionError::Protocol(format!("expected a reduced chunk, got {other:?}"))),
+                };
+                let index = chunk.index as usize;
+                if chunk.step != step || chunk.net != net as i32 || index >= seen.len() || seen[index] {
+                    return Err(SessionError::Protocol(format!(
+                        "unexpected reduced chunk {index} of step {} net {} while reducing step {step} {net:?}",
+                        chunk.step, chunk.net
+                    )));
+                }
+                seen[index] = true;
+                wire::decode_into(&chunk.data, format, &mut mean[chunking.range(index)])?;
+            }
+            Ok(mean)
+        };
+        let (sent, mean) = tokio::join!(send, receive);
+        sent?;
+        mean
+    }
+
+    /// Reports a finished step (losses, speed, parameter checksum).
+    pub async fn report(&self, report: pb::StepReport) -> Result<(), SessionError> {
+        self.send(worker_message::Kind::Report(report)).await
+    }
+
+    /// Says this worker completed all its steps, then waits for the
+    /// coordinator to close the stream, so nothing queued is lost.
+    pub async fn finish(mut self, steps: u64) -> Result<(), SessionError> {
+        self.send(worker_message::Kind::Finished(pb::Finished { steps })).await?;
+        drop(self.outbound);
+        match self.inbound.next().await {
+            None => Ok(()),
+            Some(Ok(pb::CoordinatorMessage { kind: Some(coordinator_message::Kind::Abort(a)) })) => {
+                Err(SessionError::Aborted(a.reason))
+            }
+            Some(Ok(other)) => Err(SessionError::Protocol(format!("unexpected message after finishing: {other:?}"))),
+            Some(Err(status)) => Err(status.into()),
+        }
+    }
+
+    async fn send(&self, kind: worker_message::Kind) -> Result<(), SessionError> {
+        self.outbound.send(message(kind)).await.map_err(|_| SessionError::Closed)
+    }
+
+    async fn next(&mut self) -> Result<coordinator_message::Kind, SessionError> {
+        next(&mut self.inbound).await
+    }
+}
+
+async fn next(
+    inbound: &mut tonic::Streaming<pb::CoordinatorMessage>,
+) -> Result<coordinator_message::Kind, SessionError> {
+    match inbound.next().await {
+        Some(Ok(pb::CoordinatorMessage { kind: Some(coordinator_message::Kind::Abort(abort)) })) => {
+            Err(SessionError::Aborted(abort.reason))
+        }
+        Some(Ok(pb::CoordinatorMessage { kind: Some(kind) })) => Ok(kind),
+        Some(Ok(pb::CoordinatorMessage { kind: None })) => Err(SessionError::Protocol("empty message".into())),
+        Some(Err(status)) => Err(status.into()),
+        None => Err(SessionError::Closed),
+    }
+}
+
+fn message(kind: worker_message::Kind) -> pb::WorkerMessage {
+    pb::WorkerMessage { kind: Some(kind) }
+}
+
+/// The protobuf enum for a wire format.
+pub fn wire_format(format: WireFormat) -> pb::WireFormat {
+    match format {
+        WireFormat::F32 => pb::WireFormat::F32,
+        WireFormat::Bf16 => pb::WireFormat::Bf16,
+    }
+}

@@ -1,0 +1,139 @@
+//! The streaming all-reduce: chunk by chunk, in rank order.
+//!
+//! Each worker streams its flat gradient in chunks. As soon as chunk `k`
+//! has arrived from all `N` workers it is summed **in rank order** (so the
+//! bits do not depend on who was faster), divided by `N`, and sent back to
+//! everyone, while later chunks may still be in flight. Reduction runs on
+//! tokio's blocking pool so it never stalls the reactor; memory holds at
+//! most one gradient's chunks per worker, because a worker cannot start the
+//! next gradient before it has the mean of the current one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use common::pb::{self, coordinator_message};
+use common::wire::{self, WireError, WireFormat};
+
+use crate::peers::Peers;
+
+/// Identifies one chunk of one gradient.
+type Key = (u64, i32, u32);
+
+/// Contributions to one chunk so far.
+struct Slot {
+    header: pb::GradChunk,
+    parts: Vec<Option<Bytes>>,
+    arrived: usize,
+}
+
+/// A worker sent a chunk the reducer cannot accept.
+#[derive(Debug, thiserror::Error)]
+pub enum ChunkError {
+    /// The format field is not one we know.
+    #[error("unknown wire format {0}")]
+    Format(i32),
+    /// Same rank sent the same chunk twice.
+    #[error("chunk {index} of step {step} sent twice")]
+    Duplicate {
+        /// Chunk index.
+        index: u32,
+        /// Step.
+        step: u64,
+    },
+    /// Ranks disagree on the gradient's shape or encoding.
+    #[error("chunk {index} of step {step} disagrees with rank 0's header (count, length or format)")]
+    Mismatch {
+        /// Chunk index.
+        index: u32,
+        /// Step.
+        step: u64,
+    },
+    /// The payload does not match the header.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// Collects chunks from all ranks and broadcasts each mean as it completes.
+pub struct Reducer {
+    world: usize,
+    peers: Arc<Peers>,
+    pending: Mutex<HashMap<Key, Slot>>,
+}
+
+impl Reducer {
+    /// A reducer for `world` ranks answering through `peers`.
+    pub fn new(world: usize, peers: Arc<Peers>) -> Self {
+        Self { world, peers, pending: Mutex::new(HashMap::new()) }
+    }
+
+    /// Accepts `rank`'s contribution; when it completes the chunk, reduces
+    /// and broadcasts it before returning.
+    pub async fn submit(&self, rank: usize, mut chunk: pb::GradChunk) -> Result<(), ChunkError> {
+        let format = format_of(chunk.format)?;
+        let data = std::mem::take(&mut chunk.data);
+        let complete = {
+            let mut pending = self.pending.lock().expect("reducer lock");
+            let key = (chunk.step, chunk.net, chunk.index);
+            let slot = pending.entry(key).or_insert_with(|| Slot {
+                header: chunk.clone(),
+                parts: vec![None; self.world],
+                arrived: 0,
+            });
+            let h = &slot.header;
+            if (h.count, h.total_elems, h.format) != (chunk.count, chunk.total_elems, chunk.format) {
+                return Err(ChunkError::Mismatch { index: chunk.index, step: chunk.step });
+            }
+            if slot.parts[rank].replace(data).is_some() {
+                return Err(ChunkError::Duplicate { index: chunk.index, step: chunk.step });
+            }
+            slot.arrived += 1;
+            (slot.arrived == self.world).then(|| pending.remove(&key).expect("slot present"))
+        };
+        let Some(slot) = complete else { return Ok(()) };
+        let parts: Vec<Bytes> = slot.parts.into_iter().map(|p| p.expect("all ranks arrived")).collect();
+        let world = self.world;
+        let mean = tokio::task::spawn_blocking(move || mean_in_rank_order(&parts, format, world))
+            .await
+            .expect("reduction task panicked")?;
+        let reduced = pb::GradChunk { data: mean, ..slot.header };
+        self.peers.broadcast(coordinator_message::Kind::Chunk(reduced)).await;
+        Ok(())
+    }
+}
+
+/// Σ parts[0] + parts[1] + … (in that order) / world, re-encoded.
+pub fn mean_in_rank_order(parts: &[Bytes], format: WireFormat, world: usize) -> Result<Bytes, WireError> {
+    let elems = parts[0].len() / format.width();
+    let mut acc = vec![0.0f32; elems];
+    wire::decode_into(&parts[0], format, &mut acc)?;
+    for part in &parts[1..] {
+        wire::add_into(part, format, &mut acc)?;
+    }
+    let n = world as f32;
+    acc.iter_mut().for_each(|v| *v /= n);
+    Ok(wire::encode(&acc, format))
+}
+
+fn format_of(value: i32) -> Result<WireFormat, ChunkError> {
+    match pb::WireFormat::try_from(value) {
+        Ok(pb::WireFormat::F32) => Ok(WireFormat::F32),
+        Ok(pb::WireFormat::Bf16) => Ok(WireFormat::Bf16),
+        _ => Err(ChunkError::Format(value)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_sums_in_rank_order_then_divides() {
+        // 1e8 + 1 - 1e8 depends on the order: rank order gives 0, not 1.
+        let parts: Vec<Bytes> = [1e8f32, 1.0, -1e8].iter().map(|v| wire::encode(&[*v], WireFormat::F32)).collect();
+        let mean = mean_in_rank_order(&parts, WireFormat::F32, 3).unwrap();
+        let mut out = [f32::NAN];
+        wire::decode_into(&mean, WireFormat::F32, &mut out).unwrap();
+        assert_eq!(out[0], ((1e8f32 + 1.0) - 1e8) / 3.0);
+    }
+}

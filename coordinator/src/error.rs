@@ -1,0 +1,90 @@
+//! Why a run stops: each variant names the worker or step at fault and
+//! what to do about it.
+
+use std::path::PathBuf;
+
+/// Why a coordinator run failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoordinatorError {
+    /// Not all workers joined in time.
+    #[error(
+        "only {joined} of {expected} workers joined within {seconds} s (joined: {hosts}; missing ranks: {missing:?}); \
+         check that the missing workers are running and can reach this coordinator"
+    )]
+    JoinTimeout {
+        /// Workers expected.
+        expected: usize,
+        /// Workers that joined.
+        joined: usize,
+        /// Their hosts.
+        hosts: String,
+        /// Ranks nobody took.
+        missing: Vec<usize>,
+        /// The timeout.
+        seconds: u64,
+    },
+    /// A worker's stream ended or failed before it finished.
+    #[error("worker rank {rank} was lost during training: {reason}")]
+    WorkerLost {
+        /// Its rank.
+        rank: usize,
+        /// What happened.
+        reason: String,
+    },
+    /// A locally launched worker process exited with an error.
+    #[error("worker rank {rank} exited with {status}; its log lines above are prefixed [rank {rank}]")]
+    WorkerExited {
+        /// Its rank.
+        rank: usize,
+        /// The exit status.
+        status: String,
+    },
+    /// Replicas no longer hold identical parameters.
+    #[error("{0}")]
+    Diverged(#[from] crate::reports::Divergence),
+    /// A worker broke the protocol (bad chunk, wrong step...).
+    #[error("worker rank {rank} broke the protocol: {message}")]
+    Protocol {
+        /// Its rank.
+        rank: usize,
+        /// What was wrong.
+        message: String,
+    },
+    /// The worker binary is not where local mode looks for it.
+    #[error("worker binary not found at {0}: build it with the coordinator (cargo build -p worker) so both sit side by side")]
+    WorkerBinary(PathBuf),
+    /// Spawning or talking to a local worker process failed.
+    #[error("starting worker rank {rank}: {source}")]
+    Spawn {
+        /// Its rank.
+        rank: usize,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// External mode needs a shared secret.
+    #[error("--external needs a token: set GANCLUSTER_TOKEN for the coordinator and every worker")]
+    MissingToken,
+    /// The listen address could not be bound.
+    #[error("cannot listen on {address}: {source} (set coordinator.listen)")]
+    Listen {
+        /// The address.
+        address: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Saving the effective configuration for the workers failed.
+    #[error("writing {path}: {source}")]
+    Output {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("the gRPC server failed: {0}")]
+    Server(#[from] tonic::transport::Error),
+    /// Stopped by a signal before training finished.
+    #[error("interrupted before training finished")]
+    Interrupted,
+}

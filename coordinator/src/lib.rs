@@ -1,0 +1,19 @@
+//! The gancluster coordinator: forms the worker group, all-reduces their
+//! gradients in rank order, checks that replicas stay identical, and (in
+//! local mode) launches and supervises the worker processes.
+//!
+//! It never touches tensors: it moves and adds bytes, so it builds without
+//! burn and stays small.
+
+pub mod allreduce;
+pub mod error;
+pub mod launcher;
+pub mod peers;
+pub mod progress;
+pub mod rendezvous;
+pub mod reports;
+pub mod run;
+pub mod service;
+
+pub use error::CoordinatorError;
+pub use run::{Mode, run};

@@ -1,0 +1,143 @@
+//! One coordinator run: serve, (maybe) launch, supervise, stop.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Config;
+use common::config::MAX_CHUNK_BYTES;
+use common::pb::coordinator_message;
+use common::pb::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::CoordinatorError;
+use crate::launcher::Launcher;
+use crate::progress::Progress;
+use crate::rendezvous::Rendezvous;
+use crate::service::{CoordinatorService, Event, Group};
+
+/// Where the workers come from.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Spawn this many `worker` processes on this machine.
+    Local(usize),
+    /// Wait for this many workers started elsewhere, presenting `token`.
+    External {
+        /// Workers to wait for.
+        workers: usize,
+        /// Shared secret they must present.
+        token: String,
+    },
+}
+
+/// Events queued from handlers to the run loop.
+const EVENT_QUEUE: usize = 1024;
+
+/// Trains `cfg` with workers from `mode` until they all finish, one fails,
+/// or `shutdown` resolves.
+pub async fn run(cfg: Config, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+    let (workers, token) = match &mode {
+        Mode::Local(n) => (*n, format!("{:032x}", rand::random::<u128>())),
+        Mode::External { workers, token } => (*workers, token.clone()),
+    };
+    let listener = TcpListener::bind(&cfg.coordinator.listen)
+        .await
+        .map_err(|source| CoordinatorError::Listen { address: cfg.coordinator.listen.clone(), source })?;
+    let address = listener.local_addr().map_err(|source| CoordinatorError::Listen {
+        address: cfg.coordinator.listen.clone(),
+        source,
+    })?;
+    let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+    let rendezvous = Rendezvous::new(workers, token.clone(), cfg.training_hash());
+    let group = Arc::new(Group::new(rendezvous, workers, cfg.train.steps, events_tx.clone()));
+    let (stop_server, server_stopped) = oneshot::channel::<()>();
+    let service = CoordinatorServer::new(CoordinatorService::new(group.clone()))
+        .max_decoding_message_size(MAX_CHUNK_BYTES)
+        .max_encoding_message_size(MAX_CHUNK_BYTES);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(service)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                let _ = server_stopped.await;
+            }),
+    );
+    info!(%address, workers, "coordinator listening");
+
+    let launcher = match mode {
+        Mode::Local(n) => {
+            let config_path = save_config(&cfg)?;
+            Some(Launcher::spawn(n, &format!("http://{address}"), &token, &config_path, events_tx)?)
+        }
+        Mode::External { .. } => None,
+    };
+    let outcome = supervise(&cfg, &group, workers, events, shutdown).await;
+    if let Err(err) = &outcome {
+        group.peers.broadcast(coordinator_message::Kind::Abort(common::pb::Abort { reason: err.to_string() })).await;
+    }
+    group.peers.close_all();
+    if let Some(launcher) = launcher {
+        launcher.shutdown().await;
+    }
+    let _ = stop_server.send(());
+    match server.await {
+        Ok(Err(e)) if outcome.is_ok() => Err(e.into()),
+        _ => outcome,
+    }
+}
+
+async fn supervise(
+    cfg: &Config,
+    group: &Group,
+    workers: usize,
+    mut events: mpsc::Receiver<Event>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    let join_timeout = Duration::from_secs(cfg.coordinator.join_timeout_s);
+    let join_deadline = tokio::time::sleep(join_timeout);
+    tokio::pin!(join_deadline, shutdown);
+    let progress = Progress::new(cfg.train.steps, cfg.train.log_every);
+    let mut finished = 0;
+    loop {
+        tokio::select! {
+            event = events.recv() => match event.expect("the group holds a sender") {
+                Event::StepDone(summary) => progress.step(&summary),
+                Event::Finished { rank } => {
+                    finished += 1;
+                    info!(rank, "worker finished");
+                    if finished == workers {
+                        progress.finish();
+                        info!(steps = cfg.train.steps, "training finished");
+                        return Ok(());
+                    }
+                }
+                Event::Failed(err) => return Err(err),
+            },
+            _ = &mut join_deadline, if !group.rendezvous.is_formed() => {
+                let (hosts, missing) = group.rendezvous.who();
+                return Err(CoordinatorError::JoinTimeout {
+                    expected: workers,
+                    joined: hosts.len(),
+                    hosts: if hosts.is_empty() { "none".into() } else { hosts.join(", ") },
+                    missing,
+                    seconds: join_timeout.as_secs(),
+                });
+            }
+            _ = &mut shutdown => return Err(CoordinatorError::Interrupted),
+        }
+    }
+}
+
+/// Saves the effective configuration where the local workers read it.
+fn save_config(cfg: &Config) -> Result<std::path::PathBuf, CoordinatorError> {
+    let dir = &cfg.output.dir;
+    let path = dir.join("config.toml");
+    let io = |source| CoordinatorError::Output { path: path.clone(), source };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let text = cfg.to_toml().map_err(|e| io(std::io::Error::other(e)))?;
+    std::fs::write(&path, text).map_err(io)?;
+    Ok(path)
+}

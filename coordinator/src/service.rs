@@ -1,0 +1,145 @@
+//! The gRPC service: thin handlers that convert, call the group's domain
+//! objects and report what happened to the supervising run loop.
+
+use std::sync::Arc;
+
+use common::pb::coordinator_server::Coordinator;
+use common::pb::{self, coordinator_message, worker_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::instrument;
+
+use crate::CoordinatorError;
+use crate::allreduce::Reducer;
+use crate::peers::{OUTBOUND_QUEUE, Peers};
+use crate::rendezvous::Rendezvous;
+use crate::reports::{Reports, StepSummary};
+
+/// What the handlers tell the run loop.
+#[derive(Debug)]
+pub enum Event {
+    /// Every rank reported this step and their parameters agree.
+    StepDone(StepSummary),
+    /// A rank completed all its steps.
+    Finished {
+        /// The rank.
+        rank: usize,
+    },
+    /// The run cannot go on.
+    Failed(CoordinatorError),
+}
+
+/// State shared by all handlers of one generation.
+pub struct Group {
+    /// Who is in the group.
+    pub rendezvous: Rendezvous,
+    /// Their session streams.
+    pub peers: Arc<Peers>,
+    reducer: Reducer,
+    reports: Reports,
+    events: mpsc::Sender<Event>,
+    steps: u64,
+}
+
+impl Group {
+    /// A group of `world` workers training `steps` steps.
+    pub fn new(rendezvous: Rendezvous, world: usize, steps: u64, events: mpsc::Sender<Event>) -> Self {
+        let peers = Arc::new(Peers::new(world));
+        Self { rendezvous, reducer: Reducer::new(world, peers.clone()), peers, reports: Reports::new(world), events, steps }
+    }
+}
+
+/// The tonic service over a shared [`Group`].
+#[derive(Clone)]
+pub struct CoordinatorService {
+    group: Arc<Group>,
+}
+
+impl CoordinatorService {
+    /// Serves `group`.
+    pub fn new(group: Arc<Group>) -> Self {
+        Self { group }
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    #[instrument(skip_all, fields(host = %request.get_ref().host, rank = request.get_ref().requested_rank))]
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        match self.group.rendezvous.join(request.into_inner()).await {
+            Ok(reply) => {
+                tracing::info!(rank = reply.rank, world = reply.world_size, "worker joined");
+                Ok(Response::new(reply))
+            }
+            Err(refusal) => {
+                tracing::warn!(%refusal, "refused a worker");
+                Err(refusal.into())
+            }
+        }
+    }
+
+    type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+
+    async fn session(&self, request: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::WorkerMessage { kind: Some(worker_message::Kind::Hello(hello)) }) => hello,
+            _ => return Err(Status::invalid_argument("a session must start with Hello")),
+        };
+        let rank = self
+            .group
+            .rendezvous
+            .rank_of(&hello.member_id)
+            .ok_or_else(|| Status::permission_denied(format!("unknown member {}: join first", hello.member_id)))?;
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        if self.group.peers.register(rank, tx) {
+            let start = pb::Start { first_step: 0, steps: self.group.steps };
+            self.group.peers.broadcast(coordinator_message::Kind::Start(start)).await;
+        }
+        tokio::spawn(serve_member(self.group.clone(), rank, inbound));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Reads one member's stream until it finishes or fails.
+async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb::WorkerMessage>) {
+    let mut finished = false;
+    let outcome = loop {
+        let message = match inbound.message().await {
+            Ok(Some(message)) => message,
+            Ok(None) if finished => break None,
+            Ok(None) => break Some(lost(rank, "its stream closed")),
+            Err(status) => break Some(lost(rank, &status.to_string())),
+        };
+        match message.kind {
+            Some(worker_message::Kind::Chunk(chunk)) => {
+                if let Err(err) = group.reducer.submit(rank, chunk).await {
+                    break Some(CoordinatorError::Protocol { rank, message: err.to_string() });
+                }
+            }
+            Some(worker_message::Kind::Report(report)) => match group.reports.add(rank, report) {
+                Some(Ok(summary)) => send(&group, Event::StepDone(summary)).await,
+                Some(Err(divergence)) => break Some(divergence.into()),
+                None => {}
+            },
+            Some(worker_message::Kind::Finished(_)) => {
+                finished = true;
+                send(&group, Event::Finished { rank }).await;
+            }
+            _ => break Some(CoordinatorError::Protocol { rank, message: "unexpected message".into() }),
+        }
+    };
+    if let Some(err) = outcome {
+        send(&group, Event::Failed(err)).await;
+    }
+}
+
+fn lost(rank: usize, reason: &str) -> CoordinatorError {
+    CoordinatorError::WorkerLost { rank, reason: reason.to_string() }
+}
+
+async fn send(group: &Group, event: Event) {
+    // The run loop outlives every handler; if it is gone the run is over anyway.
+    let _ = group.events.send(event).await;
+}

@@ -1,0 +1,137 @@
+//! One replica of a coordinator-driven group: `worker train --coordinator URL`.
+//!
+//! gRPC runs on a small tokio runtime; burn runs on this thread, outside
+//! it, so tensor work never blocks the reactor that keeps the streams
+//! flowing. Each gradient goes through the coordinator's all-reduce and
+//! every step is reported with a parameter checksum.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use common::Config;
+use common::pb;
+use common::session::{self, Session};
+use tokio::runtime::Runtime;
+use tracing::info;
+
+use crate::backend::{self, TrainBackend};
+use crate::params;
+use crate::training::{GradientReducer, Net, Trainer};
+use crate::training_loop::{self, Replica, StepRecord, StepSync, Summary};
+
+/// Test hook: `GANCLUSTER_FAULT_DIVERGE=<rank>:<step>` makes that rank
+/// nudge its discriminator after that step, so tests can prove that the
+/// coordinator catches replicas that drift apart.
+pub const FAULT_DIVERGE_ENV: &str = "GANCLUSTER_FAULT_DIVERGE";
+
+/// How to reach and authenticate with the coordinator.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// `http://host:port`.
+    pub address: String,
+    /// The coordinator's shared secret.
+    pub token: String,
+    /// The rank to ask for, if any.
+    pub rank: Option<usize>,
+}
+
+/// Joins the group at `connection`, trains as the assigned rank, and
+/// returns once the coordinator has acknowledged the end of the run.
+pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow::Result<Summary> {
+    let device = backend::device()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("grpc")
+        .enable_all()
+        .build()
+        .context("starting the gRPC runtime")?;
+    let trainer = Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device);
+    let request = pb::JoinRequest {
+        protocol_version: pb::PROTOCOL_VERSION,
+        config_hash: cfg.training_hash(),
+        token: connection.token.clone(),
+        requested_rank: connection.rank.map_or(-1, |r| r as i32),
+        initial_checksum: trainer.checksum(),
+        host: hostname(),
+    };
+    let (joined, session, start) = runtime.block_on(async {
+        let mut client = session::connect(&connection.address).await?;
+        let joined = session::join(&mut client, request).await?;
+        let (session, start) = Session::open(&mut client, &joined, cfg.allreduce.wire, cfg.allreduce.chunk_bytes).await?;
+        Ok::<_, session::SessionError>((joined, session, start))
+    })?;
+    let replica = Replica { rank: joined.rank as usize, world: joined.world_size as usize };
+    info!(rank = replica.rank, world = replica.world, generation = joined.generation, steps = start.steps, "joined");
+    let mut trainer = trainer.for_rank(replica.rank);
+    let mut remote = Remote { runtime: &runtime, session: Some(session), waited_ms: 0.0, fault: fault(replica.rank)? };
+    let summary = training_loop::train(cfg, replica, &mut trainer, &mut remote, eval_images)?;
+    let session = remote.session.take().expect("the session lives until the end");
+    runtime.block_on(session.finish(cfg.train.steps))?;
+    Ok(summary)
+}
+
+/// The coordinator-backed [`StepSync`].
+struct Remote<'a> {
+    runtime: &'a Runtime,
+    session: Option<Session>,
+    waited_ms: f64,
+    fault: Option<u64>,
+}
+
+impl Remote<'_> {
+    fn session(&mut self) -> &mut Session {
+        self.session.as_mut().expect("the session lives until the end")
+    }
+}
+
+impl GradientReducer for Remote<'_> {
+    fn reduce(&mut self, step: u64, net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>> {
+        let net = match net {
+            Net::Discriminator => pb::Net::Discriminator,
+            Net::Generator => pb::Net::Generator,
+        };
+        let started = Instant::now();
+        let runtime = self.runtime;
+        let mean = runtime.block_on(self.session().all_reduce(step, net, &grads))?;
+        self.waited_ms += started.elapsed().as_secs_f64() * 1e3;
+        Ok(mean)
+    }
+}
+
+impl StepSync for Remote<'_> {
+    fn after_step(&mut self, record: &StepRecord, trainer: &mut Trainer<TrainBackend>) -> anyhow::Result<()> {
+        if self.fault == Some(record.step) {
+            tracing::warn!(step = record.step, "{FAULT_DIVERGE_ENV}: perturbing this replica's discriminator");
+            let nudge = vec![1e-3; params::trainable_len(trainer.discriminator())];
+            trainer.apply_discriminator(&nudge);
+        }
+        let checksum = trainer.checksum();
+        let report = pb::StepReport {
+            step: record.step,
+            epoch: record.epoch,
+            d_loss: record.losses.d_loss,
+            g_loss: record.losses.g_loss,
+            images_per_s: record.images_per_s,
+            checksum,
+            allreduce_ms: std::mem::take(&mut self.waited_ms),
+        };
+        let runtime = self.runtime;
+        runtime.block_on(self.session().report(report))?;
+        Ok(())
+    }
+}
+
+/// The step at which this rank should diverge, from [`FAULT_DIVERGE_ENV`].
+fn fault(rank: usize) -> anyhow::Result<Option<u64>> {
+    let Ok(value) = std::env::var(FAULT_DIVERGE_ENV) else { return Ok(None) };
+    let parse = || -> Option<(usize, u64)> {
+        let (r, s) = value.split_once(':')?;
+        Some((r.parse().ok()?, s.parse().ok()?))
+    };
+    let (r, step) = parse().with_context(|| format!("{FAULT_DIVERGE_ENV}={value}: expected <rank>:<step>"))?;
+    Ok((r == rank).then_some(step))
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid {}", std::process::id()))
+}

@@ -1,0 +1,167 @@
+//! The step loop every replica runs, standalone or distributed.
+//!
+//! The loop is the same in both modes; what differs is the [`StepSync`]:
+//! standalone training applies its own gradients, a distributed replica
+//! exchanges them with the coordinator and reports each step. Rank 0 writes
+//! the run's artifacts.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use burn::tensor::{Tensor, TensorData};
+use common::{Config, ShardSampler};
+use tracing::info;
+
+use crate::backend::{self, Device, TrainBackend};
+use crate::data::{Batch, BatchLoader, ImageSource};
+use crate::eval;
+use crate::output::{self, LossLog};
+use crate::swd::SwdReport;
+use crate::training::{GradientReducer, LocalReducer, StepLosses, Trainer};
+
+/// The sample grid.
+pub const SAMPLES_PNG: &str = "samples.png";
+/// Per-step losses.
+pub const LOSSES_CSV: &str = "losses.csv";
+/// The effective configuration the run used.
+pub const CONFIG_TOML: &str = "config.toml";
+/// Final trainable parameters, G's then D's, as little-endian f32.
+pub const PARAMS_F32: &str = "params.f32";
+
+/// Images in the sample grid (8×8).
+const GRID_IMAGES: usize = 64;
+
+/// This process's place in the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replica {
+    /// 0-based rank.
+    pub rank: usize,
+    /// Number of replicas.
+    pub world: usize,
+}
+
+impl Replica {
+    /// The only replica of a standalone run.
+    pub const ALONE: Self = Self { rank: 0, world: 1 };
+}
+
+/// One finished step, as reported.
+#[derive(Debug, Clone, Copy)]
+pub struct StepRecord {
+    /// Global step (0-based).
+    pub step: u64,
+    /// Its epoch.
+    pub epoch: u64,
+    /// This replica's losses.
+    pub losses: StepLosses,
+    /// This replica's throughput.
+    pub images_per_s: f64,
+}
+
+/// How a replica exchanges gradients and reports steps.
+pub trait StepSync: GradientReducer {
+    /// Called after every step with the updated trainer.
+    fn after_step(&mut self, record: &StepRecord, trainer: &mut Trainer<TrainBackend>) -> anyhow::Result<()>;
+}
+
+impl StepSync for LocalReducer {
+    fn after_step(&mut self, _: &StepRecord, _: &mut Trainer<TrainBackend>) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// What a finished run reports.
+#[derive(Debug)]
+pub struct Summary {
+    /// Losses of the last step.
+    pub last: StepLosses,
+    /// Mean training throughput of this replica.
+    pub images_per_s: f64,
+    /// Images skipped as unreadable.
+    pub skipped: usize,
+    /// SWD against held-out images, when requested (rank 0 only).
+    pub swd: Option<SwdReport>,
+}
+
+/// Trains steps `first_step..cfg.train.steps` on this replica's shard.
+/// Rank 0 writes the sample grid, loss CSV, effective config and final
+/// parameters to `cfg.output.dir`, then measures SWD against
+/// `eval_images` held-out images when that is not zero.
+pub fn train(
+    cfg: &Config,
+    replica: Replica,
+    trainer: &mut Trainer<TrainBackend>,
+    sync: &mut impl StepSync,
+    eval_images: usize,
+) -> anyhow::Result<Summary> {
+    let device = backend::device()?;
+    let out = &cfg.output.dir;
+    let writes = replica.rank == 0;
+    let mut log = if writes { Some(prepare_output(cfg, out)?) } else { None };
+    let source = ImageSource::open(&cfg.data, cfg.train.seed)?;
+    info!(data = %source.name(), images = source.len(), backend = backend::NAME, rank = replica.rank,
+        world = replica.world, "starting training");
+    let sampler = ShardSampler::new(source.len(), replica.world, replica.rank, cfg.train.seed);
+    let (size, batch) = (cfg.model.image_size, cfg.train.batch_size);
+    let mut loader = BatchLoader::spawn(source, sampler, replica.world, batch, size as u32, 0, cfg.data.prefetch)?;
+
+    let started = Instant::now();
+    let (mut last, mut skipped) = (None, 0);
+    for _ in 0..cfg.train.steps {
+        let step_started = Instant::now();
+        let batch = loader.next_batch()?;
+        let (step, epoch, count) = (batch.step, batch.epoch, batch.count);
+        skipped = batch.skipped;
+        let losses = trainer.train_step(step, to_tensor(batch, size, &device), sync)?;
+        let record = StepRecord { step, epoch, losses, images_per_s: count as f64 / step_started.elapsed().as_secs_f64() };
+        sync.after_step(&record, trainer)?;
+        if let Some(log) = log.as_mut() {
+            log.record(step, epoch, &losses, record.images_per_s)?;
+        }
+        if (step + 1) % cfg.train.log_every == 0 {
+            info!(step = step + 1, epoch, d_loss = losses.d_loss, g_loss = losses.g_loss, d_real = losses.d_real,
+                d_fake = losses.d_fake, images_per_s = format!("{:.1}", record.images_per_s), "step");
+        }
+        last = Some(losses);
+    }
+    let images_per_s = (cfg.train.steps as usize * batch) as f64 / started.elapsed().as_secs_f64();
+    drop(loader);
+    if skipped > 0 {
+        tracing::warn!(skipped, "images were skipped as unreadable (each path was logged once)");
+    }
+    let swd = if writes {
+        write_results(trainer, out, size, cfg.train.seed)?;
+        (eval_images > 0).then(|| eval::swd_against_held_out(trainer, cfg, eval_images)).transpose()?
+    } else {
+        None
+    };
+    Ok(Summary { last: last.expect("train.steps is validated to be positive"), images_per_s, skipped, swd })
+}
+
+fn prepare_output(cfg: &Config, out: &Path) -> anyhow::Result<LossLog> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating output folder {}", out.display()))?;
+    std::fs::write(out.join(CONFIG_TOML), cfg.to_toml()?).context("saving the effective config")?;
+    let path = out.join(LOSSES_CSV);
+    LossLog::create(&path).with_context(|| format!("creating {}", path.display()))
+}
+
+fn write_results(trainer: &Trainer<TrainBackend>, out: &Path, size: usize, seed: u64) -> anyhow::Result<()> {
+    let grid = trainer
+        .sample(GRID_IMAGES, seed)
+        .into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .map_err(|e| anyhow::anyhow!("reading the sample grid back: {e:?}"))?;
+    let grid_path = out.join(SAMPLES_PNG);
+    output::write_grid(&grid_path, &grid, size as u32).with_context(|| format!("writing {}", grid_path.display()))?;
+    let params: Vec<u8> = trainer.flat_params().iter().flat_map(|v| v.to_le_bytes()).collect();
+    let params_path: PathBuf = out.join(PARAMS_F32);
+    std::fs::write(&params_path, params).with_context(|| format!("writing {}", params_path.display()))
+}
+
+/// A loader batch as a `[count, 3, size, size]` tensor on `device`.
+pub fn to_tensor(batch: Batch, size: usize, device: &Device) -> Tensor<TrainBackend, 4> {
+    let data = TensorData::new(batch.pixels, [batch.count, 3, size, size]);
+    Tensor::from_data(data, device)
+}
