@@ -70,7 +70,10 @@ impl ConfigArgs {
             ("model.ngf", size(self.ngf)),
             ("model.ndf", size(self.ndf)),
             ("train.seed", num(self.seed)),
-            ("output.dir", self.out.as_ref().map(|p| p.display().to_string())),
+            (
+                "output.dir",
+                self.out.as_ref().map(|p| p.display().to_string()),
+            ),
             ("allreduce.wire", text(&self.wire)),
             ("coordinator.listen", text(&self.listen)),
         ]

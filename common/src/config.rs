@@ -419,8 +419,10 @@ mod tests {
     #[test]
     fn training_hash_ignores_output_but_not_training_settings() {
         let base = Config::load_with_env(None, &[], env(&[])).unwrap();
-        let elsewhere = Config::load_with_env(None, &[("output.dir", "/tmp/x".into())], env(&[])).unwrap();
-        let other_lr = Config::load_with_env(None, &[("train.lr", "0.001".into())], env(&[])).unwrap();
+        let elsewhere =
+            Config::load_with_env(None, &[("output.dir", "/tmp/x".into())], env(&[])).unwrap();
+        let other_lr =
+            Config::load_with_env(None, &[("train.lr", "0.001".into())], env(&[])).unwrap();
         assert_eq!(base.training_hash(), elsewhere.training_hash());
         assert_ne!(base.training_hash(), other_lr.training_hash());
     }

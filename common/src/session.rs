@@ -24,7 +24,9 @@ const OUTBOUND_QUEUE: usize = 16;
 #[non_exhaustive]
 pub enum SessionError {
     /// The address is not a valid URI.
-    #[error("invalid coordinator address `{address}`: {source} (expected e.g. http://10.0.0.5:50051)")]
+    #[error(
+        "invalid coordinator address `{address}`: {source} (expected e.g. http://10.0.0.5:50051)"
+    )]
     Address {
         /// What was given.
         address: String,
@@ -32,7 +34,9 @@ pub enum SessionError {
         source: tonic::transport::Error,
     },
     /// Nothing answered at the address.
-    #[error("cannot connect to the coordinator at {address}: {source}; is it running and reachable?")]
+    #[error(
+        "cannot connect to the coordinator at {address}: {source}; is it running and reachable?"
+    )]
     Connect {
         /// The address tried.
         address: String,
@@ -62,15 +66,19 @@ pub enum SessionError {
 /// A gRPC client for the coordinator at `address` (`http://host:port`),
 /// with message limits large enough for gradient chunks.
 pub async fn connect(address: &str) -> Result<CoordinatorClient<Channel>, SessionError> {
-    let endpoint = Endpoint::from_shared(address.to_string()).map_err(|source| SessionError::Address {
-        address: address.to_string(),
-        source,
-    })?;
+    let endpoint =
+        Endpoint::from_shared(address.to_string()).map_err(|source| SessionError::Address {
+            address: address.to_string(),
+            source,
+        })?;
     let channel = endpoint
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|source| SessionError::Connect { address: address.to_string(), source })?;
+        .map_err(|source| SessionError::Connect {
+            address: address.to_string(),
+            source,
+        })?;
     Ok(CoordinatorClient::new(channel)
         .max_decoding_message_size(MAX_CHUNK_BYTES)
         .max_encoding_message_size(MAX_CHUNK_BYTES))
@@ -105,19 +113,36 @@ impl Session {
         chunk_bytes: usize,
     ) -> Result<(Self, pb::Start), SessionError> {
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let hello = pb::Hello { member_id: joined.member_id.clone(), generation: joined.generation };
-        tx.send(message(worker_message::Kind::Hello(hello))).await.map_err(|_| SessionError::Closed)?;
+        let hello = pb::Hello {
+            member_id: joined.member_id.clone(),
+            generation: joined.generation,
+        };
+        tx.send(message(worker_message::Kind::Hello(hello)))
+            .await
+            .map_err(|_| SessionError::Closed)?;
         let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
-        let mut session = Self { outbound: tx, inbound, format, chunk_bytes };
+        let mut session = Self {
+            outbound: tx,
+            inbound,
+            format,
+            chunk_bytes,
+        };
         match session.next().await? {
             coordinator_message::Kind::Start(start) => Ok((session, start)),
-            other => Err(SessionError::Protocol(format!("expected Start, got {other:?}"))),
+            other => Err(SessionError::Protocol(format!(
+                "expected Start, got {other:?}"
+            ))),
         }
     }
 
     /// Sends this worker's gradient for (`step`, `net`) and returns the mean
     /// over all workers, as the coordinator computed it.
-    pub async fn all_reduce(&mut self, step: u64, net: pb::Net, grads: &[f32]) -> Result<Vec<f32>, SessionError> {
+    pub async fn all_reduce(
+        &mut self,
+        step: u64,
+        net: pb::Net,
+        grads: &[f32],
+    ) -> Result<Vec<f32>, SessionError> {
         let chunking = Chunking::new(grads.len(), self.chunk_bytes, self.format);
         let (format, outbound) = (self.format, &self.outbound);
         let header = |index: usize| pb::GradChunk {
@@ -131,8 +156,14 @@ impl Session {
         };
         let send = async {
             for index in 0..chunking.count() {
-                let chunk = pb::GradChunk { data: wire::encode(&grads[chunking.range(index)], format), ..header(index) };
-                outbound.send(message(worker_message::Kind::Chunk(chunk))).await.map_err(|_| SessionError::Closed)?;
+                let chunk = pb::GradChunk {
+                    data: wire::encode(&grads[chunking.range(index)], format),
+                    ..header(index)
+                };
+                outbound
+                    .send(message(worker_message::Kind::Chunk(chunk)))
+                    .await
+                    .map_err(|_| SessionError::Closed)?;
             }
             Ok::<_, SessionError>(())
         };
@@ -143,10 +174,18 @@ impl Session {
             for _ in 0..chunking.count() {
                 let chunk = match next(inbound).await? {
                     coordinator_message::Kind::Chunk(chunk) => chunk,
-                    other => return Err(SessionError::Protocol(format!("expected a reduced chunk, got {other:?}"))),
+                    other => {
+                        return Err(SessionError::Protocol(format!(
+                            "expected a reduced chunk, got {other:?}"
+                        )));
+                    }
                 };
                 let index = chunk.index as usize;
-                if chunk.step != step || chunk.net != net as i32 || index >= seen.len() || seen[index] {
+                if chunk.step != step
+                    || chunk.net != net as i32
+                    || index >= seen.len()
+                    || seen[index]
+                {
                     return Err(SessionError::Protocol(format!(
                         "unexpected reduced chunk {index} of step {} net {} while reducing step {step} {net:?}",
                         chunk.step, chunk.net
@@ -170,20 +209,26 @@ impl Session {
     /// Says this worker completed all its steps, then waits for the
     /// coordinator to close the stream, so nothing queued is lost.
     pub async fn finish(mut self, steps: u64) -> Result<(), SessionError> {
-        self.send(worker_message::Kind::Finished(pb::Finished { steps })).await?;
+        self.send(worker_message::Kind::Finished(pb::Finished { steps }))
+            .await?;
         drop(self.outbound);
         match self.inbound.next().await {
             None => Ok(()),
-            Some(Ok(pb::CoordinatorMessage { kind: Some(coordinator_message::Kind::Abort(a)) })) => {
-                Err(SessionError::Aborted(a.reason))
-            }
-            Some(Ok(other)) => Err(SessionError::Protocol(format!("unexpected message after finishing: {other:?}"))),
+            Some(Ok(pb::CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Abort(a)),
+            })) => Err(SessionError::Aborted(a.reason)),
+            Some(Ok(other)) => Err(SessionError::Protocol(format!(
+                "unexpected message after finishing: {other:?}"
+            ))),
             Some(Err(status)) => Err(status.into()),
         }
     }
 
     async fn send(&self, kind: worker_message::Kind) -> Result<(), SessionError> {
-        self.outbound.send(message(kind)).await.map_err(|_| SessionError::Closed)
+        self.outbound
+            .send(message(kind))
+            .await
+            .map_err(|_| SessionError::Closed)
     }
 
     async fn next(&mut self) -> Result<coordinator_message::Kind, SessionError> {
@@ -195,11 +240,13 @@ async fn next(
     inbound: &mut tonic::Streaming<pb::CoordinatorMessage>,
 ) -> Result<coordinator_message::Kind, SessionError> {
     match inbound.next().await {
-        Some(Ok(pb::CoordinatorMessage { kind: Some(coordinator_message::Kind::Abort(abort)) })) => {
-            Err(SessionError::Aborted(abort.reason))
-        }
+        Some(Ok(pb::CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Abort(abort)),
+        })) => Err(SessionError::Aborted(abort.reason)),
         Some(Ok(pb::CoordinatorMessage { kind: Some(kind) })) => Ok(kind),
-        Some(Ok(pb::CoordinatorMessage { kind: None })) => Err(SessionError::Protocol("empty message".into())),
+        Some(Ok(pb::CoordinatorMessage { kind: None })) => {
+            Err(SessionError::Protocol("empty message".into()))
+        }
         Some(Err(status)) => Err(status.into()),
         None => Err(SessionError::Closed),
     }

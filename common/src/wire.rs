@@ -49,7 +49,9 @@ pub fn encode(values: &[f32], format: WireFormat) -> Bytes {
     let mut out = BytesMut::with_capacity(values.len() * format.width());
     match format {
         WireFormat::F32 => values.iter().for_each(|v| out.put_f32_le(*v)),
-        WireFormat::Bf16 => values.iter().for_each(|v| out.put_u16_le(bf16::from_f32(*v).to_bits())),
+        WireFormat::Bf16 => values
+            .iter()
+            .for_each(|v| out.put_u16_le(bf16::from_f32(*v).to_bits())),
     }
     out.freeze()
 }
@@ -95,7 +97,12 @@ fn check(bytes: &[u8], format: WireFormat, elems: usize) -> Result<(), WireError
     if bytes.len() == expected {
         Ok(())
     } else {
-        Err(WireError { bytes: bytes.len(), expected, elems, format })
+        Err(WireError {
+            bytes: bytes.len(),
+            expected,
+            elems,
+            format,
+        })
     }
 }
 
@@ -112,7 +119,10 @@ pub struct Chunking {
 impl Chunking {
     /// Chunking for `total` elements with chunks of `chunk_bytes` in `format`.
     pub fn new(total: usize, chunk_bytes: usize, format: WireFormat) -> Self {
-        Self { total, chunk_elems: (chunk_bytes / format.width()).max(1) }
+        Self {
+            total,
+            chunk_elems: (chunk_bytes / format.width()).max(1),
+        }
     }
 
     /// Number of chunks (at least one, even for an empty gradient).
@@ -143,7 +153,12 @@ mod tests {
     fn bf16_keeps_about_three_significant_digits() {
         let values = [1.0, -2.5, 0.1234, 1000.0];
         let mut out = [0.0; 4];
-        decode_into(&encode(&values, WireFormat::Bf16), WireFormat::Bf16, &mut out).unwrap();
+        decode_into(
+            &encode(&values, WireFormat::Bf16),
+            WireFormat::Bf16,
+            &mut out,
+        )
+        .unwrap();
         for (v, o) in values.iter().zip(out) {
             assert!((v - o).abs() <= v.abs() / 128.0, "{v} -> {o}");
         }
@@ -152,7 +167,12 @@ mod tests {
     #[test]
     fn add_into_accumulates() {
         let mut acc = [1.0, 2.0];
-        add_into(&encode(&[0.5, -4.0], WireFormat::F32), WireFormat::F32, &mut acc).unwrap();
+        add_into(
+            &encode(&[0.5, -4.0], WireFormat::F32),
+            WireFormat::F32,
+            &mut acc,
+        )
+        .unwrap();
         assert_eq!(acc, [1.5, -2.0]);
     }
 

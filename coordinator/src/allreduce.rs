@@ -42,7 +42,9 @@ pub enum ChunkError {
         step: u64,
     },
     /// Ranks disagree on the gradient's shape or encoding.
-    #[error("chunk {index} of step {step} disagrees with rank 0's header (count, length or format)")]
+    #[error(
+        "chunk {index} of step {step} disagrees with rank 0's header (count, length or format)"
+    )]
     Mismatch {
         /// Chunk index.
         index: u32,
@@ -64,7 +66,11 @@ pub struct Reducer {
 impl Reducer {
     /// A reducer for `world` ranks answering through `peers`.
     pub fn new(world: usize, peers: Arc<Peers>) -> Self {
-        Self { world, peers, pending: Mutex::new(HashMap::new()) }
+        Self {
+            world,
+            peers,
+            pending: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Accepts `rank`'s contribution; when it completes the chunk, reduces
@@ -81,29 +87,49 @@ impl Reducer {
                 arrived: 0,
             });
             let h = &slot.header;
-            if (h.count, h.total_elems, h.format) != (chunk.count, chunk.total_elems, chunk.format) {
-                return Err(ChunkError::Mismatch { index: chunk.index, step: chunk.step });
+            if (h.count, h.total_elems, h.format) != (chunk.count, chunk.total_elems, chunk.format)
+            {
+                return Err(ChunkError::Mismatch {
+                    index: chunk.index,
+                    step: chunk.step,
+                });
             }
             if slot.parts[rank].replace(data).is_some() {
-                return Err(ChunkError::Duplicate { index: chunk.index, step: chunk.step });
+                return Err(ChunkError::Duplicate {
+                    index: chunk.index,
+                    step: chunk.step,
+                });
             }
             slot.arrived += 1;
             (slot.arrived == self.world).then(|| pending.remove(&key).expect("slot present"))
         };
         let Some(slot) = complete else { return Ok(()) };
-        let parts: Vec<Bytes> = slot.parts.into_iter().map(|p| p.expect("all ranks arrived")).collect();
+        let parts: Vec<Bytes> = slot
+            .parts
+            .into_iter()
+            .map(|p| p.expect("all ranks arrived"))
+            .collect();
         let world = self.world;
         let mean = tokio::task::spawn_blocking(move || mean_in_rank_order(&parts, format, world))
             .await
             .expect("reduction task panicked")?;
-        let reduced = pb::GradChunk { data: mean, ..slot.header };
-        self.peers.broadcast(coordinator_message::Kind::Chunk(reduced)).await;
+        let reduced = pb::GradChunk {
+            data: mean,
+            ..slot.header
+        };
+        self.peers
+            .broadcast(coordinator_message::Kind::Chunk(reduced))
+            .await;
         Ok(())
     }
 }
 
 /// Σ parts[0] + parts[1] + … (in that order) / world, re-encoded.
-pub fn mean_in_rank_order(parts: &[Bytes], format: WireFormat, world: usize) -> Result<Bytes, WireError> {
+pub fn mean_in_rank_order(
+    parts: &[Bytes],
+    format: WireFormat,
+    world: usize,
+) -> Result<Bytes, WireError> {
     let elems = parts[0].len() / format.width();
     let mut acc = vec![0.0f32; elems];
     wire::decode_into(&parts[0], format, &mut acc)?;
@@ -130,7 +156,10 @@ mod tests {
     #[test]
     fn mean_sums_in_rank_order_then_divides() {
         // 1e8 + 1 - 1e8 depends on the order: rank order gives 0, not 1.
-        let parts: Vec<Bytes> = [1e8f32, 1.0, -1e8].iter().map(|v| wire::encode(&[*v], WireFormat::F32)).collect();
+        let parts: Vec<Bytes> = [1e8f32, 1.0, -1e8]
+            .iter()
+            .map(|v| wire::encode(&[*v], WireFormat::F32))
+            .collect();
         let mean = mean_in_rank_order(&parts, WireFormat::F32, 3).unwrap();
         let mut out = [f32::NAN];
         wire::decode_into(&mean, WireFormat::F32, &mut out).unwrap();

@@ -33,7 +33,9 @@ pub enum CoordinatorError {
         reason: String,
     },
     /// A locally launched worker process exited with an error.
-    #[error("worker rank {rank} exited with {status}; its log lines above are prefixed [rank {rank}]")]
+    #[error(
+        "worker rank {rank} exited with {status}; its log lines above are prefixed [rank {rank}]"
+    )]
     WorkerExited {
         /// Its rank.
         rank: usize,
@@ -52,7 +54,9 @@ pub enum CoordinatorError {
         message: String,
     },
     /// The worker binary is not where local mode looks for it.
-    #[error("worker binary not found at {0}: build it with the coordinator (cargo build -p worker) so both sit side by side")]
+    #[error(
+        "worker binary not found at {0}: build it with the coordinator (cargo build -p worker) so both sit side by side"
+    )]
     WorkerBinary(PathBuf),
     /// Spawning or talking to a local worker process failed.
     #[error("starting worker rank {rank}: {source}")]

@@ -27,7 +27,11 @@ pub struct Launcher {
 pub fn worker_binary() -> Result<PathBuf, CoordinatorError> {
     let me = std::env::current_exe().map_err(|e| CoordinatorError::Spawn { rank: 0, source: e })?;
     let path = me.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
-    if path.is_file() { Ok(path) } else { Err(CoordinatorError::WorkerBinary(path)) }
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(CoordinatorError::WorkerBinary(path))
+    }
 }
 
 impl Launcher {
@@ -45,7 +49,14 @@ impl Launcher {
         let mut watchers = Vec::with_capacity(workers);
         for rank in 0..workers {
             let mut child = Command::new(&binary)
-                .args(["train", "--coordinator", address, "--rank", &rank.to_string(), "--config"])
+                .args([
+                    "train",
+                    "--coordinator",
+                    address,
+                    "--rank",
+                    &rank.to_string(),
+                    "--config",
+                ])
                 .arg(config)
                 .env("GANCLUSTER_TOKEN", token)
                 .stdin(Stdio::null())
@@ -56,7 +67,12 @@ impl Launcher {
                 .map_err(|source| CoordinatorError::Spawn { rank, source })?;
             forward(child.stdout.take(), rank);
             forward(child.stderr.take(), rank);
-            watchers.push(tokio::spawn(watch_child(child, rank, stop.subscribe(), events.clone())));
+            watchers.push(tokio::spawn(watch_child(
+                child,
+                rank,
+                stop.subscribe(),
+                events.clone(),
+            )));
         }
         Ok(Self { stop, watchers })
     }
@@ -70,7 +86,12 @@ impl Launcher {
     }
 }
 
-async fn watch_child(mut child: Child, rank: usize, mut stop: watch::Receiver<bool>, events: mpsc::Sender<Event>) {
+async fn watch_child(
+    mut child: Child,
+    rank: usize,
+    mut stop: watch::Receiver<bool>,
+    events: mpsc::Sender<Event>,
+) {
     tokio::select! {
         status = child.wait() => match status {
             Ok(status) if status.success() => {}

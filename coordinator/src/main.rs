@@ -8,7 +8,10 @@ use common::logging::{self, LogFormat};
 use coordinator::{CoordinatorError, Mode};
 
 #[derive(Parser)]
-#[command(version, about = "gancluster coordinator: rendezvous and all-reduce for DCGAN workers")]
+#[command(
+    version,
+    about = "gancluster coordinator: rendezvous and all-reduce for DCGAN workers"
+)]
 struct Cli {
     /// Workers to spawn on this machine (or to wait for, with --external).
     #[arg(long, default_value_t = 4)]
@@ -37,11 +40,16 @@ async fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(cli.workers > 0, "--workers must be at least 1");
     let mode = if cli.external {
-        Mode::External { workers: cli.workers, token: cli.token.ok_or(CoordinatorError::MissingToken)? }
+        Mode::External {
+            workers: cli.workers,
+            token: cli.token.ok_or(CoordinatorError::MissingToken)?,
+        }
     } else {
         Mode::Local(cli.workers)
     };
-    coordinator::run(cfg, mode, shutdown_signal()).await.context("training failed")
+    coordinator::run(cfg, mode, shutdown_signal())
+        .await
+        .context("training failed")
 }
 
 /// Ctrl-C or SIGTERM (Kubernetes eviction).

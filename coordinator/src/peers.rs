@@ -20,7 +20,9 @@ pub struct Peers {
 impl Peers {
     /// Room for `world` members.
     pub fn new(world: usize) -> Self {
-        Self { senders: Mutex::new(vec![None; world]) }
+        Self {
+            senders: Mutex::new(vec![None; world]),
+        }
     }
 
     /// Registers `rank`'s stream; returns true when this completes the group.
@@ -34,7 +36,14 @@ impl Peers {
     /// Sends `kind` to every connected member; one slow member delays the
     /// others only by its own queue, and a gone member is skipped.
     pub async fn broadcast(&self, kind: coordinator_message::Kind) {
-        let senders: Vec<Outbound> = self.senders.lock().expect("peers lock").iter().flatten().cloned().collect();
+        let senders: Vec<Outbound> = self
+            .senders
+            .lock()
+            .expect("peers lock")
+            .iter()
+            .flatten()
+            .cloned()
+            .collect();
         let message = pb::CoordinatorMessage { kind: Some(kind) };
         for sender in senders {
             let _ = sender.send(Ok(message.clone())).await;
@@ -43,6 +52,10 @@ impl Peers {
 
     /// Drops every sender, which ends every member's response stream.
     pub fn close_all(&self) {
-        self.senders.lock().expect("peers lock").iter_mut().for_each(|s| *s = None);
+        self.senders
+            .lock()
+            .expect("peers lock")
+            .iter_mut()
+            .for_each(|s| *s = None);
     }
 }

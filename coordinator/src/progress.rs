@@ -20,8 +20,10 @@ impl Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(steps);
             bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]")
-                    .expect("valid progress template"),
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",
+                )
+                .expect("valid progress template"),
             );
             bar
         });

@@ -20,7 +20,9 @@ pub enum JoinError {
     #[error("wrong token: give every worker the coordinator's GANCLUSTER_TOKEN")]
     WrongToken,
     /// Different builds.
-    #[error("protocol version {worker} but the coordinator speaks {coordinator}: run the same gancluster release everywhere")]
+    #[error(
+        "protocol version {worker} but the coordinator speaks {coordinator}: run the same gancluster release everywhere"
+    )]
     Version {
         /// The worker's version.
         worker: u32,
@@ -39,7 +41,9 @@ pub enum JoinError {
         coordinator: String,
     },
     /// Different initial weights.
-    #[error("initial parameter checksum {worker:016x} differs from the group's {group:016x}: all replicas must start identical")]
+    #[error(
+        "initial parameter checksum {worker:016x} differs from the group's {group:016x}: all replicas must start identical"
+    )]
     InitialChecksum {
         /// The worker's checksum.
         worker: u64,
@@ -94,7 +98,10 @@ impl Rendezvous {
             token,
             config_hash,
             generation: 1,
-            state: Mutex::new(State { members: vec![None; world], initial_checksum: None }),
+            state: Mutex::new(State {
+                members: vec![None; world],
+                initial_checksum: None,
+            }),
             formed: watch::channel(false).0,
         }
     }
@@ -104,7 +111,12 @@ impl Rendezvous {
         let (rank, member_id) = self.admit(request)?;
         let mut formed = self.formed.subscribe();
         let _ = formed.wait_for(|done| *done).await;
-        Ok(pb::JoinReply { rank: rank as u32, world_size: self.world as u32, generation: self.generation, member_id })
+        Ok(pb::JoinReply {
+            rank: rank as u32,
+            world_size: self.world as u32,
+            generation: self.generation,
+            member_id,
+        })
     }
 
     fn admit(&self, request: pb::JoinRequest) -> Result<(usize, String), JoinError> {
@@ -112,23 +124,45 @@ impl Rendezvous {
             return Err(JoinError::WrongToken);
         }
         if request.protocol_version != pb::PROTOCOL_VERSION {
-            return Err(JoinError::Version { worker: request.protocol_version, coordinator: pb::PROTOCOL_VERSION });
+            return Err(JoinError::Version {
+                worker: request.protocol_version,
+                coordinator: pb::PROTOCOL_VERSION,
+            });
         }
         if request.config_hash != self.config_hash {
-            return Err(JoinError::ConfigHash { worker: request.config_hash, coordinator: self.config_hash.clone() });
+            return Err(JoinError::ConfigHash {
+                worker: request.config_hash,
+                coordinator: self.config_hash.clone(),
+            });
         }
         let mut state = self.state.lock().expect("rendezvous lock");
-        let group = *state.initial_checksum.get_or_insert(request.initial_checksum);
+        let group = *state
+            .initial_checksum
+            .get_or_insert(request.initial_checksum);
         if group != request.initial_checksum {
-            return Err(JoinError::InitialChecksum { worker: request.initial_checksum, group });
+            return Err(JoinError::InitialChecksum {
+                worker: request.initial_checksum,
+                group,
+            });
         }
         let rank = match request.requested_rank {
-            r if r < 0 => state.members.iter().position(Option::is_none).ok_or(JoinError::Full(self.world))?,
+            r if r < 0 => state
+                .members
+                .iter()
+                .position(Option::is_none)
+                .ok_or(JoinError::Full(self.world))?,
             r if (r as usize) < self.world && state.members[r as usize].is_none() => r as usize,
             r => return Err(JoinError::Rank(r)),
         };
-        let id = format!("g{}-r{rank}-{:016x}", self.generation, rand::random::<u64>());
-        state.members[rank] = Some(Member { id: id.clone(), host: request.host });
+        let id = format!(
+            "g{}-r{rank}-{:016x}",
+            self.generation,
+            rand::random::<u64>()
+        );
+        state.members[rank] = Some(Member {
+            id: id.clone(),
+            host: request.host,
+        });
         if state.members.iter().all(Option::is_some) {
             self.formed.send_replace(true);
         }
@@ -138,7 +172,10 @@ impl Rendezvous {
     /// The rank of the member that joined with `member_id`.
     pub fn rank_of(&self, member_id: &str) -> Option<usize> {
         let state = self.state.lock().expect("rendezvous lock");
-        state.members.iter().position(|m| m.as_ref().is_some_and(|m| m.id == member_id))
+        state
+            .members
+            .iter()
+            .position(|m| m.as_ref().is_some_and(|m| m.id == member_id))
     }
 
     /// Whether every rank has joined.
@@ -149,8 +186,19 @@ impl Rendezvous {
     /// `(joined hosts, missing ranks)`, for a timeout message.
     pub fn who(&self) -> (Vec<String>, Vec<usize>) {
         let state = self.state.lock().expect("rendezvous lock");
-        let hosts = state.members.iter().flatten().map(|m| m.host.clone()).collect();
-        let missing = state.members.iter().enumerate().filter(|(_, m)| m.is_none()).map(|(r, _)| r).collect();
+        let hosts = state
+            .members
+            .iter()
+            .flatten()
+            .map(|m| m.host.clone())
+            .collect();
+        let missing = state
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_none())
+            .map(|(r, _)| r)
+            .collect();
         (hosts, missing)
     }
 }

@@ -51,15 +51,24 @@ pub struct Reports {
 impl Reports {
     /// Reports of `world` ranks.
     pub fn new(world: usize) -> Self {
-        Self { world, pending: Mutex::new(BTreeMap::new()) }
+        Self {
+            world,
+            pending: Mutex::new(BTreeMap::new()),
+        }
     }
 
     /// Records `rank`'s report; returns the step's summary once all ranks
     /// reported it, or the divergence their checksums show.
-    pub fn add(&self, rank: usize, report: pb::StepReport) -> Option<Result<StepSummary, Divergence>> {
+    pub fn add(
+        &self,
+        rank: usize,
+        report: pb::StepReport,
+    ) -> Option<Result<StepSummary, Divergence>> {
         let mut pending = self.pending.lock().expect("reports lock");
         let step = report.step;
-        let slots = pending.entry(step).or_insert_with(|| vec![None; self.world]);
+        let slots = pending
+            .entry(step)
+            .or_insert_with(|| vec![None; self.world]);
         slots[rank] = Some(report);
         if slots.iter().any(Option::is_none) {
             return None;
@@ -90,7 +99,13 @@ mod tests {
     use super::*;
 
     fn report(step: u64, checksum: u64) -> pb::StepReport {
-        pb::StepReport { step, checksum, images_per_s: 10.0, allreduce_ms: step as f64, ..Default::default() }
+        pb::StepReport {
+            step,
+            checksum,
+            images_per_s: 10.0,
+            allreduce_ms: step as f64,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -37,22 +37,46 @@ pub enum Mode {
 const EVENT_QUEUE: usize = 1024;
 
 /// Trains `cfg` with workers from `mode` until they all finish, one fails,
-/// or `shutdown` resolves.
-pub async fn run(cfg: Config, mode: Mode, shutdown: impl Future<Output = ()>) -> Result<(), CoordinatorError> {
+/// or `shutdown` resolves, serving on `coordinator.listen`.
+pub async fn run(
+    cfg: Config,
+    mode: Mode,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    let listener = TcpListener::bind(&cfg.coordinator.listen)
+        .await
+        .map_err(|source| CoordinatorError::Listen {
+            address: cfg.coordinator.listen.clone(),
+            source,
+        })?;
+    run_on(listener, cfg, mode, shutdown).await
+}
+
+/// As [`run`], on an already bound listener (tests bind port 0 first).
+pub async fn run_on(
+    listener: TcpListener,
+    cfg: Config,
+    mode: Mode,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
     let (workers, token) = match &mode {
         Mode::Local(n) => (*n, format!("{:032x}", rand::random::<u128>())),
         Mode::External { workers, token } => (*workers, token.clone()),
     };
-    let listener = TcpListener::bind(&cfg.coordinator.listen)
-        .await
-        .map_err(|source| CoordinatorError::Listen { address: cfg.coordinator.listen.clone(), source })?;
-    let address = listener.local_addr().map_err(|source| CoordinatorError::Listen {
-        address: cfg.coordinator.listen.clone(),
-        source,
-    })?;
+    let address = listener
+        .local_addr()
+        .map_err(|source| CoordinatorError::Listen {
+            address: cfg.coordinator.listen.clone(),
+            source,
+        })?;
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     let rendezvous = Rendezvous::new(workers, token.clone(), cfg.training_hash());
-    let group = Arc::new(Group::new(rendezvous, workers, cfg.train.steps, events_tx.clone()));
+    let group = Arc::new(Group::new(
+        rendezvous,
+        workers,
+        cfg.train.steps,
+        events_tx.clone(),
+    ));
     let (stop_server, server_stopped) = oneshot::channel::<()>();
     let service = CoordinatorServer::new(CoordinatorService::new(group.clone()))
         .max_decoding_message_size(MAX_CHUNK_BYTES)
@@ -66,17 +90,29 @@ pub async fn run(cfg: Config, mode: Mode, shutdown: impl Future<Output = ()>) ->
             }),
     );
     info!(%address, workers, "coordinator listening");
+    publish_address(&cfg, address)?;
 
     let launcher = match mode {
         Mode::Local(n) => {
             let config_path = save_config(&cfg)?;
-            Some(Launcher::spawn(n, &format!("http://{address}"), &token, &config_path, events_tx)?)
+            Some(Launcher::spawn(
+                n,
+                &format!("http://{address}"),
+                &token,
+                &config_path,
+                events_tx,
+            )?)
         }
         Mode::External { .. } => None,
     };
     let outcome = supervise(&cfg, &group, workers, events, shutdown).await;
     if let Err(err) = &outcome {
-        group.peers.broadcast(coordinator_message::Kind::Abort(common::pb::Abort { reason: err.to_string() })).await;
+        group
+            .peers
+            .broadcast(coordinator_message::Kind::Abort(common::pb::Abort {
+                reason: err.to_string(),
+            }))
+            .await;
     }
     group.peers.close_all();
     if let Some(launcher) = launcher {
@@ -131,11 +167,32 @@ async fn supervise(
     }
 }
 
+/// Name of the file holding the bound address, next to the run's outputs.
+pub const ADDRESS_FILE: &str = "coordinator.addr";
+
+/// Writes the bound address to [`ADDRESS_FILE`] atomically, so scripts and
+/// tests that bind port 0 can find the coordinator.
+fn publish_address(cfg: &Config, address: std::net::SocketAddr) -> Result<(), CoordinatorError> {
+    let dir = &cfg.output.dir;
+    let path = dir.join(ADDRESS_FILE);
+    let partial = dir.join(format!("{ADDRESS_FILE}.partial"));
+    let io = |source| CoordinatorError::Output {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::write(&partial, address.to_string()).map_err(io)?;
+    std::fs::rename(&partial, &path).map_err(io)
+}
+
 /// Saves the effective configuration where the local workers read it.
 fn save_config(cfg: &Config) -> Result<std::path::PathBuf, CoordinatorError> {
     let dir = &cfg.output.dir;
     let path = dir.join("config.toml");
-    let io = |source| CoordinatorError::Output { path: path.clone(), source };
+    let io = |source| CoordinatorError::Output {
+        path: path.clone(),
+        source,
+    };
     std::fs::create_dir_all(dir).map_err(io)?;
     let text = cfg.to_toml().map_err(|e| io(std::io::Error::other(e)))?;
     std::fs::write(&path, text).map_err(io)?;

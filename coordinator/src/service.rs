@@ -44,9 +44,21 @@ pub struct Group {
 
 impl Group {
     /// A group of `world` workers training `steps` steps.
-    pub fn new(rendezvous: Rendezvous, world: usize, steps: u64, events: mpsc::Sender<Event>) -> Self {
+    pub fn new(
+        rendezvous: Rendezvous,
+        world: usize,
+        steps: u64,
+        events: mpsc::Sender<Event>,
+    ) -> Self {
         let peers = Arc::new(Peers::new(world));
-        Self { rendezvous, reducer: Reducer::new(world, peers.clone()), peers, reports: Reports::new(world), events, steps }
+        Self {
+            rendezvous,
+            reducer: Reducer::new(world, peers.clone()),
+            peers,
+            reports: Reports::new(world),
+            events,
+            steps,
+        }
     }
 }
 
@@ -66,7 +78,10 @@ impl CoordinatorService {
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     #[instrument(skip_all, fields(host = %request.get_ref().host, rank = request.get_ref().requested_rank))]
-    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+    async fn join(
+        &self,
+        request: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
         match self.group.rendezvous.join(request.into_inner()).await {
             Ok(reply) => {
                 tracing::info!(rank = reply.rank, world = reply.world_size, "worker joined");
@@ -81,21 +96,34 @@ impl Coordinator for CoordinatorService {
 
     type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
 
-    async fn session(&self, request: Request<Streaming<pb::WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
-            Some(pb::WorkerMessage { kind: Some(worker_message::Kind::Hello(hello)) }) => hello,
+            Some(pb::WorkerMessage {
+                kind: Some(worker_message::Kind::Hello(hello)),
+            }) => hello,
             _ => return Err(Status::invalid_argument("a session must start with Hello")),
         };
         let rank = self
             .group
             .rendezvous
             .rank_of(&hello.member_id)
-            .ok_or_else(|| Status::permission_denied(format!("unknown member {}: join first", hello.member_id)))?;
+            .ok_or_else(|| {
+                Status::permission_denied(format!("unknown member {}: join first", hello.member_id))
+            })?;
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         if self.group.peers.register(rank, tx) {
-            let start = pb::Start { first_step: 0, steps: self.group.steps };
-            self.group.peers.broadcast(coordinator_message::Kind::Start(start)).await;
+            let start = pb::Start {
+                first_step: 0,
+                steps: self.group.steps,
+            };
+            self.group
+                .peers
+                .broadcast(coordinator_message::Kind::Start(start))
+                .await;
         }
         tokio::spawn(serve_member(self.group.clone(), rank, inbound));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -115,7 +143,10 @@ async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb:
         match message.kind {
             Some(worker_message::Kind::Chunk(chunk)) => {
                 if let Err(err) = group.reducer.submit(rank, chunk).await {
-                    break Some(CoordinatorError::Protocol { rank, message: err.to_string() });
+                    break Some(CoordinatorError::Protocol {
+                        rank,
+                        message: err.to_string(),
+                    });
                 }
             }
             Some(worker_message::Kind::Report(report)) => match group.reports.add(rank, report) {
@@ -127,7 +158,12 @@ async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb:
                 finished = true;
                 send(&group, Event::Finished { rank }).await;
             }
-            _ => break Some(CoordinatorError::Protocol { rank, message: "unexpected message".into() }),
+            _ => {
+                break Some(CoordinatorError::Protocol {
+                    rank,
+                    message: "unexpected message".into(),
+                });
+            }
         }
     };
     if let Some(err) = outcome {
@@ -136,7 +172,10 @@ async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb:
 }
 
 fn lost(rank: usize, reason: &str) -> CoordinatorError {
-    CoordinatorError::WorkerLost { rank, reason: reason.to_string() }
+    CoordinatorError::WorkerLost {
+        rank,
+        reason: reason.to_string(),
+    }
 }
 
 async fn send(group: &Group, event: Event) {

@@ -19,10 +19,18 @@ use crate::params;
 use crate::training::{GradientReducer, Net, Trainer};
 use crate::training_loop::{self, Replica, StepRecord, StepSync, Summary};
 
-/// Test hook: `GANCLUSTER_FAULT_DIVERGE=<rank>:<step>` makes that rank
-/// nudge its discriminator after that step, so tests can prove that the
-/// coordinator catches replicas that drift apart.
-pub const FAULT_DIVERGE_ENV: &str = "GANCLUSTER_FAULT_DIVERGE";
+/// Fault injection for tests: `GANCLUSTER_FAULT=<kind>:<rank>:<step>`
+/// makes that rank, after that step, either nudge its discriminator
+/// (`diverge`, which the coordinator's checksum comparison must catch) or
+/// exit abruptly (`exit`, a worker dying mid-run).
+pub const FAULT_ENV: &str = "GANCLUSTER_FAULT";
+
+/// An injected fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Diverge(u64),
+    Exit(u64),
+}
 
 /// How to reach and authenticate with the coordinator.
 #[derive(Debug, Clone)]
@@ -57,15 +65,38 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
     let (joined, session, start) = runtime.block_on(async {
         let mut client = session::connect(&connection.address).await?;
         let joined = session::join(&mut client, request).await?;
-        let (session, start) = Session::open(&mut client, &joined, cfg.allreduce.wire, cfg.allreduce.chunk_bytes).await?;
+        let (session, start) = Session::open(
+            &mut client,
+            &joined,
+            cfg.allreduce.wire,
+            cfg.allreduce.chunk_bytes,
+        )
+        .await?;
         Ok::<_, session::SessionError>((joined, session, start))
     })?;
-    let replica = Replica { rank: joined.rank as usize, world: joined.world_size as usize };
-    info!(rank = replica.rank, world = replica.world, generation = joined.generation, steps = start.steps, "joined");
+    let replica = Replica {
+        rank: joined.rank as usize,
+        world: joined.world_size as usize,
+    };
+    info!(
+        rank = replica.rank,
+        world = replica.world,
+        generation = joined.generation,
+        steps = start.steps,
+        "joined"
+    );
     let mut trainer = trainer.for_rank(replica.rank);
-    let mut remote = Remote { runtime: &runtime, session: Some(session), waited_ms: 0.0, fault: fault(replica.rank)? };
+    let mut remote = Remote {
+        runtime: &runtime,
+        session: Some(session),
+        waited_ms: 0.0,
+        fault: fault(replica.rank)?,
+    };
     let summary = training_loop::train(cfg, replica, &mut trainer, &mut remote, eval_images)?;
-    let session = remote.session.take().expect("the session lives until the end");
+    let session = remote
+        .session
+        .take()
+        .expect("the session lives until the end");
     runtime.block_on(session.finish(cfg.train.steps))?;
     Ok(summary)
 }
@@ -75,12 +106,14 @@ struct Remote<'a> {
     runtime: &'a Runtime,
     session: Option<Session>,
     waited_ms: f64,
-    fault: Option<u64>,
+    fault: Option<Fault>,
 }
 
 impl Remote<'_> {
     fn session(&mut self) -> &mut Session {
-        self.session.as_mut().expect("the session lives until the end")
+        self.session
+            .as_mut()
+            .expect("the session lives until the end")
     }
 }
 
@@ -99,11 +132,22 @@ impl GradientReducer for Remote<'_> {
 }
 
 impl StepSync for Remote<'_> {
-    fn after_step(&mut self, record: &StepRecord, trainer: &mut Trainer<TrainBackend>) -> anyhow::Result<()> {
-        if self.fault == Some(record.step) {
-            tracing::warn!(step = record.step, "{FAULT_DIVERGE_ENV}: perturbing this replica's discriminator");
-            let nudge = vec![1e-3; params::trainable_len(trainer.discriminator())];
-            trainer.apply_discriminator(&nudge);
+    fn after_step(
+        &mut self,
+        record: &StepRecord,
+        trainer: &mut Trainer<TrainBackend>,
+    ) -> anyhow::Result<()> {
+        match self.fault {
+            Some(Fault::Diverge(step)) if step == record.step => {
+                tracing::warn!(step, "{FAULT_ENV}: perturbing this replica's discriminator");
+                let nudge = vec![1e-3; params::trainable_len(trainer.discriminator())];
+                trainer.apply_discriminator(&nudge);
+            }
+            Some(Fault::Exit(step)) if step == record.step => {
+                tracing::warn!(step, "{FAULT_ENV}: exiting abruptly");
+                std::process::exit(3);
+            }
+            _ => {}
         }
         let checksum = trainer.checksum();
         let report = pb::StepReport {
@@ -121,15 +165,28 @@ impl StepSync for Remote<'_> {
     }
 }
 
-/// The step at which this rank should diverge, from [`FAULT_DIVERGE_ENV`].
-fn fault(rank: usize) -> anyhow::Result<Option<u64>> {
-    let Ok(value) = std::env::var(FAULT_DIVERGE_ENV) else { return Ok(None) };
-    let parse = || -> Option<(usize, u64)> {
-        let (r, s) = value.split_once(':')?;
-        Some((r.parse().ok()?, s.parse().ok()?))
+/// This rank's injected fault, from [`FAULT_ENV`].
+fn fault(rank: usize) -> anyhow::Result<Option<Fault>> {
+    let Ok(value) = std::env::var(FAULT_ENV) else {
+        return Ok(None);
     };
-    let (r, step) = parse().with_context(|| format!("{FAULT_DIVERGE_ENV}={value}: expected <rank>:<step>"))?;
-    Ok((r == rank).then_some(step))
+    let parse = || -> Option<(Fault, usize)> {
+        let mut parts = value.split(':');
+        let (kind, r, step) = (
+            parts.next()?,
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+        );
+        let fault = match kind {
+            "diverge" => Fault::Diverge(step),
+            "exit" => Fault::Exit(step),
+            _ => return None,
+        };
+        Some((fault, r))
+    };
+    let (fault, r) = parse()
+        .with_context(|| format!("{FAULT_ENV}={value}: expected diverge|exit:<rank>:<step>"))?;
+    Ok((r == rank).then_some(fault))
 }
 
 fn hostname() -> String {

@@ -68,7 +68,12 @@ struct TrainArgs {
     #[arg(long, requires = "coordinator")]
     rank: Option<usize>,
     /// The coordinator's shared secret.
-    #[arg(long, env = "GANCLUSTER_TOKEN", hide_env_values = true, default_value = "")]
+    #[arg(
+        long,
+        env = "GANCLUSTER_TOKEN",
+        hide_env_values = true,
+        default_value = ""
+    )]
     token: String,
     /// After training, SWD against this many held-out images (0: skip).
     #[arg(long, default_value_t = 0)]
@@ -115,7 +120,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let summary = match args.coordinator {
         None => standalone::run(&cfg, args.eval_images)?,
         Some(address) => {
-            let connection = distributed::Connection { address, token: args.token, rank: args.rank };
+            let connection = distributed::Connection {
+                address,
+                token: args.token,
+                rank: args.rank,
+            };
             distributed::run(&cfg, &connection, args.eval_images)?
         }
     };

@@ -117,7 +117,8 @@ pub fn flat_params<B: AutodiffBackend, M: AutodiffModule<B>>(module: &M) -> Vec<
             let value = param.val();
             if value.is_require_grad() {
                 let data = value.inner().into_data().convert::<f32>();
-                self.0.extend(data.into_vec::<f32>().expect("parameter converted to f32"));
+                self.0
+                    .extend(data.into_vec::<f32>().expect("parameter converted to f32"));
             }
         }
     }
@@ -132,7 +133,9 @@ pub fn checksum(parts: &[&[f32]]) -> u64 {
     let mut bytes = Vec::with_capacity(4 * 4096);
     for chunk in parts.iter().flat_map(|p| p.chunks(4096)) {
         bytes.clear();
-        chunk.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+        chunk
+            .iter()
+            .for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
         hasher.update(&bytes);
     }
     hasher.digest()

@@ -13,5 +13,11 @@ use crate::training_loop::{self, Replica, Summary};
 pub fn run(cfg: &Config, eval_images: usize) -> anyhow::Result<Summary> {
     let device = backend::device()?;
     let mut trainer = Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device);
-    training_loop::train(cfg, Replica::ALONE, &mut trainer, &mut LocalReducer, eval_images)
+    training_loop::train(
+        cfg,
+        Replica::ALONE,
+        &mut trainer,
+        &mut LocalReducer,
+        eval_images,
+    )
 }

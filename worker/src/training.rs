@@ -192,7 +192,10 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// A checksum of every trainable parameter of both networks: equal on
     /// two replicas exactly when their parameters are bitwise equal.
     pub fn checksum(&self) -> u64 {
-        params::checksum(&[&params::flat_params(&self.generator), &params::flat_params(&self.discriminator)])
+        params::checksum(&[
+            &params::flat_params(&self.generator),
+            &params::flat_params(&self.discriminator),
+        ])
     }
 
     /// All trainable parameters, G's then D's, in visitor order.

@@ -62,7 +62,11 @@ pub struct StepRecord {
 /// How a replica exchanges gradients and reports steps.
 pub trait StepSync: GradientReducer {
     /// Called after every step with the updated trainer.
-    fn after_step(&mut self, record: &StepRecord, trainer: &mut Trainer<TrainBackend>) -> anyhow::Result<()>;
+    fn after_step(
+        &mut self,
+        record: &StepRecord,
+        trainer: &mut Trainer<TrainBackend>,
+    ) -> anyhow::Result<()>;
 }
 
 impl StepSync for LocalReducer {
@@ -98,13 +102,25 @@ pub fn train(
     let device = backend::device()?;
     let out = &cfg.output.dir;
     let writes = replica.rank == 0;
-    let mut log = if writes { Some(prepare_output(cfg, out)?) } else { None };
+    let mut log = if writes {
+        Some(prepare_output(cfg, out)?)
+    } else {
+        None
+    };
     let source = ImageSource::open(&cfg.data, cfg.train.seed)?;
     info!(data = %source.name(), images = source.len(), backend = backend::NAME, rank = replica.rank,
         world = replica.world, "starting training");
     let sampler = ShardSampler::new(source.len(), replica.world, replica.rank, cfg.train.seed);
     let (size, batch) = (cfg.model.image_size, cfg.train.batch_size);
-    let mut loader = BatchLoader::spawn(source, sampler, replica.world, batch, size as u32, 0, cfg.data.prefetch)?;
+    let mut loader = BatchLoader::spawn(
+        source,
+        sampler,
+        replica.world,
+        batch,
+        size as u32,
+        0,
+        cfg.data.prefetch,
+    )?;
 
     let started = Instant::now();
     let (mut last, mut skipped) = (None, 0);
@@ -114,39 +130,68 @@ pub fn train(
         let (step, epoch, count) = (batch.step, batch.epoch, batch.count);
         skipped = batch.skipped;
         let losses = trainer.train_step(step, to_tensor(batch, size, &device), sync)?;
-        let record = StepRecord { step, epoch, losses, images_per_s: count as f64 / step_started.elapsed().as_secs_f64() };
+        let record = StepRecord {
+            step,
+            epoch,
+            losses,
+            images_per_s: count as f64 / step_started.elapsed().as_secs_f64(),
+        };
         sync.after_step(&record, trainer)?;
         if let Some(log) = log.as_mut() {
             log.record(step, epoch, &losses, record.images_per_s)?;
         }
         if (step + 1) % cfg.train.log_every == 0 {
-            info!(step = step + 1, epoch, d_loss = losses.d_loss, g_loss = losses.g_loss, d_real = losses.d_real,
-                d_fake = losses.d_fake, images_per_s = format!("{:.1}", record.images_per_s), "step");
+            info!(
+                step = step + 1,
+                epoch,
+                d_loss = losses.d_loss,
+                g_loss = losses.g_loss,
+                d_real = losses.d_real,
+                d_fake = losses.d_fake,
+                images_per_s = format!("{:.1}", record.images_per_s),
+                "step"
+            );
         }
         last = Some(losses);
     }
     let images_per_s = (cfg.train.steps as usize * batch) as f64 / started.elapsed().as_secs_f64();
     drop(loader);
     if skipped > 0 {
-        tracing::warn!(skipped, "images were skipped as unreadable (each path was logged once)");
+        tracing::warn!(
+            skipped,
+            "images were skipped as unreadable (each path was logged once)"
+        );
     }
     let swd = if writes {
         write_results(trainer, out, size, cfg.train.seed)?;
-        (eval_images > 0).then(|| eval::swd_against_held_out(trainer, cfg, eval_images)).transpose()?
+        (eval_images > 0)
+            .then(|| eval::swd_against_held_out(trainer, cfg, eval_images))
+            .transpose()?
     } else {
         None
     };
-    Ok(Summary { last: last.expect("train.steps is validated to be positive"), images_per_s, skipped, swd })
+    Ok(Summary {
+        last: last.expect("train.steps is validated to be positive"),
+        images_per_s,
+        skipped,
+        swd,
+    })
 }
 
 fn prepare_output(cfg: &Config, out: &Path) -> anyhow::Result<LossLog> {
-    std::fs::create_dir_all(out).with_context(|| format!("creating output folder {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating output folder {}", out.display()))?;
     std::fs::write(out.join(CONFIG_TOML), cfg.to_toml()?).context("saving the effective config")?;
     let path = out.join(LOSSES_CSV);
     LossLog::create(&path).with_context(|| format!("creating {}", path.display()))
 }
 
-fn write_results(trainer: &Trainer<TrainBackend>, out: &Path, size: usize, seed: u64) -> anyhow::Result<()> {
+fn write_results(
+    trainer: &Trainer<TrainBackend>,
+    out: &Path,
+    size: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
     let grid = trainer
         .sample(GRID_IMAGES, seed)
         .into_data()
@@ -154,10 +199,16 @@ fn write_results(trainer: &Trainer<TrainBackend>, out: &Path, size: usize, seed:
         .into_vec::<f32>()
         .map_err(|e| anyhow::anyhow!("reading the sample grid back: {e:?}"))?;
     let grid_path = out.join(SAMPLES_PNG);
-    output::write_grid(&grid_path, &grid, size as u32).with_context(|| format!("writing {}", grid_path.display()))?;
-    let params: Vec<u8> = trainer.flat_params().iter().flat_map(|v| v.to_le_bytes()).collect();
+    output::write_grid(&grid_path, &grid, size as u32)
+        .with_context(|| format!("writing {}", grid_path.display()))?;
+    let params: Vec<u8> = trainer
+        .flat_params()
+        .iter()
+        .flat_map(|v| v.to_le_bytes())
+        .collect();
     let params_path: PathBuf = out.join(PARAMS_F32);
-    std::fs::write(&params_path, params).with_context(|| format!("writing {}", params_path.display()))
+    std::fs::write(&params_path, params)
+        .with_context(|| format!("writing {}", params_path.display()))
 }
 
 /// A loader batch as a `[count, 3, size, size]` tensor on `device`.

@@ -1,0 +1,203 @@
+//! `coordinator` and `worker` as separate processes on loopback: the group
+//! trains as one big-batch trainer, replicas stay identical, and failures
+//! stop the run with a message that names the culprit.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Config, ShardSampler};
+use gancluster_tests::{Finished, Running, run, workspace_bin};
+use worker::backend::{self, TrainBackend};
+use worker::data::{BatchLoader, ImageSource};
+use worker::training::{Trainer, noise_stream, noise_tensor};
+use worker::training_loop::{PARAMS_F32, to_tensor};
+
+const LIMIT: Duration = Duration::from_secs(240);
+/// The tiny model every test here trains.
+const TINY: [&str; 8] = [
+    "--image-size",
+    "16",
+    "--ngf",
+    "8",
+    "--ndf",
+    "8",
+    "--batch-size",
+    "8",
+];
+
+fn coordinator(workers: usize, steps: u64, out: &Path) -> Command {
+    let mut cmd = Command::new(workspace_bin("coordinator"));
+    cmd.args([
+        "--workers",
+        &workers.to_string(),
+        "--steps",
+        &steps.to_string(),
+    ])
+    .args(TINY)
+    .arg("--out")
+    .arg(out)
+    .env_remove("RUST_LOG")
+    .env_remove("GANCLUSTER_FAULT");
+    cmd
+}
+
+fn read_f32(path: &Path) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+/// Two replicas through the coordinator must match one process that
+/// computes both shards' gradients (each with its own BatchNorm batch
+/// statistics and noise stream) and applies their average.
+#[test]
+fn two_workers_equal_a_single_process_applying_the_average_gradient() {
+    const STEPS: u64 = 4;
+    let out = tempfile::tempdir().unwrap();
+    run(&mut coordinator(2, STEPS, out.path()), LIMIT).assert_success();
+    let distributed = read_f32(&out.path().join(PARAMS_F32));
+
+    let tiny: Vec<(&str, String)> = vec![
+        ("model.image_size", "16".into()),
+        ("model.ngf", "8".into()),
+        ("model.ndf", "8".into()),
+        ("train.batch_size", "8".into()),
+    ];
+    let cfg = Config::load_with_env(None, &tiny, Some(Default::default())).unwrap();
+    let device = backend::device().unwrap();
+    let mut trainer = Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device);
+    let source = ImageSource::open(&cfg.data, cfg.train.seed).unwrap();
+    let mut shards: Vec<(BatchLoader, _)> = (0..2)
+        .map(|rank| {
+            let sampler = ShardSampler::new(source.len(), 2, rank, cfg.train.seed);
+            let loader = BatchLoader::spawn(source.clone(), sampler, 2, 8, 16, 0, 1).unwrap();
+            (loader, noise_stream(cfg.train.seed, rank))
+        })
+        .collect();
+    let mean = |a: Vec<f32>, b: Vec<f32>| -> Vec<f32> {
+        a.iter().zip(&b).map(|(x, y)| (x + y) / 2.0).collect()
+    };
+    for _ in 0..STEPS {
+        let mut fakes = Vec::new();
+        let mut d_grads = Vec::new();
+        for (loader, noise) in &mut shards {
+            let real = to_tensor(loader.next_batch().unwrap(), 16, &device);
+            let fake = trainer.generate(noise_tensor(noise, 8, cfg.model.nz, &device));
+            d_grads.push(trainer.discriminator_step(real, fake.clone().detach()).0);
+            fakes.push(fake);
+        }
+        trainer.apply_discriminator(&mean(d_grads.remove(0), d_grads.remove(0)));
+        let mut g_grads: Vec<Vec<f32>> = fakes
+            .into_iter()
+            .map(|fake| trainer.generator_step(fake).0)
+            .collect();
+        trainer.apply_generator(&mean(g_grads.remove(0), g_grads.remove(0)));
+    }
+    let reference = trainer.flat_params();
+    assert_eq!(distributed.len(), reference.len());
+    let worst = distributed
+        .iter()
+        .zip(&reference)
+        .map(|(d, r)| (d - r).abs() / r.abs().max(1e-3))
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-5, "largest relative difference {worst}");
+}
+
+#[test]
+fn a_diverged_replica_stops_the_run_naming_the_step() {
+    let out = tempfile::tempdir().unwrap();
+    let done = run(
+        coordinator(2, 8, out.path()).env("GANCLUSTER_FAULT", "diverge:1:3"),
+        LIMIT,
+    )
+    .assert_failure();
+    assert!(
+        done.stderr.contains("replicas diverged after step 3"),
+        "{}",
+        done.stderr
+    );
+}
+
+#[test]
+fn a_worker_dying_mid_run_fails_the_run_naming_its_rank() {
+    let out = tempfile::tempdir().unwrap();
+    let done = run(
+        coordinator(2, 20, out.path()).env("GANCLUSTER_FAULT", "exit:1:2"),
+        LIMIT,
+    )
+    .assert_failure();
+    assert!(done.stderr.contains("worker rank 1"), "{}", done.stderr);
+}
+
+#[test]
+fn four_local_workers_train_to_completion() {
+    let out = tempfile::tempdir().unwrap();
+    let done: Finished = run(&mut coordinator(4, 6, out.path()), LIMIT).assert_success();
+    for rank in 0..4 {
+        assert!(
+            done.stderr.contains(&format!("[rank {rank}]")),
+            "no output from rank {rank}:\n{}",
+            done.stderr
+        );
+    }
+    assert!(done.stderr.contains("training finished"), "{}", done.stderr);
+    let losses = std::fs::read_to_string(out.path().join("losses.csv")).unwrap();
+    assert_eq!(losses.lines().count(), 7, "header + 6 steps from rank 0");
+    assert!(out.path().join("samples.png").is_file());
+}
+
+#[test]
+fn an_external_worker_with_the_wrong_token_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(1, 2, out.path());
+    cmd.args(["--external", "--listen", "127.0.0.1:0"])
+        .env("GANCLUSTER_TOKEN", "right");
+    // The coordinator keeps waiting for a valid worker; it is killed when `_server` drops.
+    let _server = Running::spawn(&mut cmd);
+    let address = wait_for_address(out.path());
+    let mut worker = Command::new(workspace_bin("worker"));
+    worker
+        .args(["train", "--coordinator", &address])
+        .args(TINY)
+        .env("GANCLUSTER_TOKEN", "wrong");
+    let done = run(&mut worker, LIMIT).assert_failure();
+    assert!(done.stderr.contains("wrong token"), "{}", done.stderr);
+}
+
+#[test]
+fn a_group_that_never_forms_times_out_saying_who_is_missing() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(2, 2, out.path());
+    cmd.args(["--external"])
+        .env("GANCLUSTER_TOKEN", "t")
+        .env("GANCLUSTER__COORDINATOR__JOIN_TIMEOUT_S", "1");
+    let done = run(&mut cmd, LIMIT).assert_failure();
+    assert!(
+        done.stderr.contains("only 0 of 2 workers joined")
+            && done.stderr.contains("missing ranks: [0, 1]"),
+        "{}",
+        done.stderr
+    );
+}
+
+/// The coordinator writes its bound address next to the run's outputs.
+fn wait_for_address(out: &Path) -> String {
+    let path = out.join("coordinator.addr");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && !text.is_empty()
+        {
+            return format!("http://{}", text.trim());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "coordinator never wrote {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
