@@ -40,7 +40,7 @@ impl Progress {
                     s.epoch, s.images_per_s, s.d_loss, s.g_loss, s.allreduce_ms
                 ));
             }
-            None if (s.step + 1) % self.log_every == 0 => tracing::info!(
+            None if (s.step + 1).is_multiple_of(self.log_every) => tracing::info!(
                 step = s.step + 1,
                 epoch = s.epoch,
                 d_loss = s.d_loss,

@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train the DCGAN.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Write the synthetic face data set to disk in CelebA's layout.
     Synth {
         /// Root folder; gets img_align_celeba/ and list_eval_partition.txt.
@@ -86,7 +86,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     match cli.command {
-        Command::Train(args) => train(args),
+        Command::Train(args) => train(*args),
         Command::Synth { out, count, seed } => {
             synthetic::write_celeba(&out, count, seed)
                 .with_context(|| format!("writing the synthetic data set to {}", out.display()))?;

@@ -140,7 +140,7 @@ pub fn train(
         if let Some(log) = log.as_mut() {
             log.record(step, epoch, &losses, record.images_per_s)?;
         }
-        if (step + 1) % cfg.train.log_every == 0 {
+        if (step + 1).is_multiple_of(cfg.train.log_every) {
             info!(
                 step = step + 1,
                 epoch,

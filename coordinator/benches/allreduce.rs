@@ -1,0 +1,291 @@
+//! All-reduce through the coordinator, next to a raw loopback socket pump
+//! that moves the same bytes, measured like `shared/bench/gloo_allreduce.py`.
+//!
+//! `cargo bench -p coordinator --bench allreduce -- [--world 2,4,8] [--sizes 1,11.1,14.3,25.4] [--iters 10]`
+//!
+//! For each world size W this starts a coordinator and W worker *processes*
+//! (this executable re-run as `client`). Per iteration every worker first
+//! does a one-element all-reduce as a barrier (untimed), then all-reduces S
+//! f32 elements (or bf16 on the wire); the iteration's time is the maximum
+//! over ranks, the reported figure the median over iterations after one
+//! warm-up. algbw = bytes/time, busbw = algbw·2(W−1)/W (nccl-tests),
+//! coordinator throughput = 2·W·bytes/time, the bytes its sockets carry.
+//! The raw ceiling runs the same star pattern with plain tokio sockets:
+//! each client writes S bytes, the server reads them all, then writes S
+//! bytes back to each client.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::Config;
+use common::pb::{self, Net};
+use common::session::{self, Session};
+use coordinator::Mode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::Command;
+
+const TOKEN: &str = "bench";
+const WARMUP: usize = 1;
+
+fn config(iters: usize, format: &str) -> Config {
+    let overrides = [
+        ("train.steps", (2 * (iters + WARMUP)).to_string()),
+        ("allreduce.wire", format.to_string()),
+    ];
+    Config::load_with_env(None, &overrides, Some(Default::default())).expect("bench config")
+}
+
+fn list<T: std::str::FromStr>(args: &[String], flag: &str, default: &str) -> Vec<T> {
+    let text = args
+        .iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map_or(default, |s| s.as_str());
+    text.split(',')
+        .map(|v| v.parse().ok().expect("a number"))
+        .collect()
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("client") => client(&args[2..]).await,
+        Some("raw-client") => raw_client(&args[2..]).await,
+        _ => drive(&args).await,
+    }
+}
+
+async fn drive(args: &[String]) {
+    let worlds: Vec<usize> = list(args, "--world", "2,4,8");
+    let sizes: Vec<f64> = list(args, "--sizes", "1,11.1,14.3,25.4");
+    let iters: usize = list(args, "--iters", "10")[0];
+    println!(
+        "| path | W | MB (f32 elems) | wire | median ms | algbw GB/s | busbw GB/s | coordinator GB/s |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &world in &worlds {
+        for &mb in &sizes {
+            let elems = (mb * 1e6 / 4.0).round() as usize;
+            let raw = raw_star(world, elems * 4, iters).await;
+            row("raw tcp", world, mb, "-", elems * 4, raw);
+            for format in ["f32", "bf16"] {
+                let width = if format == "f32" { 4 } else { 2 };
+                let ms = through_coordinator(world, elems, iters, format).await;
+                row("coordinator", world, mb, format, elems * width, ms);
+            }
+        }
+    }
+}
+
+fn row(path: &str, world: usize, mb: f64, wire: &str, bytes: usize, ms: f64) {
+    let algbw = bytes as f64 / (ms / 1e3) / 1e9;
+    let busbw = algbw * 2.0 * (world as f64 - 1.0) / world as f64;
+    let through = 2.0 * world as f64 * bytes as f64 / (ms / 1e3) / 1e9;
+    println!(
+        "| {path} | {world} | {mb} | {wire} | {ms:.1} | {algbw:.2} | {busbw:.2} | {through:.2} |"
+    );
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// Median over iterations of the slowest rank's time, in ms.
+fn slowest_per_iteration(outputs: &[String]) -> f64 {
+    let per_rank: Vec<Vec<f64>> = outputs
+        .iter()
+        .map(|o| {
+            o.split_whitespace()
+                .map(|v| v.parse().expect("client timing"))
+                .collect()
+        })
+        .collect();
+    let iters = per_rank[0].len();
+    median(
+        (0..iters)
+            .map(|i| per_rank.iter().map(|r| r[i]).fold(0.0, f64::max))
+            .collect(),
+    )
+}
+
+async fn spawn_clients(world: usize, args: impl Fn(usize) -> Vec<String>) -> Vec<String> {
+    let exe = std::env::current_exe().expect("bench executable");
+    let children: Vec<_> = (0..world)
+        .map(|rank| {
+            Command::new(&exe)
+                .args(args(rank))
+                .stdout(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("client process")
+        })
+        .collect();
+    let mut outputs = Vec::new();
+    for child in children {
+        let out = tokio::time::timeout(Duration::from_secs(600), child.wait_with_output())
+            .await
+            .expect("client timed out")
+            .expect("client output");
+        assert!(out.status.success(), "client failed");
+        outputs.push(String::from_utf8(out.stdout).expect("utf-8"));
+    }
+    outputs
+}
+
+async fn through_coordinator(world: usize, elems: usize, iters: usize, format: &str) -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = format!("http://{}", listener.local_addr().expect("address"));
+    let mode = Mode::External {
+        workers: world,
+        token: TOKEN.into(),
+    };
+    let server = tokio::spawn(coordinator::run_on(
+        listener,
+        config(iters, format),
+        mode,
+        std::future::pending(),
+    ));
+    let outputs = spawn_clients(world, |rank| {
+        [
+            "client",
+            &address,
+            &rank.to_string(),
+            &elems.to_string(),
+            &iters.to_string(),
+            format,
+        ]
+        .map(String::from)
+        .to_vec()
+    })
+    .await;
+    server
+        .await
+        .expect("coordinator task")
+        .expect("coordinator run");
+    slowest_per_iteration(&outputs)
+}
+
+async fn client(args: &[String]) {
+    let (address, rank, elems, iters, format) = (
+        &args[0],
+        args[1].parse::<i32>().unwrap(),
+        args[2].parse().unwrap(),
+        args[3].parse().unwrap(),
+        &args[4],
+    );
+    let cfg = config(iters, format);
+    let mut client = session::connect(address).await.expect("connect");
+    let request = pb::JoinRequest {
+        protocol_version: pb::PROTOCOL_VERSION,
+        config_hash: cfg.training_hash(),
+        token: TOKEN.into(),
+        requested_rank: rank,
+        initial_checksum: 0,
+        host: "bench".into(),
+    };
+    let joined = session::join(&mut client, request).await.expect("join");
+    let (mut session, _) = Session::open(
+        &mut client,
+        &joined,
+        cfg.allreduce.wire,
+        cfg.allreduce.chunk_bytes,
+    )
+    .await
+    .expect("session");
+    let grads: Vec<f32> = (0..elems)
+        .map(|i| (rank as f32 + 1.0) + (i % 7) as f32)
+        .collect();
+    let expected: Vec<f32> = (0..elems)
+        .map(|i| (joined.world_size as f32 + 1.0) / 2.0 + (i % 7) as f32)
+        .collect();
+    let mut times = Vec::new();
+    for i in 0..iters + WARMUP {
+        let step = 2 * i as u64;
+        session
+            .all_reduce(step, Net::Generator, &[0.0])
+            .await
+            .expect("barrier");
+        let started = Instant::now();
+        let mean = session
+            .all_reduce(step + 1, Net::Discriminator, &grads)
+            .await
+            .expect("all-reduce");
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        assert!(mean == expected, "rank {rank}: wrong mean");
+        if i >= WARMUP {
+            times.push(ms.to_string());
+        }
+    }
+    session.finish(cfg.train.steps).await.expect("finish");
+    println!("{}", times.join(" "));
+}
+
+async fn raw_star(world: usize, bytes: usize, iters: usize) -> f64 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address").to_string();
+    let server = tokio::spawn(async move {
+        // One task per peer; barriers separate "everyone sent" from "send back".
+        let gathered = std::sync::Arc::new(tokio::sync::Barrier::new(world));
+        let mut tasks = Vec::new();
+        for _ in 0..world {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            socket.set_nodelay(true).expect("nodelay");
+            let gathered = gathered.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut buffer = vec![0u8; bytes];
+                for _ in 0..iters + WARMUP {
+                    let mut go = [0u8; 1];
+                    socket.read_exact(&mut go).await.expect("barrier");
+                    gathered.wait().await;
+                    socket.write_all(&go).await.expect("release");
+                    socket.read_exact(&mut buffer).await.expect("read");
+                    gathered.wait().await;
+                    socket.write_all(&buffer).await.expect("write");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("peer task");
+        }
+    });
+    let outputs = spawn_clients(world, |_| {
+        [
+            "raw-client",
+            &address,
+            &bytes.to_string(),
+            &iters.to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    })
+    .await;
+    server.await.expect("raw server");
+    slowest_per_iteration(&outputs)
+}
+
+async fn raw_client(args: &[String]) {
+    let (address, bytes, iters): (&String, usize, usize) =
+        (&args[0], args[1].parse().unwrap(), args[2].parse().unwrap());
+    let mut socket = TcpStream::connect(address).await.expect("connect");
+    socket.set_nodelay(true).expect("nodelay");
+    let payload = vec![7u8; bytes];
+    let mut incoming = vec![0u8; bytes];
+    let mut times = Vec::new();
+    for i in 0..iters + WARMUP {
+        socket.write_all(&[1]).await.expect("barrier");
+        socket.read_exact(&mut [0u8; 1]).await.expect("release");
+        let started = Instant::now();
+        let (mut reader, mut writer) = socket.split();
+        let (w, r) = tokio::join!(writer.write_all(&payload), reader.read_exact(&mut incoming));
+        w.expect("write");
+        r.expect("read");
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if i >= WARMUP {
+            times.push(ms.to_string());
+        }
+    }
+    println!("{}", times.join(" "));
+}
