@@ -1,8 +1,9 @@
 # Everyday commands. `just --list` shows them.
 
-# Train standalone on the built-in synthetic faces (CPU).
+# Train with 4 local workers on the built-in synthetic faces (CPU).
 train *ARGS:
-    cargo run --release -p worker -- train --standalone {{ARGS}}
+    cargo build --release -p worker -p coordinator
+    target/release/coordinator --workers 4 {{ARGS}}
 
 # Everything CI runs.
 test:
@@ -23,3 +24,9 @@ bench-step:
     cargo bench -p worker --bench step -- 32 16 64 10
     python3 ../shared/bench/dcgan_torch_step.py 64 64 4 2 cpu 64
     python3 ../shared/bench/dcgan_torch_step.py 32 16 10 2 cpu 64
+
+# All-reduce through the coordinator vs a raw loopback socket pump, then PyTorch gloo.
+bench-allreduce:
+    cargo bench -p coordinator --bench allreduce -- --world 2,4,8 --sizes 1,11.1,14.3,25.4 --iters 10
+    python3 ../shared/bench/gloo_allreduce.py --world 2,4,8 --sizes 1,11.1,14.3,25.4
+    python3 ../shared/bench/gloo_allreduce.py --world 2,4,8 --sizes 1,11.1,14.3,25.4 --bf16

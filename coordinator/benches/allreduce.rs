@@ -70,10 +70,12 @@ async fn drive(args: &[String]) {
             let elems = (mb * 1e6 / 4.0).round() as usize;
             let raw = raw_star(world, elems * 4, iters).await;
             row("raw tcp", world, mb, "-", elems * 4, raw);
-            for format in ["f32", "bf16"] {
-                let width = if format == "f32" { 4 } else { 2 };
-                let ms = through_coordinator(world, elems, iters, format).await;
-                row("coordinator", world, mb, format, elems * width, ms);
+            for (path, unix) in [("coordinator tcp", false), ("coordinator uds", true)] {
+                for format in ["f32", "bf16"] {
+                    let width = if format == "f32" { 4 } else { 2 };
+                    let ms = through_coordinator(world, elems, iters, format, unix).await;
+                    row(path, world, mb, format, elems * width, ms);
+                }
             }
         }
     }
@@ -135,15 +137,32 @@ async fn spawn_clients(world: usize, args: impl Fn(usize) -> Vec<String>) -> Vec
     outputs
 }
 
-async fn through_coordinator(world: usize, elems: usize, iters: usize, format: &str) -> f64 {
+async fn through_coordinator(
+    world: usize,
+    elems: usize,
+    iters: usize,
+    format: &str,
+    unix: bool,
+) -> f64 {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = format!("http://{}", listener.local_addr().expect("address"));
+    let mut address = format!("http://{}", listener.local_addr().expect("address"));
+    let socket_dir = tempfile::tempdir().expect("socket folder");
+    let unix = unix.then(|| {
+        let bound =
+            coordinator::run::bind_unix(&socket_dir.path().join("c.sock")).expect("unix socket");
+        address = format!("unix://{}", bound.1.display());
+        bound
+    });
+    let listeners = coordinator::Listeners {
+        tcp: listener,
+        unix,
+    };
     let mode = Mode::External {
         workers: world,
         token: TOKEN.into(),
     };
     let server = tokio::spawn(coordinator::run_on(
-        listener,
+        listeners,
         config(iters, format),
         mode,
         std::future::pending(),

@@ -16,4 +16,4 @@ pub mod run;
 pub mod service;
 
 pub use error::CoordinatorError;
-pub use run::{Mode, run, run_on};
+pub use run::{Listeners, Mode, run, run_on};

@@ -1,6 +1,7 @@
 //! One coordinator run: serve, (maybe) launch, supervise, stop.
 
 use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,9 +9,10 @@ use common::Config;
 use common::config::MAX_CHUNK_BYTES;
 use common::pb::coordinator_message;
 use common::pb::coordinator_server::CoordinatorServer;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::TcpListenerStream;
+use common::session::UNIX_SCHEME;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tracing::info;
 
 use crate::CoordinatorError;
@@ -36,25 +38,67 @@ pub enum Mode {
 /// Events queued from handlers to the run loop.
 const EVENT_QUEUE: usize = 1024;
 
+/// Where the coordinator serves gRPC.
+pub struct Listeners {
+    /// Always: `coordinator.listen`, for workers on other machines.
+    pub tcp: TcpListener,
+    /// Local mode: a Unix domain socket the local workers use instead,
+    /// which skips the TCP stack.
+    pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Listeners {
+    /// Binds `coordinator.listen`, plus `<output.dir>/coordinator.sock` when `unix`.
+    pub async fn bind(cfg: &Config, unix: bool) -> Result<Self, CoordinatorError> {
+        let listen = &cfg.coordinator.listen;
+        let tcp = TcpListener::bind(listen)
+            .await
+            .map_err(|source| CoordinatorError::Listen {
+                address: listen.clone(),
+                source,
+            })?;
+        let unix = match unix {
+            true => Some(bind_unix(&cfg.output.dir.join(SOCKET_FILE))?),
+            false => None,
+        };
+        Ok(Self { tcp, unix })
+    }
+}
+
+/// The Unix socket's name inside the output folder.
+pub const SOCKET_FILE: &str = "coordinator.sock";
+
+/// Binds a Unix socket at `path`, replacing a stale one from an earlier run.
+pub fn bind_unix(path: &Path) -> Result<(UnixListener, PathBuf), CoordinatorError> {
+    let fail = |source| CoordinatorError::Listen {
+        address: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(fail(e));
+    }
+    Ok((UnixListener::bind(path).map_err(fail)?, path.to_path_buf()))
+}
+
 /// Trains `cfg` with workers from `mode` until they all finish, one fails,
-/// or `shutdown` resolves, serving on `coordinator.listen`.
+/// or `shutdown` resolves. Local workers connect through a Unix socket.
 pub async fn run(
     cfg: Config,
     mode: Mode,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), CoordinatorError> {
-    let listener = TcpListener::bind(&cfg.coordinator.listen)
-        .await
-        .map_err(|source| CoordinatorError::Listen {
-            address: cfg.coordinator.listen.clone(),
-            source,
-        })?;
-    run_on(listener, cfg, mode, shutdown).await
+    let listeners = Listeners::bind(&cfg, matches!(mode, Mode::Local(_))).await?;
+    run_on(listeners, cfg, mode, shutdown).await
 }
 
-/// As [`run`], on an already bound listener (tests bind port 0 first).
+/// As [`run`], on already bound listeners (tests and benchmarks bind port 0 first).
 pub async fn run_on(
-    listener: TcpListener,
+    listeners: Listeners,
     cfg: Config,
     mode: Mode,
     shutdown: impl Future<Output = ()>,
@@ -63,7 +107,8 @@ pub async fn run_on(
         Mode::Local(n) => (*n, format!("{:032x}", rand::random::<u128>())),
         Mode::External { workers, token } => (*workers, token.clone()),
     };
-    let address = listener
+    let address = listeners
+        .tcp
         .local_addr()
         .map_err(|source| CoordinatorError::Listen {
             address: cfg.coordinator.listen.clone(),
@@ -77,27 +122,42 @@ pub async fn run_on(
         cfg.train.steps,
         events_tx.clone(),
     ));
-    let (stop_server, server_stopped) = oneshot::channel::<()>();
+    let (stop_servers, servers_stopped) = watch::channel(false);
     let service = CoordinatorServer::new(CoordinatorService::new(group.clone()))
         .max_decoding_message_size(MAX_CHUNK_BYTES)
         .max_encoding_message_size(MAX_CHUNK_BYTES);
-    let server = tokio::spawn(
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let tcp = TcpListenerStream::new(listeners.tcp);
+    let mut servers = vec![tokio::spawn(
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .add_service(service)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = server_stopped.await;
-            }),
-    );
+            .add_service(service.clone())
+            .serve_with_incoming_shutdown(tcp, stopped(servers_stopped.clone())),
+    )];
     info!(%address, workers, "coordinator listening");
     publish_address(&cfg, address)?;
+    let local_address = match listeners.unix {
+        Some((unix, path)) => {
+            let unix = UnixListenerStream::new(unix);
+            servers.push(tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(unix, stopped(servers_stopped)),
+            ));
+            info!(socket = %path.display(), "local workers connect through a Unix socket");
+            format!("{UNIX_SCHEME}{}", path.display())
+        }
+        None => format!("http://{address}"),
+    };
 
     let launcher = match mode {
         Mode::Local(n) => {
             let config_path = save_config(&cfg)?;
             Some(Launcher::spawn(
                 n,
-                &format!("http://{address}"),
+                &local_address,
                 &token,
                 &config_path,
                 events_tx,
@@ -118,11 +178,15 @@ pub async fn run_on(
     if let Some(launcher) = launcher {
         launcher.shutdown().await;
     }
-    let _ = stop_server.send(());
-    match server.await {
-        Ok(Err(e)) if outcome.is_ok() => Err(e.into()),
-        _ => outcome,
+    stop_servers.send_replace(true);
+    let mut served = Ok(());
+    for server in servers {
+        if let Ok(Err(e)) = server.await {
+            served = Err(e);
+        }
     }
+    outcome?;
+    Ok(served?)
 }
 
 async fn supervise(

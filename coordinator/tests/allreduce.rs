@@ -99,8 +99,12 @@ async fn check(world: usize, format: WireFormat) {
         workers: world,
         token: TOKEN.into(),
     };
+    let listeners = coordinator::Listeners {
+        tcp: listener,
+        unix: None,
+    };
     let server = tokio::spawn(coordinator::run_on(
-        listener,
+        listeners,
         cfg.clone(),
         mode,
         std::future::pending(),
