@@ -11,7 +11,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::MAX_CHUNK_BYTES;
+use crate::config::{CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, STREAM_WINDOW_BYTES};
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::{self, coordinator_message, worker_message};
 use crate::wire::{self, Chunking, WireError, WireFormat};
@@ -82,7 +82,7 @@ pub async fn connect(address: &str) -> Result<CoordinatorClient<Channel>, Sessio
         Some(path) => {
             let path = std::path::PathBuf::from(path);
             // The API wants a URI; the connector ignores it and dials the socket.
-            let endpoint = Endpoint::from_static("http://localhost");
+            let endpoint = windows(Endpoint::from_static("http://localhost"));
             let connector = tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
                 async move {
@@ -96,7 +96,7 @@ pub async fn connect(address: &str) -> Result<CoordinatorClient<Channel>, Sessio
                 .map_err(unreachable)?
         }
         None => {
-            let endpoint = Endpoint::from_shared(address.to_string()).map_err(invalid)?;
+            let endpoint = windows(Endpoint::from_shared(address.to_string()).map_err(invalid)?);
             endpoint
                 .tcp_nodelay(true)
                 .connect()
@@ -107,6 +107,12 @@ pub async fn connect(address: &str) -> Result<CoordinatorClient<Channel>, Sessio
     Ok(CoordinatorClient::new(channel)
         .max_decoding_message_size(MAX_CHUNK_BYTES)
         .max_encoding_message_size(MAX_CHUNK_BYTES))
+}
+
+fn windows(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
 }
 
 /// Joins the group; returns once every worker has joined.

@@ -5,7 +5,7 @@
 //! (the coordinator decodes, sums and divides in f32, then encodes the mean
 //! again), so only the transport is lossy, identically for every replica.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use half::bf16;
 use serde::{Deserialize, Serialize};
 
@@ -46,12 +46,18 @@ pub struct WireError {
 
 /// Encodes `values` for the wire.
 pub fn encode(values: &[f32], format: WireFormat) -> Bytes {
-    let mut out = BytesMut::with_capacity(values.len() * format.width());
+    let mut out = BytesMut::zeroed(values.len() * format.width());
     match format {
-        WireFormat::F32 => values.iter().for_each(|v| out.put_f32_le(*v)),
-        WireFormat::Bf16 => values
-            .iter()
-            .for_each(|v| out.put_u16_le(bf16::from_f32(*v).to_bits())),
+        WireFormat::F32 => {
+            for (dst, v) in out.chunks_exact_mut(4).zip(values) {
+                dst.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        WireFormat::Bf16 => {
+            for (dst, v) in out.chunks_exact_mut(2).zip(values) {
+                dst.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
     }
     out.freeze()
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Config;
-use common::config::MAX_CHUNK_BYTES;
+use common::config::{CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, STREAM_WINDOW_BYTES};
 use common::pb::coordinator_message;
 use common::pb::coordinator_server::CoordinatorServer;
 use common::session::UNIX_SCHEME;
@@ -131,7 +131,7 @@ pub async fn run_on(
     };
     let tcp = TcpListenerStream::new(listeners.tcp);
     let mut servers = vec![tokio::spawn(
-        tonic::transport::Server::builder()
+        server_builder()
             .tcp_nodelay(true)
             .add_service(service.clone())
             .serve_with_incoming_shutdown(tcp, stopped(servers_stopped.clone())),
@@ -142,7 +142,7 @@ pub async fn run_on(
         Some((unix, path)) => {
             let unix = UnixListenerStream::new(unix);
             servers.push(tokio::spawn(
-                tonic::transport::Server::builder()
+                server_builder()
                     .add_service(service)
                     .serve_with_incoming_shutdown(unix, stopped(servers_stopped)),
             ));
@@ -229,6 +229,13 @@ async fn supervise(
             _ = &mut shutdown => return Err(CoordinatorError::Interrupted),
         }
     }
+}
+
+/// A gRPC server with flow-control windows sized for gradient streams.
+fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
 }
 
 /// Name of the file holding the bound address, next to the run's outputs.
