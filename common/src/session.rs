@@ -115,6 +115,24 @@ fn windows(endpoint: Endpoint) -> Endpoint {
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
 }
 
+/// A join request for this build's protocol and `cfg`'s training settings.
+pub fn join_request(
+    cfg: &crate::Config,
+    token: &str,
+    rank: Option<usize>,
+    initial_checksum: u64,
+    host: String,
+) -> pb::JoinRequest {
+    pb::JoinRequest {
+        protocol_version: pb::PROTOCOL_VERSION,
+        config_hash: cfg.training_hash(),
+        token: token.to_string(),
+        requested_rank: rank.map_or(-1, |r| r as i32),
+        initial_checksum,
+        host,
+    }
+}
+
 /// Joins the group; returns once every worker has joined.
 pub async fn join(
     client: &mut CoordinatorClient<Channel>,

@@ -64,34 +64,37 @@ pub fn encode(values: &[f32], format: WireFormat) -> Bytes {
 
 /// Decodes a chunk into `out`, which must have exactly its element count.
 pub fn decode_into(bytes: &[u8], format: WireFormat, out: &mut [f32]) -> Result<(), WireError> {
-    check(bytes, format, out.len())?;
-    match format {
-        WireFormat::F32 => {
-            for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *dst = f32::from_le_bytes(src.try_into().expect("4-byte chunk"));
-            }
-        }
-        WireFormat::Bf16 => {
-            for (dst, src) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *dst = bf16::from_bits(u16::from_le_bytes([src[0], src[1]])).to_f32();
-            }
-        }
-    }
-    Ok(())
+    combine(bytes, format, out, |dst, value| *dst = value)
 }
 
 /// Adds a chunk element-wise into `acc`.
 pub fn add_into(bytes: &[u8], format: WireFormat, acc: &mut [f32]) -> Result<(), WireError> {
-    check(bytes, format, acc.len())?;
+    combine(bytes, format, acc, |dst, value| *dst += value)
+}
+
+/// Decodes each element of `bytes` and folds it into `target` with `op`.
+fn combine(
+    bytes: &[u8],
+    format: WireFormat,
+    target: &mut [f32],
+    op: impl Fn(&mut f32, f32),
+) -> Result<(), WireError> {
+    check(bytes, format, target.len())?;
     match format {
         WireFormat::F32 => {
-            for (dst, src) in acc.iter_mut().zip(bytes.chunks_exact(4)) {
-                *dst += f32::from_le_bytes(src.try_into().expect("4-byte chunk"));
+            for (dst, src) in target.iter_mut().zip(bytes.chunks_exact(4)) {
+                op(
+                    dst,
+                    f32::from_le_bytes(src.try_into().expect("4-byte chunk")),
+                );
             }
         }
         WireFormat::Bf16 => {
-            for (dst, src) in acc.iter_mut().zip(bytes.chunks_exact(2)) {
-                *dst += bf16::from_bits(u16::from_le_bytes([src[0], src[1]])).to_f32();
+            for (dst, src) in target.iter_mut().zip(bytes.chunks_exact(2)) {
+                op(
+                    dst,
+                    bf16::from_bits(u16::from_le_bytes([src[0], src[1]])).to_f32(),
+                );
             }
         }
     }

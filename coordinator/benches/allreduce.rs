@@ -18,7 +18,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::Config;
-use common::pb::{self, Net};
+use common::pb::Net;
 use common::session::{self, Session};
 use coordinator::Mode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -197,14 +197,7 @@ async fn client(args: &[String]) {
     );
     let cfg = config(iters, format);
     let mut client = session::connect(address).await.expect("connect");
-    let request = pb::JoinRequest {
-        protocol_version: pb::PROTOCOL_VERSION,
-        config_hash: cfg.training_hash(),
-        token: TOKEN.into(),
-        requested_rank: rank,
-        initial_checksum: 0,
-        host: "bench".into(),
-    };
+    let request = session::join_request(&cfg, TOKEN, Some(rank as usize), 0, "bench".into());
     let joined = session::join(&mut client, request).await.expect("join");
     let (mut session, _) = Session::open(
         &mut client,

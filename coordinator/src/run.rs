@@ -12,7 +12,8 @@ use common::pb::coordinator_server::CoordinatorServer;
 use common::session::UNIX_SCHEME;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
 use crate::CoordinatorError;
@@ -129,10 +130,11 @@ pub async fn run_on(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let tcp = TcpListenerStream::new(listeners.tcp);
+    // Set on each accepted socket: the builder's own nodelay applies only to
+    // listeners it binds itself. Without it small chunks wait on Nagle.
+    let tcp = TcpIncoming::from(listeners.tcp).with_nodelay(Some(true));
     let mut servers = vec![tokio::spawn(
         server_builder()
-            .tcp_nodelay(true)
             .add_service(service.clone())
             .serve_with_incoming_shutdown(tcp, stopped(servers_stopped.clone())),
     )];

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use common::Config;
-use common::pb::{self, Net};
+use common::pb::Net;
 use common::session::{self, Session};
 use common::wire::{self, WireFormat};
 use coordinator::Mode;
@@ -60,14 +60,7 @@ async fn worker(
 ) -> Vec<Vec<f32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut client = session::connect(&address).await.unwrap();
-    let request = pb::JoinRequest {
-        protocol_version: pb::PROTOCOL_VERSION,
-        config_hash: cfg.training_hash(),
-        token: TOKEN.into(),
-        requested_rank: rank as i32,
-        initial_checksum: 7,
-        host: format!("test worker {rank}"),
-    };
+    let request = session::join_request(&cfg, TOKEN, Some(rank), 7, format!("test worker {rank}"));
     let joined = session::join(&mut client, request).await.unwrap();
     let (mut session, _) = Session::open(
         &mut client,

@@ -54,14 +54,13 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         .build()
         .context("starting the gRPC runtime")?;
     let trainer = Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device);
-    let request = pb::JoinRequest {
-        protocol_version: pb::PROTOCOL_VERSION,
-        config_hash: cfg.training_hash(),
-        token: connection.token.clone(),
-        requested_rank: connection.rank.map_or(-1, |r| r as i32),
-        initial_checksum: trainer.checksum(),
-        host: hostname(),
-    };
+    let request = session::join_request(
+        cfg,
+        &connection.token,
+        connection.rank,
+        trainer.checksum(),
+        hostname(),
+    );
     let (joined, session, start) = runtime.block_on(async {
         let mut client = session::connect(&connection.address).await?;
         let joined = session::join(&mut client, request).await?;

@@ -23,12 +23,7 @@ pub fn swd_against_held_out<B: AutodiffBackend>(
 ) -> anyhow::Result<SwdReport> {
     let size = cfg.model.image_size;
     let real = held_out_images(cfg, count)?;
-    let fake = trainer
-        .sample(count, EVAL_NOISE_SEED)
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("reading generated images back: {e:?}"))?;
+    let fake = trainer.sample_pixels(count, EVAL_NOISE_SEED)?;
     sliced_wasserstein(&fake, &real, size, SWD_SEED).context("computing SWD")
 }
 

@@ -220,6 +220,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.generator.valid().forward(z)
     }
 
+    /// [`Trainer::sample`] read back as CHW floats.
+    pub fn sample_pixels(&self, count: usize, seed: u64) -> anyhow::Result<Vec<f32>> {
+        self.sample(count, seed)
+            .into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("reading generated images back: {e:?}"))
+    }
+
     /// The generator, for evaluation and export.
     pub fn generator(&self) -> &Generator<B> {
         &self.generator

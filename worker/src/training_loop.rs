@@ -192,12 +192,7 @@ fn write_results(
     size: usize,
     seed: u64,
 ) -> anyhow::Result<()> {
-    let grid = trainer
-        .sample(GRID_IMAGES, seed)
-        .into_data()
-        .convert::<f32>()
-        .into_vec::<f32>()
-        .map_err(|e| anyhow::anyhow!("reading the sample grid back: {e:?}"))?;
+    let grid = trainer.sample_pixels(GRID_IMAGES, seed)?;
     let grid_path = out.join(SAMPLES_PNG);
     output::write_grid(&grid_path, &grid, size as u32)
         .with_context(|| format!("writing {}", grid_path.display()))?;
