@@ -147,6 +147,8 @@ async fn through_coordinator(
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let mut address = format!("http://{}", listener.local_addr().expect("address"));
     let socket_dir = tempfile::tempdir().expect("socket folder");
+    let mut cfg = config(iters, format);
+    cfg.output.dir = socket_dir.path().to_path_buf();
     let unix = unix.then(|| {
         let bound =
             coordinator::run::bind_unix(&socket_dir.path().join("c.sock")).expect("unix socket");
@@ -163,7 +165,7 @@ async fn through_coordinator(
     };
     let server = tokio::spawn(coordinator::run_on(
         listeners,
-        config(iters, format),
+        cfg,
         mode,
         std::future::pending(),
     ));

@@ -85,7 +85,9 @@ async fn worker(
 }
 
 async fn check(world: usize, format: WireFormat) {
-    let cfg = config(format);
+    let out = tempfile::tempdir().unwrap();
+    let mut cfg = config(format);
+    cfg.output.dir = out.path().to_path_buf();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     let mode = Mode::External {

@@ -229,12 +229,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .map_err(|e| anyhow::anyhow!("reading generated images back: {e:?}"))
     }
 
-    /// The generator, for evaluation and export.
-    pub fn generator(&self) -> &Generator<B> {
-        &self.generator
-    }
-
-    /// The discriminator, for evaluation and export.
+    /// The discriminator, e.g. to size a flat gradient for it.
     pub fn discriminator(&self) -> &Discriminator<B> {
         &self.discriminator
     }

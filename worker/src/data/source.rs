@@ -127,14 +127,6 @@ impl ImageSource {
             ))),
         }
     }
-
-    /// The file behind `index`, when there is one, for error reports.
-    pub fn path(&self, index: usize) -> Option<&Path> {
-        match self {
-            Self::Files { paths, .. } => Some(&paths[index]),
-            Self::Synthetic { .. } => None,
-        }
-    }
 }
 
 fn decode(path: &Path) -> Result<DynamicImage, DataError> {
