@@ -140,6 +140,7 @@ pub async fn run_on(
     )];
     info!(%address, workers, "coordinator listening");
     publish_address(&cfg, address)?;
+    let socket = listeners.unix.as_ref().map(|(_, path)| path.clone());
     let local_address = match listeners.unix {
         Some((unix, path)) => {
             let unix = UnixListenerStream::new(unix);
@@ -186,6 +187,10 @@ pub async fn run_on(
         if let Ok(Err(e)) = server.await {
             served = Err(e);
         }
+    }
+    if let Some(path) = socket {
+        // Nothing listens on it any more; a stale file would only confuse.
+        let _ = std::fs::remove_file(path);
     }
     outcome?;
     Ok(served?)
