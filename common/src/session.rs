@@ -145,6 +145,20 @@ pub async fn join(
         .map_err(|status| SessionError::Refused(status.message().to_string()))
 }
 
+/// Everything a worker does before its first step: connect to `address`,
+/// join the group with `request`, and open the session with the
+/// all-reduce settings of `cfg`.
+pub async fn rendezvous(
+    address: &str,
+    request: pb::JoinRequest,
+    cfg: &crate::config::AllReduceConfig,
+) -> Result<(pb::JoinReply, Session, pb::Start), SessionError> {
+    let mut client = connect(address).await?;
+    let joined = join(&mut client, request).await?;
+    let (session, start) = Session::open(&mut client, &joined, cfg.wire, cfg.chunk_bytes).await?;
+    Ok((joined, session, start))
+}
+
 /// An open session: send chunks and reports, receive reduced chunks and control.
 pub struct Session {
     outbound: mpsc::Sender<pb::WorkerMessage>,

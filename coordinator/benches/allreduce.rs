@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::Config;
 use common::pb::Net;
-use common::session::{self, Session};
+use common::session;
 use coordinator::Mode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -198,17 +198,10 @@ async fn client(args: &[String]) {
         &args[4],
     );
     let cfg = config(iters, format);
-    let mut client = session::connect(address).await.expect("connect");
     let request = session::join_request(&cfg, TOKEN, Some(rank as usize), 0, "bench".into());
-    let joined = session::join(&mut client, request).await.expect("join");
-    let (mut session, _) = Session::open(
-        &mut client,
-        &joined,
-        cfg.allreduce.wire,
-        cfg.allreduce.chunk_bytes,
-    )
-    .await
-    .expect("session");
+    let (joined, mut session, _) = session::rendezvous(address, request, &cfg.allreduce)
+        .await
+        .expect("join");
     let grads: Vec<f32> = (0..elems)
         .map(|i| (rank as f32 + 1.0) + (i % 7) as f32)
         .collect();

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use common::Config;
 use common::pb::Net;
-use common::session::{self, Session};
+use common::session;
 use common::wire::{self, WireFormat};
 use coordinator::Mode;
 use rand::{Rng, SeedableRng};
@@ -59,17 +59,10 @@ async fn worker(
     seed: u64,
 ) -> Vec<Vec<f32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut client = session::connect(&address).await.unwrap();
     let request = session::join_request(&cfg, TOKEN, Some(rank), 7, format!("test worker {rank}"));
-    let joined = session::join(&mut client, request).await.unwrap();
-    let (mut session, _) = Session::open(
-        &mut client,
-        &joined,
-        cfg.allreduce.wire,
-        cfg.allreduce.chunk_bytes,
-    )
-    .await
-    .unwrap();
+    let (_, mut session, _) = session::rendezvous(&address, request, &cfg.allreduce)
+        .await
+        .unwrap();
     let mut results = Vec::new();
     for (step, g) in grads.iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;

@@ -61,18 +61,11 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         trainer.checksum(),
         hostname(),
     );
-    let (joined, session, start) = runtime.block_on(async {
-        let mut client = session::connect(&connection.address).await?;
-        let joined = session::join(&mut client, request).await?;
-        let (session, start) = Session::open(
-            &mut client,
-            &joined,
-            cfg.allreduce.wire,
-            cfg.allreduce.chunk_bytes,
-        )
-        .await?;
-        Ok::<_, session::SessionError>((joined, session, start))
-    })?;
+    let (joined, session, start) = runtime.block_on(session::rendezvous(
+        &connection.address,
+        request,
+        &cfg.allreduce,
+    ))?;
     let replica = Replica {
         rank: joined.rank as usize,
         world: joined.world_size as usize,
