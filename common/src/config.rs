@@ -216,6 +216,9 @@ pub const MAX_CHUNK_BYTES: usize = 64 << 20;
 pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
 /// Connection-wide window (several streams share one connection).
 pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
+/// Largest HTTP/2 DATA frame each side accepts: h2's 16 KiB default splits
+/// a 4 MiB chunk into 256 frames.
+pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
 impl Config {
     /// A hash of everything that must be equal on every replica (model,

@@ -11,7 +11,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::{CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, STREAM_WINDOW_BYTES};
+use crate::config::{
+    CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
+};
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::{self, coordinator_message, worker_message};
 use crate::wire::{self, Chunking, WireError, WireFormat};
@@ -113,6 +115,7 @@ fn windows(endpoint: Endpoint) -> Endpoint {
     endpoint
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
 }
 
 /// A join request for this build's protocol and `cfg`'s training settings.

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Config;
-use common::config::{CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, STREAM_WINDOW_BYTES};
+use common::config::{
+    CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
+};
 use common::pb::coordinator_message;
 use common::pb::coordinator_server::CoordinatorServer;
 use common::session::UNIX_SCHEME;
@@ -243,6 +245,7 @@ fn server_builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
 }
 
 /// Name of the file holding the bound address, next to the run's outputs.
