@@ -229,6 +229,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             .map_err(|e| anyhow::anyhow!("reading generated images back: {e:?}"))
     }
 
+    /// The device both networks live on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
     /// The discriminator, e.g. to size a flat gradient for it.
     pub fn discriminator(&self) -> &Discriminator<B> {
         &self.discriminator

@@ -99,7 +99,6 @@ pub fn train(
     sync: &mut impl StepSync,
     eval_images: usize,
 ) -> anyhow::Result<Summary> {
-    let device = backend::device()?;
     let out = &cfg.output.dir;
     let writes = replica.rank == 0;
     let mut log = if writes {
@@ -129,7 +128,7 @@ pub fn train(
         let batch = loader.next_batch()?;
         let (step, epoch, count) = (batch.step, batch.epoch, batch.count);
         skipped = batch.skipped;
-        let losses = trainer.train_step(step, to_tensor(batch, size, &device), sync)?;
+        let losses = trainer.train_step(step, to_tensor(batch, size, trainer.device()), sync)?;
         let record = StepRecord {
             step,
             epoch,
