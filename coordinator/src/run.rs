@@ -251,31 +251,33 @@ fn server_builder() -> tonic::transport::Server {
 /// Name of the file holding the bound address, next to the run's outputs.
 pub const ADDRESS_FILE: &str = "coordinator.addr";
 
-/// Writes the bound address to [`ADDRESS_FILE`] atomically, so scripts and
-/// tests that bind port 0 can find the coordinator.
+/// Writes the bound address to [`ADDRESS_FILE`], so scripts and tests
+/// that bind port 0 can find the coordinator.
 fn publish_address(cfg: &Config, address: std::net::SocketAddr) -> Result<(), CoordinatorError> {
-    let dir = &cfg.output.dir;
-    let path = dir.join(ADDRESS_FILE);
-    let partial = dir.join(format!("{ADDRESS_FILE}.partial"));
-    let io = |source| CoordinatorError::Output {
-        path: path.clone(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(io)?;
-    std::fs::write(&partial, address.to_string()).map_err(io)?;
-    std::fs::rename(&partial, &path).map_err(io)
+    write_output(cfg, ADDRESS_FILE, &address.to_string()).map(|_| ())
 }
 
 /// Saves the effective configuration where the local workers read it.
-fn save_config(cfg: &Config) -> Result<std::path::PathBuf, CoordinatorError> {
+fn save_config(cfg: &Config) -> Result<PathBuf, CoordinatorError> {
+    let text = cfg.to_toml().map_err(|e| CoordinatorError::Output {
+        path: cfg.output.dir.join("config.toml"),
+        source: std::io::Error::other(e),
+    })?;
+    write_output(cfg, "config.toml", &text)
+}
+
+/// Writes `name` in the output folder atomically (a partial file renamed
+/// into place), so a process reading it never sees half of it.
+fn write_output(cfg: &Config, name: &str, contents: &str) -> Result<PathBuf, CoordinatorError> {
     let dir = &cfg.output.dir;
-    let path = dir.join("config.toml");
+    let path = dir.join(name);
+    let partial = dir.join(format!("{name}.partial"));
     let io = |source| CoordinatorError::Output {
         path: path.clone(),
         source,
     };
     std::fs::create_dir_all(dir).map_err(io)?;
-    let text = cfg.to_toml().map_err(|e| io(std::io::Error::other(e)))?;
-    std::fs::write(&path, text).map_err(io)?;
+    std::fs::write(&partial, contents).map_err(io)?;
+    std::fs::rename(&partial, &path).map_err(io)?;
     Ok(path)
 }
