@@ -4,7 +4,7 @@ use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use common::config::{Config, Split};
 
-use crate::data::{ImageSource, preprocess};
+use crate::data::ImageSource;
 use crate::swd::{SwdReport, sliced_wasserstein};
 use crate::training::Trainer;
 
@@ -42,9 +42,5 @@ pub fn held_out_images(cfg: &Config, count: usize) -> anyhow::Result<Vec<f32>> {
         source.name(),
         source.len()
     );
-    let mut pixels = Vec::with_capacity(count * 3 * cfg.model.image_size.pow(2));
-    for i in 0..count {
-        preprocess::append_chw(&source.load(i)?, cfg.model.image_size as u32, &mut pixels);
-    }
-    Ok(pixels)
+    Ok(source.first_pixels(count, cfg.model.image_size as u32)?)
 }

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use common::cli::ConfigArgs;
 use common::logging::{self, LogFormat};
-use worker::data::{ImageSource, preprocess, synthetic};
+use worker::data::{ImageSource, synthetic};
 use worker::{distributed, standalone, swd};
 
 #[derive(Parser)]
@@ -144,9 +144,5 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 
 fn folder_images(dir: &std::path::Path, size: usize, count: usize) -> anyhow::Result<Vec<f32>> {
     let source = ImageSource::folder(dir, common::config::Split::All)?;
-    let mut pixels = Vec::new();
-    for i in 0..count.min(source.len()) {
-        preprocess::append_chw(&source.load(i)?, size as u32, &mut pixels);
-    }
-    Ok(pixels)
+    Ok(source.first_pixels(count, size as u32)?)
 }

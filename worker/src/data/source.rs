@@ -115,6 +115,17 @@ impl ImageSource {
         }
     }
 
+    /// The first `count` images (or all, if fewer), preprocessed as for
+    /// training: CHW floats in [−1, 1], `size`×`size`.
+    pub fn first_pixels(&self, count: usize, size: u32) -> Result<Vec<f32>, DataError> {
+        let count = count.min(self.len());
+        let mut pixels = Vec::with_capacity(count * 3 * (size * size) as usize);
+        for index in 0..count {
+            super::preprocess::append_chw(&self.load(index)?, size, &mut pixels);
+        }
+        Ok(pixels)
+    }
+
     /// Decodes image `index`.
     pub fn load(&self, index: usize) -> Result<DynamicImage, DataError> {
         match self {
