@@ -49,6 +49,15 @@ pub struct ConfigArgs {
     /// Coordinator listen address [coordinator.listen].
     #[arg(long)]
     pub listen: Option<String>,
+    /// Checkpoint store URL: s3://bucket/prefix, file://path [checkpoint.store].
+    #[arg(long)]
+    pub store: Option<String>,
+    /// Run id; a run with checkpoints resumes [checkpoint.run].
+    #[arg(long)]
+    pub run: Option<String>,
+    /// Steps between checkpoints, 0 for only at the end [checkpoint.every].
+    #[arg(long)]
+    pub checkpoint_every: Option<u64>,
 }
 
 impl ConfigArgs {
@@ -76,6 +85,9 @@ impl ConfigArgs {
             ),
             ("allreduce.wire", text(&self.wire)),
             ("coordinator.listen", text(&self.listen)),
+            ("checkpoint.store", text(&self.store)),
+            ("checkpoint.run", text(&self.run)),
+            ("checkpoint.every", num(self.checkpoint_every)),
         ]
         .into_iter()
         .filter_map(|(key, value)| value.map(|v| (key, v)))

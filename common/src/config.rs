@@ -51,6 +51,8 @@ pub struct Config {
     pub coordinator: CoordinatorConfig,
     /// How gradients travel.
     pub allreduce: AllReduceConfig,
+    /// Where and how often the run is saved.
+    pub checkpoint: CheckpointConfig,
 }
 
 /// DCGAN shapes; defaults are the reference 64×64 network.
@@ -207,6 +209,107 @@ impl Default for AllReduceConfig {
     }
 }
 
+/// Checkpoints: where they go, how often, how many stay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// `s3://bucket/prefix`, `file:///abs/path` or `file://relative/path`,
+    /// or `memory://` (tests only: gone when the process exits).
+    pub store: String,
+    /// Run id: checkpoints live under `<store>/<run>/`; starting a run
+    /// whose id has checkpoints resumes it.
+    pub run: String,
+    /// Checkpoint after every this many steps; 0 only at the end and on SIGTERM.
+    pub every: u64,
+    /// Checkpoints kept; older ones are deleted after each commit.
+    pub keep: usize,
+    /// S3 connection settings (ignored by other stores).
+    pub s3: S3Config,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            store: "file://runs".into(),
+            run: "default".into(),
+            every: 500,
+            keep: 3,
+            s3: S3Config::default(),
+        }
+    }
+}
+
+/// How to reach an S3-compatible endpoint. Empty credentials fall back to
+/// the standard `AWS_*` environment variables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// `http(s)://host:port` of a non-AWS server (MinIO, Ceph, s3s…); empty for AWS.
+    pub endpoint: String,
+    /// Signing region.
+    pub region: String,
+    /// Access key id; empty: `AWS_ACCESS_KEY_ID`.
+    pub access_key_id: String,
+    /// Secret key; empty: `AWS_SECRET_ACCESS_KEY`. Never written back out
+    /// (not to `--print-config`, not to a run's `config.toml`, not to logs).
+    #[serde(skip_serializing)]
+    pub secret_access_key: Secret,
+    /// Allow plain `http://` endpoints.
+    pub allow_http: bool,
+    /// Path-style requests (`endpoint/bucket/key`), which most
+    /// S3-compatible servers need; false for virtual-hosted style.
+    pub path_style: bool,
+    /// Retries of a failed request (with exponential backoff).
+    pub max_retries: usize,
+    /// Give up retrying one request after this many seconds.
+    pub retry_timeout_s: u64,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            access_key_id: String::new(),
+            secret_access_key: Secret::default(),
+            allow_http: false,
+            path_style: true,
+            max_retries: 10,
+            retry_timeout_s: 180,
+        }
+    }
+}
+
+/// A credential: usable, but shown as `***` by `Debug` so it cannot leak
+/// into logs or error messages by accident.
+#[derive(Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The credential itself, for the one place that signs requests.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether no credential was configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
 /// The largest gRPC message: one chunk plus headers.
 pub const MAX_CHUNK_BYTES: usize = 64 << 20;
 
@@ -228,6 +331,31 @@ impl Config {
         let relevant = (&self.model, &self.train, &self.data, &self.allreduce);
         let text = serde_json::to_string(&relevant).expect("config serialises");
         format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+    }
+
+    /// The settings a checkpoint must share with the run resuming from it,
+    /// as dotted keys: the model, the optimiser, the seed, the batch and
+    /// the data set. Step count, worker count, logging, wire format and
+    /// where things go may change between a checkpoint and its resumption.
+    pub fn resume_identity(&self) -> std::collections::BTreeMap<String, String> {
+        let (m, t, d) = (&self.model, &self.train, &self.data);
+        [
+            ("model.image_size", m.image_size.to_string()),
+            ("model.nz", m.nz.to_string()),
+            ("model.ngf", m.ngf.to_string()),
+            ("model.ndf", m.ndf.to_string()),
+            ("train.batch_size", t.batch_size.to_string()),
+            ("train.lr", t.lr.to_string()),
+            ("train.beta1", t.beta1.to_string()),
+            ("train.beta2", t.beta2.to_string()),
+            ("train.seed", t.seed.to_string()),
+            ("data.source", d.source.clone()),
+            ("data.split", format!("{:?}", d.split).to_lowercase()),
+            ("data.synthetic_size", d.synthetic_size.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 
     /// Loads defaults ← `file` ← `GANCLUSTER__*` environment ← `overrides`,
@@ -328,7 +456,26 @@ impl Config {
             d.prefetch,
             d.prefetch > 0,
             "a positive integer",
-        )
+        )?;
+        let c = &self.checkpoint;
+        check(
+            "checkpoint.store",
+            &c.store,
+            ["s3://", "file://", "memory://"]
+                .iter()
+                .any(|scheme| c.store.starts_with(scheme)),
+            "a URL starting with s3://, file:// or memory://",
+        )?;
+        check(
+            "checkpoint.run",
+            &c.run,
+            !c.run.is_empty()
+                && c.run
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)),
+            "a non-empty id of letters, digits, `-`, `_` and `.`",
+        )?;
+        check("checkpoint.keep", c.keep, c.keep > 0, "a positive integer")
     }
 }
 
@@ -435,6 +582,27 @@ mod tests {
             Config::load_with_env(None, &[("train.lr", "0.001".into())], env(&[])).unwrap();
         assert_eq!(base.training_hash(), elsewhere.training_hash());
         assert_ne!(base.training_hash(), other_lr.training_hash());
+    }
+
+    #[test]
+    fn secrets_are_neither_rendered_nor_debug_printed() {
+        let c = Config::load_with_env(
+            None,
+            &[],
+            env(&[("GANCLUSTER__CHECKPOINT__S3__SECRET_ACCESS_KEY", "hunter2")]),
+        )
+        .unwrap();
+        assert_eq!(c.checkpoint.s3.secret_access_key.expose(), "hunter2");
+        assert!(!c.to_toml().unwrap().contains("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_store_url_of_unknown_scheme_is_named() {
+        let err = Config::load_with_env(None, &[("checkpoint.store", "ftp://x".into())], env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checkpoint.store") && err.contains("s3://"), "{err}");
     }
 
     #[test]

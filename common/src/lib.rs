@@ -12,7 +12,9 @@ pub mod logging;
 pub mod pb;
 pub mod session;
 pub mod shard;
+pub mod store;
+pub mod checkpoint;
 pub mod wire;
 
 pub use config::{Config, ConfigError};
-pub use shard::ShardSampler;
+pub use shard::{DataCursor, ShardSampler, StepPlan};

@@ -168,6 +168,7 @@ pub struct Session {
     inbound: tonic::Streaming<pb::CoordinatorMessage>,
     format: WireFormat,
     chunk_bytes: usize,
+    control: Option<pb::Control>,
 }
 
 impl Session {
@@ -192,6 +193,7 @@ impl Session {
             inbound,
             format,
             chunk_bytes,
+            control: None,
         };
         match session.next().await? {
             coordinator_message::Kind::Start(start) => Ok((session, start)),
@@ -233,13 +235,18 @@ impl Session {
             }
             Ok::<_, SessionError>(())
         };
-        let inbound = &mut self.inbound;
+        let (inbound, control) = (&mut self.inbound, &mut self.control);
         let receive = async {
             let mut mean = vec![0.0f32; grads.len()];
             let mut seen = vec![false; chunking.count()];
-            for _ in 0..chunking.count() {
+            let mut received = 0;
+            while received < chunking.count() {
                 let chunk = match next(inbound).await? {
                     coordinator_message::Kind::Chunk(chunk) => chunk,
+                    coordinator_message::Kind::Control(c) => {
+                        *control = Some(c);
+                        continue;
+                    }
                     other => {
                         return Err(SessionError::Protocol(format!(
                             "expected a reduced chunk, got {other:?}"
@@ -258,6 +265,7 @@ impl Session {
                     )));
                 }
                 seen[index] = true;
+                received += 1;
                 wire::decode_into(&chunk.data, format, &mut mean[chunking.range(index)])?;
             }
             Ok(mean)
@@ -265,6 +273,18 @@ impl Session {
         let (sent, mean) = tokio::join!(send, receive);
         sent?;
         mean
+    }
+
+    /// The coordinator's decision for `step` (checkpoint, stop), if it sent
+    /// one; it arrives during the step's all-reduce.
+    pub fn take_control(&mut self, step: u64) -> Option<pb::Control> {
+        self.control.take_if(|c| c.step == step)
+    }
+
+    /// A handle that can report checkpoint uploads from another task while
+    /// the session keeps training.
+    pub fn notifier(&self) -> Notifier {
+        Notifier(self.outbound.clone())
     }
 
     /// Reports a finished step (losses, speed, parameter checksum).
@@ -315,6 +335,26 @@ async fn next(
         }
         Some(Err(status)) => Err(status.into()),
         None => Err(SessionError::Closed),
+    }
+}
+
+/// Sends [`pb::CheckpointWritten`] on a session from a background task.
+/// Drop it before [`Session::finish`]: the stream ends when the last handle goes.
+#[derive(Clone)]
+pub struct Notifier(mpsc::Sender<pb::WorkerMessage>);
+
+impl Notifier {
+    /// Tells the coordinator whether checkpoint `step` is in the store.
+    pub async fn checkpoint_written(&self, step: u64, outcome: Result<(), String>) -> Result<(), SessionError> {
+        let written = pb::CheckpointWritten {
+            step,
+            ok: outcome.is_ok(),
+            error: outcome.err().unwrap_or_default(),
+        };
+        self.0
+            .send(message(worker_message::Kind::CheckpointWritten(written)))
+            .await
+            .map_err(|_| SessionError::Closed)
     }
 }
 

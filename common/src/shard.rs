@@ -8,6 +8,7 @@
 //! expect, and a run is reproducible from the seed alone.
 
 use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 
@@ -52,12 +53,98 @@ impl ShardSampler {
 
     /// This rank's sample indices for `epoch`, in the order it reads them.
     pub fn shard(&self, epoch: u64) -> Vec<usize> {
+        self.shard_from(epoch, 0)
+    }
+
+    /// This rank's share of `epoch` when the group starts reading it at
+    /// permutation position `position` (a resumed run, possibly with another
+    /// world size): positions `position + r, position + r + N, …`.
+    pub fn shard_from(&self, epoch: u64, position: usize) -> Vec<usize> {
+        let remaining = self.len.saturating_sub(position);
         epoch_permutation(self.len, self.seed, epoch)
             .into_iter()
-            .skip(self.rank)
+            .skip(position + self.rank)
             .step_by(self.world)
-            .take(self.per_rank())
+            .take(remaining / self.world)
             .collect()
+    }
+}
+
+/// Where the group stands in the data: the next step reads `epoch`'s
+/// permutation from `position` on. Every step consumes `world × batch`
+/// consecutive positions, so the cursor means the same thing for any world
+/// size and a checkpoint can resume with a different number of workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataCursor {
+    /// The epoch being read.
+    pub epoch: u64,
+    /// Permutation positions of that epoch already consumed by all ranks.
+    pub position: u64,
+}
+
+/// Which part of which shard every step reads, from a starting step and cursor.
+#[derive(Debug, Clone, Copy)]
+pub struct StepPlan {
+    sampler: ShardSampler,
+    batch: usize,
+    origin_step: u64,
+    origin: DataCursor,
+    origin_steps: u64,
+    steps_per_epoch: u64,
+}
+
+/// One step's data: read `shard_from(epoch, shard_position)` from `offset` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepSlice {
+    /// The epoch.
+    pub epoch: u64,
+    /// Where the group entered this epoch's permutation (0 unless resumed mid-epoch).
+    pub shard_position: usize,
+    /// Index of the step's first sample within this rank's shard.
+    pub offset: usize,
+}
+
+impl StepPlan {
+    /// Steps from `origin_step` on, reading from `origin`.
+    pub fn new(sampler: ShardSampler, batch: usize, origin_step: u64, origin: DataCursor) -> Self {
+        let batch = batch.max(1);
+        let remaining = sampler.len.saturating_sub(origin.position as usize) / sampler.world;
+        Self {
+            sampler,
+            batch,
+            origin_step,
+            origin,
+            origin_steps: (remaining / batch) as u64,
+            steps_per_epoch: sampler.steps_per_epoch(batch) as u64,
+        }
+    }
+
+    /// Where `step` (at least the origin step) reads.
+    pub fn locate(&self, step: u64) -> StepSlice {
+        let k = step - self.origin_step;
+        if k < self.origin_steps {
+            return StepSlice {
+                epoch: self.origin.epoch,
+                shard_position: self.origin.position as usize,
+                offset: k as usize * self.batch,
+            };
+        }
+        let k = k - self.origin_steps;
+        StepSlice {
+            epoch: self.origin.epoch + 1 + k / self.steps_per_epoch.max(1),
+            shard_position: 0,
+            offset: (k % self.steps_per_epoch.max(1)) as usize * self.batch,
+        }
+    }
+
+    /// The cursor once `step` has been trained: what a checkpoint saves.
+    pub fn cursor_after(&self, step: u64) -> DataCursor {
+        let slice = self.locate(step);
+        let consumed = (slice.offset + self.batch) * self.sampler.world;
+        DataCursor {
+            epoch: slice.epoch,
+            position: (slice.shard_position + consumed) as u64,
+        }
     }
 }
 
@@ -106,6 +193,55 @@ mod tests {
         assert_eq!(a.shard(0), ShardSampler::new(1000, 2, 0, 5).shard(0));
         assert_ne!(a.shard(0), a.shard(1));
         assert_ne!(a.shard(0), ShardSampler::new(1000, 2, 0, 6).shard(0));
+    }
+
+    /// Resuming from a cursor with the same world size reads exactly the
+    /// samples the uninterrupted run reads.
+    #[test]
+    fn a_plan_resumed_from_a_cursor_reads_what_the_original_reads() {
+        let (len, world, batch) = (103, 2, 8);
+        let sampler = |rank| ShardSampler::new(len, world, rank, 9);
+        let samples = |plan: &StepPlan, rank, step| {
+            let s = plan.locate(step);
+            sampler(rank).shard_from(s.epoch, s.shard_position)[s.offset..s.offset + batch].to_vec()
+        };
+        let fresh = StepPlan::new(sampler(0), batch, 0, DataCursor::default());
+        for stop in [1u64, 3, 6, 7, 13] {
+            let cursor = fresh.cursor_after(stop - 1);
+            let resumed = StepPlan::new(sampler(0), batch, stop, cursor);
+            for step in stop..stop + 10 {
+                for rank in 0..world {
+                    assert_eq!(samples(&fresh, rank, step), samples(&resumed, rank, step), "{step}");
+                }
+            }
+        }
+    }
+
+    /// With another world size the resumed group finishes the epoch from the
+    /// cursor without reading any sample twice.
+    #[test]
+    fn a_plan_resumed_with_another_world_size_continues_the_epoch() {
+        let (len, batch) = (96, 4);
+        let two = StepPlan::new(ShardSampler::new(len, 2, 0, 1), batch, 0, DataCursor::default());
+        let cursor = two.cursor_after(4); // 5 steps × 2 ranks × 4 = 40 positions
+        assert_eq!(cursor, DataCursor { epoch: 0, position: 40 });
+        let mut seen: HashSet<usize> = (0..2)
+            .flat_map(|r| ShardSampler::new(len, 2, r, 1).shard(0)[..20].to_vec())
+            .collect();
+        let three: Vec<StepPlan> = (0..3)
+            .map(|r| StepPlan::new(ShardSampler::new(len, 3, r, 1), batch, 5, cursor))
+            .collect();
+        for step in 5..9 {
+            for (r, plan) in three.iter().enumerate() {
+                let s = plan.locate(step);
+                assert_eq!(s.epoch, 0);
+                let shard = ShardSampler::new(len, 3, r, 1).shard_from(0, s.shard_position);
+                for &i in &shard[s.offset..s.offset + batch] {
+                    assert!(seen.insert(i), "sample {i} read twice");
+                }
+            }
+        }
+        assert_eq!(three[0].locate(9).epoch, 1, "(96 - 40) / 3 / 4 = 4 steps left in epoch 0");
     }
 
     #[test]

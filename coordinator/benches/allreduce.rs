@@ -29,9 +29,12 @@ const TOKEN: &str = "bench";
 const WARMUP: usize = 1;
 
 fn config(iters: usize, format: &str) -> Config {
+    // Steps beyond what the clients run: the schedule never asks for a checkpoint.
     let overrides = [
-        ("train.steps", (2 * (iters + WARMUP)).to_string()),
+        ("train.steps", (4 * (iters + WARMUP)).to_string()),
         ("allreduce.wire", format.to_string()),
+        ("checkpoint.store", "memory://".to_string()),
+        ("checkpoint.every", "0".to_string()),
     ];
     Config::load_with_env(None, &overrides, Some(Default::default())).expect("bench config")
 }
@@ -163,11 +166,15 @@ async fn through_coordinator(
         workers: world,
         token: TOKEN.into(),
     };
+    let plan = coordinator::resume::plan(&cfg, &coordinator::ResumePolicy::Latest, world)
+        .await
+        .expect("plan");
     let server = tokio::spawn(coordinator::run_on(
         listeners,
         cfg,
         mode,
-        std::future::pending(),
+        plan,
+        std::future::pending,
     ));
     let outputs = spawn_clients(world, |rank| {
         [

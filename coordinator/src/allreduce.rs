@@ -7,6 +7,10 @@
 //! tokio's blocking pool so it never stalls the reactor; memory holds at
 //! most one gradient's chunks per worker, because a worker cannot start the
 //! next gradient before it has the mean of the current one.
+//!
+//! The first reduced chunk of each step's generator gradient is preceded
+//! by the [`Schedule`]'s decision for that step (checkpoint, stop), so every
+//! worker receives it before it can finish the step.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,6 +20,7 @@ use common::pb::{self, coordinator_message};
 use common::wire::{self, WireError, WireFormat};
 
 use crate::peers::Peers;
+use crate::schedule::Schedule;
 
 /// Identifies one chunk of one gradient.
 type Key = (u64, i32, u32);
@@ -60,15 +65,18 @@ pub enum ChunkError {
 pub struct Reducer {
     world: usize,
     peers: Arc<Peers>,
+    schedule: Arc<Schedule>,
     pending: Mutex<HashMap<Key, Slot>>,
 }
 
 impl Reducer {
-    /// A reducer for `world` ranks answering through `peers`.
-    pub fn new(world: usize, peers: Arc<Peers>) -> Self {
+    /// A reducer for `world` ranks answering through `peers`, announcing
+    /// `schedule`'s decisions.
+    pub fn new(world: usize, peers: Arc<Peers>, schedule: Arc<Schedule>) -> Self {
         Self {
             world,
             peers,
+            schedule,
             pending: Mutex::new(HashMap::new()),
         }
     }
@@ -117,6 +125,14 @@ impl Reducer {
             data: mean,
             ..slot.header
         };
+        if reduced.net == pb::Net::Generator as i32
+            && reduced.index == 0
+            && let Some(control) = self.schedule.control(reduced.step)
+        {
+            self.peers
+                .broadcast(coordinator_message::Kind::Control(control))
+                .await;
+        }
         self.peers
             .broadcast(coordinator_message::Kind::Chunk(reduced))
             .await;

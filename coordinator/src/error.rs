@@ -88,6 +88,67 @@ pub enum CoordinatorError {
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Server(#[from] tonic::transport::Error),
+    /// The checkpoint store failed (unreachable, refused credentials...).
+    #[error("checkpoint store: {0}")]
+    Store(#[from] common::checkpoint::CheckpointError),
+    /// `--fresh` on a run that already has checkpoints.
+    #[error(
+        "run `{run}` already has {checkpoints} checkpoint(s) in {store}: drop --fresh to resume it, \
+         add --force to delete them and start over, or pick another checkpoint.run"
+    )]
+    RunExists {
+        /// Run id.
+        run: String,
+        /// Where.
+        store: String,
+        /// How many.
+        checkpoints: usize,
+    },
+    /// `--resume-from` names a checkpoint that cannot be used.
+    #[error("--resume-from {name}: {reason}")]
+    ResumeFrom {
+        /// As given.
+        name: String,
+        /// Why not.
+        reason: String,
+    },
+    /// The checkpoint belongs to a run with other training settings.
+    #[error(
+        "checkpoint {checkpoint} was written by a run with other settings ({differences}); \
+         use the same settings, another checkpoint.run, or --fresh --force"
+    )]
+    DifferentRun {
+        /// Where the checkpoint is.
+        checkpoint: String,
+        /// Each differing key.
+        differences: String,
+    },
+    /// The run already reached `train.steps`.
+    #[error(
+        "the run is already complete: checkpoint {checkpoint} is at step {step} and train.steps is {steps}; \
+         raise train.steps (--steps) to train further"
+    )]
+    AlreadyDone {
+        /// The newest checkpoint.
+        checkpoint: String,
+        /// Its step.
+        step: u64,
+        /// Configured steps.
+        steps: u64,
+    },
+    /// The last checkpoint of the run could not be written.
+    #[error(
+        "training reached step {step} but its checkpoint could not be saved: {reason}; \
+         the newest committed checkpoint is {committed}"
+    )]
+    FinalCheckpoint {
+        /// Steps done.
+        step: u64,
+        /// Why.
+        reason: String,
+        /// What a rerun resumes from.
+        committed: String,
+    },
     /// Stopped by a signal before training finished.
     #[error("interrupted before training finished")]
     Interrupted,

@@ -36,12 +36,14 @@ pub fn worker_binary() -> Result<PathBuf, CoordinatorError> {
 
 impl Launcher {
     /// Starts `workers` processes training with `config` against the
-    /// coordinator at `address`; failures arrive on `events`.
+    /// coordinator at `address`, with `secrets` in their environment (the
+    /// config file never holds them); failures arrive on `events`.
     pub fn spawn(
         workers: usize,
         address: &str,
         token: &str,
         config: &Path,
+        secrets: &[(&str, &str)],
         events: mpsc::Sender<Event>,
     ) -> Result<Self, CoordinatorError> {
         let binary = worker_binary()?;
@@ -59,6 +61,7 @@ impl Launcher {
                 ])
                 .arg(config)
                 .env("GANCLUSTER_TOKEN", token)
+                .envs(secrets.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())

@@ -12,8 +12,11 @@ pub mod peers;
 pub mod progress;
 pub mod rendezvous;
 pub mod reports;
+pub mod resume;
 pub mod run;
+pub mod schedule;
 pub mod service;
 
 pub use error::CoordinatorError;
-pub use run::{Listeners, Mode, run, run_on};
+pub use resume::ResumePolicy;
+pub use run::{Listeners, Mode, Outcome, run, run_on};

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::Parser;
 use common::cli::ConfigArgs;
 use common::logging::{self, LogFormat};
-use coordinator::{CoordinatorError, Mode};
+use coordinator::{CoordinatorError, Mode, ResumePolicy};
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +22,15 @@ struct Cli {
     /// Shared secret external workers must present.
     #[arg(long, env = "GANCLUSTER_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Resume from this checkpoint (step-N or N) instead of the newest valid one.
+    #[arg(long, conflicts_with = "fresh")]
+    resume_from: Option<String>,
+    /// Start over instead of resuming; refused if the run has checkpoints, unless --force.
+    #[arg(long)]
+    fresh: bool,
+    /// With --fresh: delete the run's existing checkpoints.
+    #[arg(long, requires = "fresh")]
+    force: bool,
     /// `human` lines or one `json` object per line.
     #[arg(long, default_value = "human")]
     log_format: LogFormat,
@@ -47,9 +56,15 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Mode::Local(cli.workers)
     };
-    coordinator::run(cfg, mode, shutdown_signal())
+    let policy = match (cli.resume_from, cli.fresh) {
+        (Some(name), _) => ResumePolicy::From(name),
+        (None, true) => ResumePolicy::Fresh { force: cli.force },
+        (None, false) => ResumePolicy::Latest,
+    };
+    coordinator::run(cfg, mode, policy, shutdown_signal)
         .await
-        .context("training failed")
+        .context("training failed")?;
+    Ok(())
 }
 
 /// Ctrl-C or SIGTERM (Kubernetes eviction).

@@ -14,11 +14,12 @@ pub struct Progress {
 }
 
 impl Progress {
-    /// A bar over `steps` when stderr is a terminal, log lines every
-    /// `log_every` steps when it is not.
-    pub fn new(steps: u64, log_every: u64) -> Self {
+    /// A bar over `steps` (starting at `first_step` for a resumed run) when
+    /// stderr is a terminal, log lines every `log_every` steps when it is not.
+    pub fn new(steps: u64, log_every: u64, first_step: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(steps);
+            bar.set_position(first_step);
             bar.set_style(
                 ProgressStyle::with_template(
                     "{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]",

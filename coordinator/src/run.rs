@@ -18,10 +18,14 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
+use common::checkpoint::{self, Checkpoints};
+
 use crate::CoordinatorError;
 use crate::launcher::Launcher;
 use crate::progress::Progress;
 use crate::rendezvous::Rendezvous;
+use crate::resume::{self, ResumePolicy};
+use crate::schedule::Schedule;
 use crate::service::{CoordinatorService, Event, Group};
 
 /// Where the workers come from.
@@ -37,6 +41,25 @@ pub enum Mode {
         token: String,
     },
 }
+
+/// How a run ended without error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// All `train.steps` steps are done and checkpointed.
+    Finished {
+        /// Steps done.
+        steps: u64,
+    },
+    /// A stop request (SIGTERM) ended the run early, after a checkpoint.
+    Stopped {
+        /// Steps done.
+        steps: u64,
+    },
+}
+
+/// Environment variable that hands the S3 secret to local workers, which
+/// read everything else from the saved config (that never contains it).
+const SECRET_ENV: &str = "GANCLUSTER__CHECKPOINT__S3__SECRET_ACCESS_KEY";
 
 /// Events queued from handlers to the run loop.
 const EVENT_QUEUE: usize = 1024;
@@ -89,23 +112,40 @@ pub fn bind_unix(path: &Path) -> Result<(UnixListener, PathBuf), CoordinatorErro
 }
 
 /// Trains `cfg` with workers from `mode` until they all finish, one fails,
-/// or `shutdown` resolves. Local workers connect through a Unix socket.
-pub async fn run(
+/// or a stop is requested. Where training starts follows `policy` and the
+/// run's checkpoints. `shutdown` resolving once checkpoints and stops the
+/// group after the current step; resolving again interrupts at once.
+/// Local workers connect through a Unix socket.
+pub async fn run<S>(
     cfg: Config,
     mode: Mode,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), CoordinatorError> {
+    policy: ResumePolicy,
+    shutdown: impl FnMut() -> S,
+) -> Result<Outcome, CoordinatorError>
+where
+    S: Future<Output = ()>,
+{
+    let workers = match &mode {
+        Mode::Local(n) => *n,
+        Mode::External { workers, .. } => *workers,
+    };
+    let (checkpoints, start) = resume::plan(&cfg, &policy, workers).await?;
     let listeners = Listeners::bind(&cfg, matches!(mode, Mode::Local(_))).await?;
-    run_on(listeners, cfg, mode, shutdown).await
+    run_on(listeners, cfg, mode, (checkpoints, start), shutdown).await
 }
 
-/// As [`run`], on already bound listeners (tests and benchmarks bind port 0 first).
-pub async fn run_on(
+/// As [`run`], on already bound listeners (tests and benchmarks bind port 0
+/// first) and an already planned start ([`resume::plan`]).
+pub async fn run_on<S>(
     listeners: Listeners,
     cfg: Config,
     mode: Mode,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), CoordinatorError> {
+    (checkpoints, start): (Checkpoints, resume::StartPoint),
+    shutdown: impl FnMut() -> S,
+) -> Result<Outcome, CoordinatorError>
+where
+    S: Future<Output = ()>,
+{
     let (workers, token) = match &mode {
         Mode::Local(n) => (*n, format!("{:032x}", rand::random::<u128>())),
         Mode::External { workers, token } => (*workers, token.clone()),
@@ -119,10 +159,18 @@ pub async fn run_on(
         })?;
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     let rendezvous = Rendezvous::new(workers, token.clone(), cfg.training_hash());
+    let schedule = Arc::new(Schedule::new(cfg.checkpoint.every, cfg.train.steps));
+    let first_step = start.first_step;
+    let start = common::pb::Start {
+        first_step,
+        steps: cfg.train.steps,
+        resume_from: start.checkpoint.unwrap_or_default(),
+    };
     let group = Arc::new(Group::new(
         rendezvous,
         workers,
-        cfg.train.steps,
+        start,
+        schedule.clone(),
         events_tx.clone(),
     ));
     let (stop_servers, servers_stopped) = watch::channel(false);
@@ -160,17 +208,31 @@ pub async fn run_on(
     let launcher = match mode {
         Mode::Local(n) => {
             let config_path = save_config(&cfg)?;
+            let secret = cfg.checkpoint.s3.secret_access_key.expose();
+            let secrets: Vec<(&str, &str)> = match secret.is_empty() {
+                true => vec![],
+                false => vec![(SECRET_ENV, secret)],
+            };
             Some(Launcher::spawn(
                 n,
                 &local_address,
                 &token,
                 &config_path,
+                &secrets,
                 events_tx,
             )?)
         }
         Mode::External { .. } => None,
     };
-    let outcome = supervise(&cfg, &group, workers, events, shutdown).await;
+    let watch = Supervision {
+        cfg: &cfg,
+        group: &group,
+        schedule: &schedule,
+        checkpoints: &checkpoints,
+        workers,
+        first_step,
+    };
+    let outcome = watch.supervise(events, shutdown).await;
     if let Err(err) = &outcome {
         group
             .peers
@@ -194,48 +256,123 @@ pub async fn run_on(
         // Nothing listens on it any more; a stale file would only confuse.
         let _ = std::fs::remove_file(path);
     }
-    outcome?;
-    Ok(served?)
+    let outcome = outcome?;
+    served?;
+    Ok(outcome)
 }
 
-async fn supervise(
-    cfg: &Config,
-    group: &Group,
+/// What the run loop watches.
+struct Supervision<'a> {
+    cfg: &'a Config,
+    group: &'a Group,
+    schedule: &'a Schedule,
+    checkpoints: &'a Checkpoints,
     workers: usize,
-    mut events: mpsc::Receiver<Event>,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), CoordinatorError> {
-    let join_timeout = Duration::from_secs(cfg.coordinator.join_timeout_s);
-    let join_deadline = tokio::time::sleep(join_timeout);
-    tokio::pin!(join_deadline, shutdown);
-    let progress = Progress::new(cfg.train.steps, cfg.train.log_every);
-    let mut finished = 0;
-    loop {
-        tokio::select! {
-            event = events.recv() => match event.expect("the group holds a sender") {
-                Event::StepDone(summary) => progress.step(&summary),
-                Event::Finished { rank } => {
-                    finished += 1;
-                    info!(rank, "worker finished");
-                    if finished == workers {
-                        progress.finish();
-                        info!(steps = cfg.train.steps, "training finished");
-                        return Ok(());
+    first_step: u64,
+}
+
+impl Supervision<'_> {
+    async fn supervise<S: Future<Output = ()>>(
+        &self,
+        mut events: mpsc::Receiver<Event>,
+        mut shutdown: impl FnMut() -> S,
+    ) -> Result<Outcome, CoordinatorError> {
+        let (cfg, group, workers) = (self.cfg, self.group, self.workers);
+        let join_timeout = Duration::from_secs(cfg.coordinator.join_timeout_s);
+        let join_deadline = tokio::time::sleep(join_timeout);
+        let signal = shutdown();
+        tokio::pin!(join_deadline, signal);
+        let progress = Progress::new(cfg.train.steps, cfg.train.log_every, self.first_step);
+        let (mut finished, mut stopping) = (0, false);
+        let mut committed: Option<u64> = None;
+        let mut failed_checkpoint: Option<(u64, String)> = None;
+        loop {
+            tokio::select! {
+                event = events.recv() => match event.expect("the group holds a sender") {
+                    Event::StepDone(summary) => progress.step(&summary),
+                    Event::CheckpointWritten { step, error: None } => {
+                        self.commit(step).await;
+                        committed = Some(step);
                     }
+                    Event::CheckpointWritten { step, error: Some(reason) } => {
+                        tracing::warn!(checkpoint = %checkpoint::name(step), %reason,
+                            "rank 0 could not write a checkpoint; `latest` still names the previous one");
+                        failed_checkpoint = Some((step, reason));
+                    }
+                    Event::Finished { rank } => {
+                        finished += 1;
+                        info!(rank, "worker finished");
+                        if finished == workers {
+                            progress.finish();
+                            return self.outcome(committed, failed_checkpoint).await;
+                        }
+                    }
+                    Event::Failed(err) => return Err(err),
+                },
+                _ = &mut join_deadline, if !group.rendezvous.is_formed() => {
+                    let (hosts, missing) = group.rendezvous.who();
+                    return Err(CoordinatorError::JoinTimeout {
+                        expected: workers,
+                        joined: hosts.len(),
+                        hosts: if hosts.is_empty() { "none".into() } else { hosts.join(", ") },
+                        missing,
+                        seconds: join_timeout.as_secs(),
+                    });
                 }
-                Event::Failed(err) => return Err(err),
-            },
-            _ = &mut join_deadline, if !group.rendezvous.is_formed() => {
-                let (hosts, missing) = group.rendezvous.who();
-                return Err(CoordinatorError::JoinTimeout {
-                    expected: workers,
-                    joined: hosts.len(),
-                    hosts: if hosts.is_empty() { "none".into() } else { hosts.join(", ") },
-                    missing,
-                    seconds: join_timeout.as_secs(),
-                });
+                _ = &mut signal => {
+                    if stopping || !group.rendezvous.is_formed() {
+                        return Err(CoordinatorError::Interrupted);
+                    }
+                    stopping = true;
+                    self.schedule.request_stop();
+                    info!("stop requested: the group checkpoints and stops after the current step \
+                        (signal again to stop at once, without a checkpoint)");
+                    signal.set(shutdown());
+                }
             }
-            _ = &mut shutdown => return Err(CoordinatorError::Interrupted),
+        }
+    }
+
+    /// Records a written checkpoint: `latest` moves to it, old ones go.
+    async fn commit(&self, step: u64) {
+        let location = self.checkpoints.location(step);
+        match self.checkpoints.commit(step, self.cfg.checkpoint.keep).await {
+            Ok(removed) => info!(checkpoint = %location, ?removed, "checkpoint committed"),
+            // The manifest is written, so a resume still finds it; only the pointer lags.
+            Err(error) => tracing::warn!(checkpoint = %location, %error, "could not update `latest`"),
+        }
+    }
+
+    /// Success only when the last checkpoint asked for is in the store.
+    async fn outcome(
+        &self,
+        committed: Option<u64>,
+        failed: Option<(u64, String)>,
+    ) -> Result<Outcome, CoordinatorError> {
+        let wanted = self.schedule.last_checkpoint();
+        if let Some(step) = wanted.filter(|w| Some(*w) != committed) {
+            let reason = match failed {
+                Some((s, reason)) if s == step => reason,
+                _ => "rank 0 finished without reporting it".into(),
+            };
+            let newest = self.checkpoints.latest().await.ok().flatten();
+            return Err(CoordinatorError::FinalCheckpoint {
+                step,
+                reason,
+                committed: newest.unwrap_or_else(|| "none".into()),
+            });
+        }
+        match self.schedule.stopped_after() {
+            Some(steps) => {
+                info!(steps, "stopped on request after checkpointing; run the same command to resume");
+                Ok(Outcome::Stopped { steps })
+            }
+            None => {
+                info!(steps = self.cfg.train.steps, "training finished");
+                Ok(Outcome::Finished {
+                    steps: self.cfg.train.steps,
+                })
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use crate::allreduce::Reducer;
 use crate::peers::{OUTBOUND_QUEUE, Peers};
 use crate::rendezvous::Rendezvous;
 use crate::reports::{Reports, StepSummary};
+use crate::schedule::Schedule;
 
 /// What the handlers tell the run loop.
 #[derive(Debug)]
@@ -25,6 +26,13 @@ pub enum Event {
     Finished {
         /// The rank.
         rank: usize,
+    },
+    /// Rank 0 uploaded (or failed to upload) a checkpoint.
+    CheckpointWritten {
+        /// Steps done at the checkpoint.
+        step: u64,
+        /// Why it failed, if it did.
+        error: Option<String>,
     },
     /// The run cannot go on.
     Failed(CoordinatorError),
@@ -39,25 +47,27 @@ pub struct Group {
     reducer: Reducer,
     reports: Reports,
     events: mpsc::Sender<Event>,
-    steps: u64,
+    start: pb::Start,
 }
 
 impl Group {
-    /// A group of `world` workers training `steps` steps.
+    /// A group of `world` workers told to train as `start` says, checkpointing
+    /// and stopping as `schedule` decides.
     pub fn new(
         rendezvous: Rendezvous,
         world: usize,
-        steps: u64,
+        start: pb::Start,
+        schedule: Arc<Schedule>,
         events: mpsc::Sender<Event>,
     ) -> Self {
         let peers = Arc::new(Peers::new(world));
         Self {
             rendezvous,
-            reducer: Reducer::new(world, peers.clone()),
+            reducer: Reducer::new(world, peers.clone(), schedule),
             peers,
             reports: Reports::new(world),
             events,
-            steps,
+            start,
         }
     }
 }
@@ -116,10 +126,7 @@ impl Coordinator for CoordinatorService {
             })?;
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         if self.group.peers.register(rank, tx) {
-            let start = pb::Start {
-                first_step: 0,
-                steps: self.group.steps,
-            };
+            let start = self.group.start.clone();
             self.group
                 .peers
                 .broadcast(coordinator_message::Kind::Start(start))
@@ -154,6 +161,10 @@ async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb:
                 Some(Err(divergence)) => break Some(divergence.into()),
                 None => {}
             },
+            Some(worker_message::Kind::CheckpointWritten(written)) => {
+                let error = (!written.ok).then_some(written.error);
+                send(&group, Event::CheckpointWritten { step: written.step, error }).await;
+            }
             Some(worker_message::Kind::Finished(_)) => {
                 finished = true;
                 send(&group, Event::Finished { rank }).await;

@@ -23,7 +23,10 @@ const CHUNK_BYTES: usize = 16_384;
 fn config(format: WireFormat) -> Config {
     let mut cfg = Config::load_with_env(
         None,
-        &[("train.steps", SIZES.len().to_string())],
+        &[
+            ("train.steps", SIZES.len().to_string()),
+            ("checkpoint.store", "memory://".to_string()),
+        ],
         Some(Default::default()),
     )
     .unwrap();
@@ -91,11 +94,15 @@ async fn check(world: usize, format: WireFormat) {
         tcp: listener,
         unix: None,
     };
+    let plan = coordinator::resume::plan(&cfg, &coordinator::ResumePolicy::Latest, world)
+        .await
+        .unwrap();
     let server = tokio::spawn(coordinator::run_on(
         listeners,
         cfg.clone(),
         mode,
-        std::future::pending(),
+        plan,
+        std::future::pending,
     ));
 
     let mut rng = ChaCha8Rng::seed_from_u64(world as u64);

@@ -4,6 +4,8 @@
 //! so a hung or failing test never leaves processes behind. Output is
 //! captured on threads, so a chatty child cannot block on a full pipe.
 
+pub mod s3;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -89,6 +91,14 @@ impl Running {
             stdout,
             stderr,
         }
+    }
+
+    /// Sends SIGTERM, as Kubernetes does on eviction.
+    pub fn terminate(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a valid signal number has no memory-safety preconditions.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "SIGTERM to {pid}: {}", std::io::Error::last_os_error());
     }
 
     fn output(&mut self) -> (String, String) {

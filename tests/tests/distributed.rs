@@ -10,7 +10,7 @@ use common::{Config, ShardSampler};
 use gancluster_tests::{Finished, Running, run, workspace_bin};
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
-use worker::training::{Trainer, noise_stream, noise_tensor};
+use worker::training::{Trainer, step_noise};
 use worker::training_loop::{PARAMS_F32, to_tensor};
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -37,6 +37,8 @@ fn coordinator(workers: usize, steps: u64, out: &Path) -> Command {
     .args(TINY)
     .arg("--out")
     .arg(out)
+    .arg("--store")
+    .arg(format!("file://{}", out.join("store").display()))
     .env_remove("RUST_LOG")
     .env_remove("GANCLUSTER_FAULT");
     cmd
@@ -73,19 +75,22 @@ fn two_workers_equal_a_single_process_applying_the_average_gradient() {
     let mut shards: Vec<(BatchLoader, _)> = (0..2)
         .map(|rank| {
             let sampler = ShardSampler::new(source.len(), 2, rank, cfg.train.seed);
-            let loader = BatchLoader::spawn(source.clone(), sampler, 2, 8, 16, 0, 1).unwrap();
-            (loader, noise_stream(cfg.train.seed, rank))
+            let loader =
+                BatchLoader::spawn(source.clone(), sampler, 2, 8, 16, 0, Default::default(), 1)
+                    .unwrap();
+            (loader, rank)
         })
         .collect();
     let mean = |a: Vec<f32>, b: Vec<f32>| -> Vec<f32> {
         a.iter().zip(&b).map(|(x, y)| (x + y) / 2.0).collect()
     };
-    for _ in 0..STEPS {
+    for step in 0..STEPS {
         let mut fakes = Vec::new();
         let mut d_grads = Vec::new();
-        for (loader, noise) in &mut shards {
+        for (loader, rank) in &mut shards {
             let real = to_tensor(loader.next_batch().unwrap(), 16, &device);
-            let fake = trainer.generate(noise_tensor(noise, 8, cfg.model.nz, &device));
+            let z = step_noise(cfg.train.seed, *rank, step, 8, cfg.model.nz, &device);
+            let fake = trainer.generate(z);
             d_grads.push(trainer.discriminator_step(real, fake.clone().detach()).0);
             fakes.push(fake);
         }

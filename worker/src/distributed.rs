@@ -3,21 +3,27 @@
 //! gRPC runs on a small tokio runtime; burn runs on this thread, outside
 //! it, so tensor work never blocks the reactor that keeps the streams
 //! flowing. Each gradient goes through the coordinator's all-reduce and
-//! every step is reported with a parameter checksum.
+//! every step is reported with a parameter checksum. The coordinator says
+//! where to start (fresh or from a checkpoint) and when to checkpoint or
+//! stop; rank 0 uploads checkpoints in the background.
 
 use std::time::Instant;
 
 use anyhow::Context;
+use bytes::Bytes;
 use common::Config;
+use common::checkpoint::{self as layout, Checkpoints};
 use common::pb;
 use common::session::{self, Session};
+use common::store::Store;
 use tokio::runtime::Runtime;
 use tracing::info;
 
 use crate::backend::{self, TrainBackend};
+use crate::checkpoint::{self, Uploader};
 use crate::params;
 use crate::training::{GradientReducer, Net, Trainer};
-use crate::training_loop::{self, Replica, StepRecord, StepSync, Summary};
+use crate::training_loop::{self, Directive, Replica, Start, StepRecord, StepSync, Summary};
 
 /// Fault injection for tests: `GANCLUSTER_FAULT=<kind>:<rank>:<step>`
 /// makes that rank, after that step, either nudge its discriminator
@@ -78,19 +84,56 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         "joined"
     );
     let mut trainer = trainer.for_rank(replica.rank);
+    let checkpoints = Checkpoints::new(Store::open(&cfg.checkpoint)?, &cfg.checkpoint.run);
+    let begin = resume(&runtime, &checkpoints, &start, &mut trainer)?;
     let mut remote = Remote {
         runtime: &runtime,
         session: Some(session),
         waited_ms: 0.0,
         fault: fault(replica.rank)?,
+        uploader: Uploader::new(checkpoints),
     };
-    let summary = training_loop::train(cfg, replica, &mut trainer, &mut remote, eval_images)?;
+    let summary = training_loop::train(cfg, replica, &mut trainer, &mut remote, eval_images, begin)?;
+    // The last checkpoint must be in the store (and reported) before this
+    // worker says it is done.
+    remote.uploader.wait(&runtime);
     let session = remote
         .session
         .take()
         .expect("the session lives until the end");
-    runtime.block_on(session.finish(cfg.train.steps))?;
+    runtime.block_on(session.finish(summary.steps))?;
     Ok(summary)
+}
+
+/// Loads the checkpoint `start` names, if any, into `trainer`.
+fn resume(
+    runtime: &Runtime,
+    checkpoints: &Checkpoints,
+    start: &pb::Start,
+    trainer: &mut Trainer<TrainBackend>,
+) -> anyhow::Result<Start> {
+    if start.resume_from.is_empty() {
+        return Ok(Start::default());
+    }
+    let name = &start.resume_from;
+    let step = layout::parse_name(name)
+        .with_context(|| format!("the coordinator sent an invalid checkpoint name {name:?}"))?;
+    let loaded = runtime
+        .block_on(checkpoints.load(step))
+        .with_context(|| format!("loading checkpoint {}", checkpoints.location(step)))?;
+    let (state, history) = checkpoint::restore(trainer, &loaded)?;
+    anyhow::ensure!(
+        state.step == start.first_step,
+        "checkpoint {name} is at step {} but the coordinator starts at step {}",
+        state.step,
+        start.first_step
+    );
+    info!(checkpoint = %name, step = state.step, epoch = state.cursor.epoch, "resumed from checkpoint");
+    Ok(Start {
+        first_step: state.step,
+        cursor: state.cursor,
+        history,
+    })
 }
 
 /// The coordinator-backed [`StepSync`].
@@ -99,6 +142,7 @@ struct Remote<'a> {
     session: Option<Session>,
     waited_ms: f64,
     fault: Option<Fault>,
+    uploader: Uploader,
 }
 
 impl Remote<'_> {
@@ -128,7 +172,7 @@ impl StepSync for Remote<'_> {
         &mut self,
         record: &StepRecord,
         trainer: &mut Trainer<TrainBackend>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Directive> {
         match self.fault {
             Some(Fault::Diverge(step)) if step == record.step => {
                 tracing::warn!(step, "{FAULT_ENV}: perturbing this replica's discriminator");
@@ -153,6 +197,21 @@ impl StepSync for Remote<'_> {
         };
         let runtime = self.runtime;
         runtime.block_on(self.session().report(report))?;
+        let control = self.session().take_control(record.step);
+        Ok(control.map_or_else(Directive::default, |c| Directive {
+            checkpoint: c.checkpoint,
+            stop: c.stop,
+        }))
+    }
+
+    fn checkpoint(&mut self, steps: u64, objects: Vec<(String, Bytes)>) -> anyhow::Result<()> {
+        let notifier = self.session().notifier();
+        let runtime = self.runtime;
+        self.uploader
+            .start(runtime, steps, objects, move |step, outcome| async move {
+                // A closed session means the run is over; the coordinator reports why.
+                let _ = notifier.checkpoint_written(step, outcome).await;
+            });
         Ok(())
     }
 }

@@ -3,12 +3,14 @@
 //! data-parallel group.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod data;
 pub mod distributed;
 pub mod eval;
 pub mod model;
 pub mod output;
 pub mod params;
+pub mod plot;
 pub mod standalone;
 pub mod swd;
 pub mod training;

@@ -7,7 +7,7 @@ use common::Config;
 
 use crate::backend::{self, TrainBackend};
 use crate::training::{LocalReducer, Trainer};
-use crate::training_loop::{self, Replica, Summary};
+use crate::training_loop::{self, Replica, Start, Summary};
 
 /// Trains `cfg` alone and writes its artifacts; see [`training_loop::train`].
 pub fn run(cfg: &Config, eval_images: usize) -> anyhow::Result<Summary> {
@@ -19,5 +19,6 @@ pub fn run(cfg: &Config, eval_images: usize) -> anyhow::Result<Summary> {
         &mut trainer,
         &mut LocalReducer,
         eval_images,
+        Start::default(),
     )
 }

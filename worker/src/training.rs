@@ -9,7 +9,9 @@
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
+use burn::module::Module;
 use burn::optim::{Adam, AdamConfig, Optimizer};
+use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
@@ -60,7 +62,7 @@ pub struct StepLosses {
 
 type Opt<M, B> = OptimizerAdaptor<Adam, M, B>;
 
-/// Both networks, their optimizers and the noise stream of one replica.
+/// Both networks and their optimizers on one replica.
 pub struct Trainer<B: AutodiffBackend> {
     generator: Generator<B>,
     discriminator: Discriminator<B>,
@@ -69,9 +71,34 @@ pub struct Trainer<B: AutodiffBackend> {
     lr: f64,
     nz: usize,
     seed: u64,
-    noise: ChaCha8Rng,
+    rank: usize,
     device: B::Device,
 }
+
+/// The complete trainable state of a replica as bytes: what a checkpoint
+/// stores and a resumed replica loads (burn's named MessagePack records,
+/// full precision).
+#[derive(Debug, Clone)]
+pub struct TrainerRecords {
+    /// G's parameters and BatchNorm running statistics.
+    pub generator: Vec<u8>,
+    /// D's parameters and BatchNorm running statistics.
+    pub discriminator: Vec<u8>,
+    /// G's Adam moments and step counts.
+    pub optimizer_g: Vec<u8>,
+    /// D's Adam moments and step counts.
+    pub optimizer_d: Vec<u8>,
+}
+
+/// A record that cannot be turned into bytes or back.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct RecordError {
+    what: &'static str,
+    reason: String,
+}
+
+type Bytes = NamedMpkBytesRecorder<FullPrecisionSettings>;
 
 /// Streams of the seed's generator: initial weights, training noise, and
 /// the fixed sample-grid noise.
@@ -80,6 +107,11 @@ const WEIGHT_STREAM: u64 = 0;
 const GRID_NOISE_STREAM: u64 = 1;
 /// Training noise: rank r uses stream TRAIN_NOISE_STREAM + r.
 const TRAIN_NOISE_STREAM: u64 = 2;
+/// log2 of the ChaCha words reserved for one step's noise: step s of a
+/// rank starts at word s << NOISE_WORDS_PER_STEP_LOG2, so the noise of any
+/// step is a pure function of (seed, rank, step) and a resumed run needs no
+/// saved generator state. 2^32 words cover any batch × nz that fits in memory.
+const NOISE_WORDS_PER_STEP_LOG2: u32 = 32;
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// Fresh networks and optimizers, identical for every caller with the
@@ -96,7 +128,6 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .with_beta_2(train.beta2 as f32)
                 .with_epsilon(1e-8)
         };
-        let noise = noise_stream(train.seed, 0);
         Self {
             generator,
             discriminator,
@@ -105,7 +136,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             lr: train.lr,
             nz: model.nz,
             seed: train.seed,
-            noise,
+            rank: 0,
             device: device.clone(),
         }
     }
@@ -113,8 +144,59 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Switches to replica `rank`'s noise stream, so replicas draw
     /// different fakes as DDP ranks do; weights are unaffected.
     pub fn for_rank(mut self, rank: usize) -> Self {
-        self.noise = noise_stream(self.seed, rank);
+        self.rank = rank;
         self
+    }
+
+    /// Both networks and both optimizer states as bytes.
+    pub fn records(&self) -> Result<TrainerRecords, RecordError> {
+        let recorder = Bytes::default();
+        let fail = |what| move |e: burn::record::RecorderError| RecordError {
+            what,
+            reason: e.to_string(),
+        };
+        Ok(TrainerRecords {
+            generator: recorder
+                .record(self.generator.clone().into_record(), ())
+                .map_err(fail("saving the generator"))?,
+            discriminator: recorder
+                .record(self.discriminator.clone().into_record(), ())
+                .map_err(fail("saving the discriminator"))?,
+            optimizer_g: recorder
+                .record(self.opt_g.to_record(), ())
+                .map_err(fail("saving the generator's optimizer"))?,
+            optimizer_d: recorder
+                .record(self.opt_d.to_record(), ())
+                .map_err(fail("saving the discriminator's optimizer"))?,
+        })
+    }
+
+    /// Replaces networks and optimizer states with `records` (from
+    /// [`Trainer::records`] of a trainer with the same model configuration).
+    pub fn load_records(&mut self, records: TrainerRecords) -> Result<(), RecordError> {
+        let recorder = Bytes::default();
+        let fail = |what| move |e: burn::record::RecorderError| RecordError {
+            what,
+            reason: e.to_string(),
+        };
+        let device = &self.device;
+        let generator = recorder
+            .load(records.generator, device)
+            .map_err(fail("loading the generator"))?;
+        let discriminator = recorder
+            .load(records.discriminator, device)
+            .map_err(fail("loading the discriminator"))?;
+        let opt_g = recorder
+            .load(records.optimizer_g, device)
+            .map_err(fail("loading the generator's optimizer"))?;
+        let opt_d = recorder
+            .load(records.optimizer_d, device)
+            .map_err(fail("loading the discriminator's optimizer"))?;
+        self.generator = self.generator.clone().load_record(generator);
+        self.discriminator = self.discriminator.clone().load_record(discriminator);
+        self.opt_g = self.opt_g.clone().load_record(opt_g);
+        self.opt_d = self.opt_d.clone().load_record(opt_d);
+        Ok(())
     }
 
     /// Iteration `step` on `real` images [batch, 3, size, size].
@@ -125,7 +207,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         reducer: &mut impl GradientReducer,
     ) -> anyhow::Result<StepLosses> {
         let [batch, _, _, _] = real.dims();
-        let z = self.draw_noise(batch); // [batch, nz]
+        let z = step_noise(self.seed, self.rank, step, batch, self.nz, &self.device); // [batch, nz]
         let fake = self.generate(z); // [batch, 3, size, size], tracked for the G step
 
         let (d_grads, d_out) = self.discriminator_step(real, fake.clone().detach());
@@ -205,11 +287,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         all
     }
 
-    /// Draws the next `batch` noise vectors from this replica's stream.
-    pub fn draw_noise(&mut self, batch: usize) -> Tensor<B, 2> {
-        noise_tensor(&mut self.noise, batch, self.nz, &self.device)
-    }
-
     /// `count` images [count, 3, size, size] from the generator in inference
     /// mode (BatchNorm running statistics), from noise seeded by `seed` so a
     /// sample grid shows the same faces as training progresses.
@@ -240,15 +317,24 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 }
 
-/// The training noise of replica `rank`: one ChaCha stream per rank.
-pub fn noise_stream(seed: u64, rank: usize) -> ChaCha8Rng {
+/// The `batch` noise vectors [batch, nz] replica `rank` trains step `step`
+/// on: its own ChaCha stream, at a word offset fixed by the step.
+pub fn step_noise<B: Backend>(
+    seed: u64,
+    rank: usize,
+    step: u64,
+    batch: usize,
+    nz: usize,
+    device: &B::Device,
+) -> Tensor<B, 2> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(TRAIN_NOISE_STREAM + rank as u64);
-    rng
+    rng.set_word_pos(u128::from(step) << NOISE_WORDS_PER_STEP_LOG2);
+    noise_tensor(&mut rng, batch, nz, device)
 }
 
 /// `batch` noise vectors [batch, nz] drawn from `rng`.
-pub fn noise_tensor<B: Backend>(
+fn noise_tensor<B: Backend>(
     rng: &mut ChaCha8Rng,
     batch: usize,
     nz: usize,
@@ -322,14 +408,52 @@ mod tests {
         let run = || {
             let mut t = Trainer::<B>::new(&model, &train, &device);
             (0..3)
-                .map(|_| {
-                    t.train_step(0, real_batch(&device), &mut LocalReducer)
+                .map(|step| {
+                    t.train_step(step, real_batch(&device), &mut LocalReducer)
                         .unwrap()
                 })
                 .map(|l| (l.d_loss.to_bits(), l.g_loss.to_bits()))
                 .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
+    }
+
+    /// A trainer loaded from another's records continues exactly as the
+    /// original would: parameters, BatchNorm statistics and Adam state all
+    /// travel.
+    #[test]
+    fn records_carry_the_complete_training_state() {
+        let device = Default::default();
+        let (model, train) = tiny();
+        let mut original = Trainer::<B>::new(&model, &train, &device);
+        for step in 0..2 {
+            original.train_step(step, real_batch(&device), &mut LocalReducer).unwrap();
+        }
+        let other_seed = TrainConfig { seed: 7, ..train.clone() };
+        let mut restored = Trainer::<B>::new(&model, &other_seed, &device);
+        restored.load_records(original.records().unwrap()).unwrap();
+        let restored = Trainer { seed: train.seed, ..restored };
+        let mut original = original;
+        let mut restored = restored;
+        for step in 2..4 {
+            let a = original.train_step(step, real_batch(&device), &mut LocalReducer).unwrap();
+            let b = restored.train_step(step, real_batch(&device), &mut LocalReducer).unwrap();
+            assert_eq!(a.d_loss.to_bits(), b.d_loss.to_bits());
+        }
+        assert_eq!(original.checksum(), restored.checksum());
+        let pixels = |t: &Trainer<B>| t.sample_pixels(4, 1).unwrap();
+        assert_eq!(pixels(&original), pixels(&restored), "BatchNorm running statistics");
+    }
+
+    #[test]
+    fn garbage_records_are_an_error_not_a_panic() {
+        let device = Default::default();
+        let (model, train) = tiny();
+        let mut t = Trainer::<B>::new(&model, &train, &device);
+        let mut records = t.records().unwrap();
+        records.optimizer_d = b"not a record".to_vec();
+        let err = t.load_records(records).unwrap_err().to_string();
+        assert!(err.contains("discriminator's optimizer"), "{err}");
     }
 
     /// Applying an externally supplied gradient is what the all-reduce does:

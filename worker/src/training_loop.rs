@@ -2,21 +2,25 @@
 //!
 //! The loop is the same in both modes; what differs is the [`StepSync`]:
 //! standalone training applies its own gradients, a distributed replica
-//! exchanges them with the coordinator and reports each step. Rank 0 writes
-//! the run's artifacts.
+//! exchanges them with the coordinator, reports each step and learns from
+//! it when to checkpoint or stop. Rank 0 writes the run's artifacts and
+//! its checkpoints.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
 use burn::tensor::{Tensor, TensorData};
-use common::{Config, ShardSampler};
+use bytes::Bytes;
+use common::checkpoint::TrainingState;
+use common::{Config, DataCursor, ShardSampler};
 use tracing::info;
 
 use crate::backend::{self, Device, TrainBackend};
+use crate::checkpoint;
 use crate::data::{Batch, BatchLoader, ImageSource};
 use crate::eval;
-use crate::output::{self, LossLog};
+use crate::output::{self, LossLog, LossRow};
 use crate::swd::SwdReport;
 use crate::training::{GradientReducer, LocalReducer, StepLosses, Trainer};
 
@@ -46,6 +50,18 @@ impl Replica {
     pub const ALONE: Self = Self { rank: 0, world: 1 };
 }
 
+/// Where a replica's training begins: step 0 with fresh weights, or the
+/// step, data cursor and loss history of a restored checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct Start {
+    /// The first step to train.
+    pub first_step: u64,
+    /// Where that step reads the data.
+    pub cursor: DataCursor,
+    /// Rank 0's loss history up to `first_step`.
+    pub history: Vec<LossRow>,
+}
+
 /// One finished step, as reported.
 #[derive(Debug, Clone, Copy)]
 pub struct StepRecord {
@@ -59,25 +75,48 @@ pub struct StepRecord {
     pub images_per_s: f64,
 }
 
-/// How a replica exchanges gradients and reports steps.
+/// What the group does once a step is trained, as the coordinator decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Directive {
+    /// Rank 0 saves a checkpoint of the state after this step.
+    pub checkpoint: bool,
+    /// Every replica stops after this step.
+    pub stop: bool,
+}
+
+/// How a replica exchanges gradients, reports steps and saves checkpoints.
 pub trait StepSync: GradientReducer {
-    /// Called after every step with the updated trainer.
+    /// Called after every step with the updated trainer; says what to do next.
     fn after_step(
         &mut self,
         record: &StepRecord,
         trainer: &mut Trainer<TrainBackend>,
-    ) -> anyhow::Result<()>;
+    ) -> anyhow::Result<Directive>;
+
+    /// Saves `objects` as the checkpoint after `steps` steps (rank 0 only,
+    /// and only when a [`Directive`] asked for it).
+    fn checkpoint(&mut self, steps: u64, objects: Vec<(String, Bytes)>) -> anyhow::Result<()>;
 }
 
 impl StepSync for LocalReducer {
-    fn after_step(&mut self, _: &StepRecord, _: &mut Trainer<TrainBackend>) -> anyhow::Result<()> {
-        Ok(())
+    fn after_step(
+        &mut self,
+        _: &StepRecord,
+        _: &mut Trainer<TrainBackend>,
+    ) -> anyhow::Result<Directive> {
+        Ok(Directive::default())
+    }
+
+    fn checkpoint(&mut self, _: u64, _: Vec<(String, Bytes)>) -> anyhow::Result<()> {
+        anyhow::bail!("standalone training keeps no checkpoints: run it under a coordinator")
     }
 }
 
 /// What a finished run reports.
 #[derive(Debug)]
 pub struct Summary {
+    /// Steps completed in total (less than `train.steps` when stopped early).
+    pub steps: u64,
     /// Losses of the last step.
     pub last: StepLosses,
     /// Mean training throughput of this replica.
@@ -88,27 +127,36 @@ pub struct Summary {
     pub swd: Option<SwdReport>,
 }
 
-/// Trains steps `first_step..cfg.train.steps` on this replica's shard.
-/// Rank 0 writes the sample grid, loss CSV, effective config and final
-/// parameters to `cfg.output.dir`, then measures SWD against
-/// `eval_images` held-out images when that is not zero.
+/// Trains steps `start.first_step..cfg.train.steps` on this replica's
+/// shard, or until a [`Directive`] stops it. Rank 0 writes the sample grid,
+/// loss CSV, effective config and final parameters to `cfg.output.dir`,
+/// saves checkpoints when told to, and measures SWD against `eval_images`
+/// held-out images (at checkpoints and at the end) when that is not zero.
 pub fn train(
     cfg: &Config,
     replica: Replica,
     trainer: &mut Trainer<TrainBackend>,
     sync: &mut impl StepSync,
     eval_images: usize,
+    start: Start,
 ) -> anyhow::Result<Summary> {
+    anyhow::ensure!(
+        start.first_step < cfg.train.steps,
+        "nothing to train: the run is at step {} and train.steps is {}",
+        start.first_step,
+        cfg.train.steps
+    );
     let out = &cfg.output.dir;
     let writes = replica.rank == 0;
+    let mut history = start.history;
     let mut log = if writes {
-        Some(prepare_output(cfg, out)?)
+        Some(prepare_output(cfg, out, &history)?)
     } else {
         None
     };
     let source = ImageSource::open(&cfg.data, cfg.train.seed)?;
     info!(data = %source.name(), images = source.len(), backend = backend::NAME, rank = replica.rank,
-        world = replica.world, "starting training");
+        world = replica.world, first_step = start.first_step, "starting training");
     let sampler = ShardSampler::new(source.len(), replica.world, replica.rank, cfg.train.seed);
     let (size, batch) = (cfg.model.image_size, cfg.train.batch_size);
     let mut loader = BatchLoader::spawn(
@@ -117,16 +165,18 @@ pub fn train(
         replica.world,
         batch,
         size as u32,
-        0,
+        start.first_step,
+        start.cursor,
         cfg.data.prefetch,
     )?;
 
     let started = Instant::now();
-    let (mut last, mut skipped) = (None, 0);
-    for _ in 0..cfg.train.steps {
+    let (mut last, mut skipped, mut done) = (None, 0, start.first_step);
+    let mut swd = None;
+    for _ in start.first_step..cfg.train.steps {
         let step_started = Instant::now();
         let batch = loader.next_batch()?;
-        let (step, epoch, count) = (batch.step, batch.epoch, batch.count);
+        let (step, epoch, count, cursor) = (batch.step, batch.epoch, batch.count, batch.cursor_after);
         skipped = batch.skipped;
         let losses = trainer.train_step(step, to_tensor(batch, size, trainer.device()), sync)?;
         let record = StepRecord {
@@ -135,13 +185,17 @@ pub fn train(
             losses,
             images_per_s: count as f64 / step_started.elapsed().as_secs_f64(),
         };
-        sync.after_step(&record, trainer)?;
+        let directive = sync.after_step(&record, trainer)?;
+        done = step + 1;
+        last = Some(losses);
         if let Some(log) = log.as_mut() {
-            log.record(step, epoch, &losses, record.images_per_s)?;
+            let row = LossRow::new(step, epoch, &losses, record.images_per_s);
+            log.record(&row)?;
+            history.push(row);
         }
-        if (step + 1).is_multiple_of(cfg.train.log_every) {
+        if done.is_multiple_of(cfg.train.log_every) {
             info!(
-                step = step + 1,
+                step = done,
                 epoch,
                 d_loss = losses.d_loss,
                 g_loss = losses.g_loss,
@@ -151,9 +205,31 @@ pub fn train(
                 "step"
             );
         }
-        last = Some(losses);
+        if directive.checkpoint && writes {
+            swd = (eval_images > 0)
+                .then(|| eval::swd_against_held_out(trainer, cfg, eval_images))
+                .transpose()?
+                .map(|report| (done, report));
+            let state = TrainingState {
+                step: done,
+                cursor,
+                world: replica.world,
+                config_hash: cfg.training_hash(),
+                identity: cfg.resume_identity(),
+                d_loss: losses.d_loss,
+                g_loss: losses.g_loss,
+                swd: swd.as_ref().map(|(_, report)| report.mean),
+            };
+            let objects = checkpoint::capture(trainer, &state, &history, size, cfg.train.seed)?;
+            sync.checkpoint(done, objects)?;
+        }
+        if directive.stop {
+            info!(step = done, "stopping early, as the coordinator asked");
+            break;
+        }
     }
-    let images_per_s = (cfg.train.steps as usize * batch) as f64 / started.elapsed().as_secs_f64();
+    let trained = (done - start.first_step) as usize;
+    let images_per_s = (trained * batch) as f64 / started.elapsed().as_secs_f64();
     drop(loader);
     if skipped > 0 {
         tracing::warn!(
@@ -163,26 +239,30 @@ pub fn train(
     }
     let swd = if writes {
         write_results(trainer, out, size, cfg.train.seed)?;
-        (eval_images > 0)
-            .then(|| eval::swd_against_held_out(trainer, cfg, eval_images))
-            .transpose()?
+        match swd {
+            Some((step, report)) if step == done => Some(report),
+            _ => (eval_images > 0)
+                .then(|| eval::swd_against_held_out(trainer, cfg, eval_images))
+                .transpose()?,
+        }
     } else {
         None
     };
     Ok(Summary {
-        last: last.expect("train.steps is validated to be positive"),
+        steps: done,
+        last: last.expect("at least one step ran: checked above"),
         images_per_s,
         skipped,
         swd,
     })
 }
 
-fn prepare_output(cfg: &Config, out: &Path) -> anyhow::Result<LossLog> {
+fn prepare_output(cfg: &Config, out: &Path, history: &[LossRow]) -> anyhow::Result<LossLog> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating output folder {}", out.display()))?;
     std::fs::write(out.join(CONFIG_TOML), cfg.to_toml()?).context("saving the effective config")?;
     let path = out.join(LOSSES_CSV);
-    LossLog::create(&path).with_context(|| format!("creating {}", path.display()))
+    LossLog::create(&path, history).with_context(|| format!("creating {}", path.display()))
 }
 
 fn write_results(

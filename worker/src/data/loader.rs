@@ -2,15 +2,15 @@
 //!
 //! A background thread assembles batch `s + 1..s + prefetch` with rayon
 //! while step `s` computes. The batch for a step depends only on
-//! `(seed, epoch, step)` and the set of unreadable files, so a run is
-//! reproducible and can restart at any step. An unreadable image is
+//! `(seed, epoch, step)`, the cursor the run started from and the set of
+//! unreadable files, so a run is reproducible and resumes at any step. An unreadable image is
 //! reported once, remembered, and replaced by the next image of the shard.
 
 use std::collections::HashSet;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
-use common::ShardSampler;
+use common::{DataCursor, ShardSampler, StepPlan};
 use rayon::prelude::*;
 
 use super::{DataError, ImageSource, preprocess};
@@ -22,6 +22,8 @@ pub struct Batch {
     pub step: u64,
     /// Epoch of that step.
     pub epoch: u64,
+    /// Where the data stands once this step is trained (what a checkpoint saves).
+    pub cursor_after: DataCursor,
     /// `count × 3 × size × size` floats.
     pub pixels: Vec<f32>,
     /// Images in the batch.
@@ -37,8 +39,10 @@ pub struct BatchLoader {
 }
 
 impl BatchLoader {
-    /// Starts producing batches from `first_step` on; fails at once when the
+    /// Starts producing batches from `first_step` on, reading the data from
+    /// `cursor` (the default cursor for a fresh run); fails at once when the
     /// shard cannot fill even one batch.
+    #[allow(clippy::too_many_arguments)] // each is one independent knob of the pipeline
     pub fn spawn(
         source: ImageSource,
         sampler: ShardSampler,
@@ -46,6 +50,7 @@ impl BatchLoader {
         batch_size: usize,
         image_size: u32,
         first_step: u64,
+        cursor: DataCursor,
         prefetch: usize,
     ) -> Result<Self, DataError> {
         let steps_per_epoch = sampler.steps_per_epoch(batch_size) as u64;
@@ -60,10 +65,10 @@ impl BatchLoader {
         let mut assembler = Assembler {
             source,
             sampler,
+            plan: StepPlan::new(sampler, batch_size, first_step, cursor),
             batch_size,
             image_size,
-            steps_per_epoch,
-            shard: (u64::MAX, Vec::new()),
+            shard: ((u64::MAX, 0), Vec::new()),
             unreadable: HashSet::new(),
         };
         let (tx, rx) = sync_channel(prefetch);
@@ -99,10 +104,10 @@ impl Drop for BatchLoader {
 struct Assembler {
     source: ImageSource,
     sampler: ShardSampler,
+    plan: StepPlan,
     batch_size: usize,
     image_size: u32,
-    steps_per_epoch: u64,
-    shard: (u64, Vec<usize>),
+    shard: ((u64, usize), Vec<usize>),
     unreadable: HashSet<usize>,
 }
 
@@ -118,11 +123,12 @@ impl Assembler {
     }
 
     fn batch(&mut self, step: u64) -> Result<Batch, DataError> {
-        let epoch = step / self.steps_per_epoch;
-        if self.shard.0 != epoch {
-            self.shard = (epoch, self.sampler.shard(epoch));
+        let slice = self.plan.locate(step);
+        let (epoch, start) = (slice.epoch, slice.offset);
+        let key = (epoch, slice.shard_position);
+        if self.shard.0 != key {
+            self.shard = (key, self.sampler.shard_from(epoch, slice.shard_position));
         }
-        let start = (step % self.steps_per_epoch) as usize * self.batch_size;
         let shard_len = self.shard.1.len();
         let mut candidates = (0..shard_len).map(|k| self.shard.1[(start + k) % shard_len]);
         let per_image = 3 * (self.image_size * self.image_size) as usize;
@@ -156,6 +162,7 @@ impl Assembler {
         Ok(Batch {
             step,
             epoch,
+            cursor_after: self.plan.cursor_after(step),
             pixels,
             count,
             skipped: self.unreadable.len(),
@@ -183,7 +190,12 @@ mod tests {
 
     fn loader(source: ImageSource, batch: usize, first_step: u64) -> BatchLoader {
         let sampler = ShardSampler::new(source.len(), 1, 0, 5);
-        BatchLoader::spawn(source, sampler, 1, batch, 16, first_step, 2).unwrap()
+        let mut from_zero = BatchLoader::spawn(source.clone(), sampler, 1, batch, 16, 0, DataCursor::default(), 2).unwrap();
+        let mut cursor = DataCursor::default();
+        for _ in 0..first_step {
+            cursor = from_zero.next_batch().unwrap().cursor_after;
+        }
+        BatchLoader::spawn(source, sampler, 1, batch, 16, first_step, cursor, 2).unwrap()
     }
 
     #[test]
@@ -232,7 +244,7 @@ mod tests {
     fn a_shard_smaller_than_a_batch_is_refused_up_front() {
         let source = ImageSource::synthetic(1, Split::Train, 10);
         let sampler = ShardSampler::new(10, 2, 0, 0);
-        let err = BatchLoader::spawn(source, sampler, 2, 8, 16, 0, 1)
+        let err = BatchLoader::spawn(source, sampler, 2, 8, 16, 0, DataCursor::default(), 1)
             .err()
             .unwrap()
             .to_string();

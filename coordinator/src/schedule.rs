@@ -1,0 +1,105 @@
+//! When the group checkpoints and stops: every `checkpoint.every` steps, at
+//! the last step, and as soon as possible after a stop request (SIGTERM).
+//!
+//! The decision for a step is made once, when the first chunk of its
+//! generator gradient is reduced, and travels to every worker ahead of that
+//! chunk, so all replicas learn it during the same step and act on it
+//! after that step.
+
+use std::sync::Mutex;
+
+use common::pb;
+
+/// The checkpoint and stop plan of one run.
+pub struct Schedule {
+    every: u64,
+    steps: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    stop_requested: bool,
+    stop_after: Option<u64>,
+    last_checkpoint: Option<u64>,
+}
+
+impl Schedule {
+    /// A run of `steps` steps in total, checkpointing every `every` (0: never
+    /// on a schedule, only at the end and on a stop request).
+    pub fn new(every: u64, steps: u64) -> Self {
+        Self {
+            every,
+            steps,
+            state: Mutex::default(),
+        }
+    }
+
+    /// Asks the group to checkpoint and stop at the next step boundary.
+    pub fn request_stop(&self) {
+        self.state.lock().expect("schedule lock").stop_requested = true;
+    }
+
+    /// What the group does after step `step` (0-based), or `None` to carry on.
+    pub fn control(&self, step: u64) -> Option<pb::Control> {
+        let done = step + 1;
+        let mut state = self.state.lock().expect("schedule lock");
+        let stop = state.stop_requested && done < self.steps;
+        let checkpoint =
+            stop || done == self.steps || (self.every > 0 && done.is_multiple_of(self.every));
+        if stop {
+            state.stop_after.get_or_insert(done);
+        }
+        if checkpoint {
+            state.last_checkpoint = Some(done);
+        }
+        (checkpoint || stop).then_some(pb::Control {
+            step,
+            checkpoint,
+            stop,
+        })
+    }
+
+    /// The step count of the last checkpoint asked for.
+    pub fn last_checkpoint(&self) -> Option<u64> {
+        self.state.lock().expect("schedule lock").last_checkpoint
+    }
+
+    /// Steps done when the group was told to stop early, if it was.
+    pub fn stopped_after(&self) -> Option<u64> {
+        self.state.lock().expect("schedule lock").stop_after
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decisions(schedule: &Schedule, steps: std::ops::Range<u64>) -> Vec<(u64, bool, bool)> {
+        steps
+            .filter_map(|s| schedule.control(s))
+            .map(|c| (c.step, c.checkpoint, c.stop))
+            .collect()
+    }
+
+    #[test]
+    fn checkpoints_every_k_steps_and_at_the_end() {
+        let schedule = Schedule::new(4, 10);
+        assert_eq!(
+            decisions(&schedule, 0..10),
+            [(3, true, false), (7, true, false), (9, true, false)]
+        );
+        assert_eq!(schedule.last_checkpoint(), Some(10));
+        assert_eq!(schedule.stopped_after(), None);
+    }
+
+    #[test]
+    fn a_stop_request_checkpoints_and_stops_at_the_next_step() {
+        let schedule = Schedule::new(0, 10);
+        assert_eq!(decisions(&schedule, 0..3), []);
+        schedule.request_stop();
+        assert_eq!(decisions(&schedule, 3..4), [(3, true, true)]);
+        assert_eq!(schedule.stopped_after(), Some(4));
+        assert_eq!(schedule.last_checkpoint(), Some(4));
+    }
+}

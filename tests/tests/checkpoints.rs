@@ -1,0 +1,168 @@
+//! Checkpoints on a real S3 server over HTTP (s3s-fs with SigV4), with
+//! real coordinator and worker processes: exact resume, refused
+//! credentials, an outage during an upload, and a damaged object.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use gancluster_tests::s3::{BUCKET, Outage, S3Server, SECRET_KEY};
+use gancluster_tests::{Finished, Running, run, workspace_bin};
+
+const LIMIT: Duration = Duration::from_secs(300);
+const TINY: [&str; 8] = [
+    "--image-size",
+    "16",
+    "--ngf",
+    "8",
+    "--ndf",
+    "8",
+    "--batch-size",
+    "8",
+];
+
+/// `coordinator --workers 2` training run `run` to `steps` steps with checkpoints in `server`.
+fn coordinator(server: &S3Server, run_id: &str, steps: u64, every: u64, out: &Path) -> Command {
+    let mut cmd = Command::new(workspace_bin("coordinator"));
+    cmd.args(["--workers", "2", "--steps", &steps.to_string()])
+        .args(TINY)
+        .args(["--store", &format!("s3://{BUCKET}/runs"), "--run", run_id])
+        .args(["--checkpoint-every", &every.to_string()])
+        .arg("--out")
+        .arg(out)
+        .envs(server.env())
+        .env_remove("RUST_LOG")
+        .env_remove("GANCLUSTER_FAULT");
+    cmd
+}
+
+fn train(server: &S3Server, run_id: &str, steps: u64, every: u64, out: &Path) -> Finished {
+    run(&mut coordinator(server, run_id, steps, every, out), LIMIT)
+}
+
+fn params(out: &Path) -> Vec<u8> {
+    std::fs::read(out.join("params.f32")).unwrap()
+}
+
+fn latest(server: &S3Server, run_id: &str) -> String {
+    std::fs::read_to_string(server.object_path(&format!("runs/{run_id}/latest"))).unwrap()
+}
+
+fn checkpoint_object(server: &S3Server, run_id: &str, step: u64, name: &str) -> std::path::PathBuf {
+    server.object_path(&format!("runs/{run_id}/checkpoints/step-{step:09}/{name}"))
+}
+
+/// Train 2K steps in one go; train K, stop, resume to 2K: bitwise equal.
+#[test]
+fn a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
+    let server = S3Server::start();
+    let (whole, split) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    train(&server, "whole", 6, 0, whole.path()).assert_success();
+    train(&server, "split", 3, 0, split.path()).assert_success();
+    assert_eq!(latest(&server, "split"), "step-000000003");
+    let resumed = train(&server, "split", 6, 0, split.path()).assert_success();
+    assert!(resumed.stderr.contains("resuming") && resumed.stderr.contains("step-000000003"), "{}", resumed.stderr);
+    assert_eq!(params(whole.path()), params(split.path()), "final parameters differ");
+    assert_eq!(latest(&server, "split"), "step-000000006");
+    for object in ["manifest.json", "generator.mpk", "optimizer-d.mpk", "samples.png", "loss.png", "state.json"] {
+        assert!(checkpoint_object(&server, "split", 6, object).is_file(), "{object}");
+    }
+    let losses = std::fs::read_to_string(split.path().join("losses.csv")).unwrap();
+    assert_eq!(losses.lines().count(), 7, "header + all 6 steps, history included:\n{losses}");
+    let again = train(&server, "split", 6, 0, split.path()).assert_failure();
+    assert!(again.stderr.contains("already complete"), "{}", again.stderr);
+}
+
+#[test]
+fn wrong_credentials_are_refused_naming_endpoint_and_bucket() {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(&server, "creds", 2, 0, out.path());
+    cmd.env("GANCLUSTER__CHECKPOINT__S3__SECRET_ACCESS_KEY", "not-the-secret");
+    let done = run(&mut cmd, LIMIT).assert_failure();
+    let err = &done.stderr;
+    assert!(err.contains(server.endpoint()) && err.contains(BUCKET), "{err}");
+    assert!(err.contains("refused the credentials"), "{err}");
+    assert!(!err.contains("not-the-secret") && !err.contains(SECRET_KEY), "a secret leaked: {err}");
+    assert!(!out.path().join("params.f32").exists(), "no training without a working store");
+}
+
+/// The server goes down while a checkpoint is being uploaded: the upload
+/// retries until it is back, training goes on, and `latest` only ever names
+/// complete checkpoints.
+#[test]
+fn an_outage_during_an_upload_is_retried_and_latest_stays_valid() {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    server.arm_outage(Outage {
+        needle: "checkpoints/step-000000004/".into(),
+        duration: Duration::from_secs(2),
+    });
+    train(&server, "outage", 6, 2, out.path()).assert_success();
+    assert!(server.refused() > 0, "the outage never refused a connection");
+    assert_eq!(
+        server.latest_at_outage().as_deref(),
+        Some("step-000000002"),
+        "during the upload of step 4, latest named the previous complete checkpoint"
+    );
+    assert_eq!(latest(&server, "outage"), "step-000000006");
+    for step in [2, 4, 6] {
+        assert!(checkpoint_object(&server, "outage", step, "manifest.json").is_file(), "step {step}");
+    }
+    // Every checkpoint verifies: resuming from the one written through the outage works.
+    let out2 = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(&server, "outage", 6, 0, out2.path());
+    cmd.args(["--resume-from", "step-000000004"]);
+    let resumed = run(&mut cmd, LIMIT).assert_success();
+    assert!(resumed.stderr.contains("step-000000004"), "{}", resumed.stderr);
+}
+
+#[test]
+fn a_flipped_byte_is_detected_and_the_previous_checkpoint_used() {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    train(&server, "flip", 4, 2, out.path()).assert_success();
+    let damaged = checkpoint_object(&server, "flip", 4, "generator.mpk");
+    let mut bytes = std::fs::read(&damaged).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&damaged, bytes).unwrap();
+
+    let resumed = train(&server, "flip", 6, 2, out.path()).assert_success();
+    let err = &resumed.stderr;
+    assert!(
+        err.contains("step-000000004") && err.contains("generator.mpk") && err.contains("expected"),
+        "the damage is reported: {err}"
+    );
+    assert!(err.contains("step=2") || err.contains("step-000000002"), "{err}");
+    let losses = std::fs::read_to_string(out.path().join("losses.csv")).unwrap();
+    let steps: Vec<&str> = losses.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(steps, ["0", "1", "2", "3", "4", "5"], "resumed after step 2: {losses}");
+    assert_eq!(latest(&server, "flip"), "step-000000006");
+}
+
+/// SIGTERM (eviction): the group checkpoints after the current step and the
+/// coordinator exits cleanly; the same command then resumes from there.
+#[test]
+fn sigterm_checkpoints_stops_cleanly_and_the_run_resumes() {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    let running = Running::spawn(&mut coordinator(&server, "term", 100_000, 0, out.path()));
+    let losses = out.path().join("losses.csv");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&losses).map_or(0, |t| t.lines().count()) < 4 {
+        assert!(std::time::Instant::now() < deadline, "training never got going");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    running.terminate();
+    let done = running.wait(LIMIT).assert_success();
+    assert!(done.stderr.contains("stop requested"), "{}", done.stderr);
+    let name = latest(&server, "term");
+    let step: u64 = name.trim_start_matches("step-").parse().unwrap();
+    assert!((3..100_000).contains(&step), "stopped at {name}");
+    assert!(checkpoint_object(&server, "term", step, "manifest.json").is_file());
+
+    let resumed = train(&server, "term", step + 2, 0, out.path()).assert_success();
+    assert!(resumed.stderr.contains(&name), "{}", resumed.stderr);
+    assert_eq!(latest(&server, "term"), format!("step-{:09}", step + 2));
+}

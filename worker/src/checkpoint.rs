@@ -1,0 +1,139 @@
+//! What a checkpoint holds for a replica, and writing it without stalling
+//! training.
+//!
+//! Rank 0 captures the state on the training thread (it must be the state
+//! after exactly this step) and hands the bytes to an [`Uploader`], which
+//! hashes and uploads them on the gRPC runtime while training goes on. One
+//! upload at a time: a new checkpoint first waits for the previous one.
+
+use anyhow::Context;
+use bytes::Bytes;
+use common::checkpoint::{self, Checkpoint, Checkpoints, STATE, TrainingState};
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
+
+use crate::backend::TrainBackend;
+use crate::output::{self, LossRow};
+use crate::plot;
+use crate::training::{Trainer, TrainerRecords};
+
+/// G's parameters and BatchNorm statistics (rank 0's).
+pub const GENERATOR: &str = "generator.mpk";
+/// D's parameters and BatchNorm statistics (rank 0's).
+pub const DISCRIMINATOR: &str = "discriminator.mpk";
+/// G's Adam state.
+pub const OPTIMIZER_G: &str = "optimizer-g.mpk";
+/// D's Adam state.
+pub const OPTIMIZER_D: &str = "optimizer-d.mpk";
+/// 8×8 grid of samples from the fixed grid noise.
+pub const SAMPLES_PNG: &str = "samples.png";
+/// D and G loss curves from step 0.
+pub const LOSS_PNG: &str = "loss.png";
+/// The loss history from step 0, so a resumed run's log is complete.
+pub const LOSSES_CSV: &str = "losses.csv";
+
+/// Images in the checkpoint's sample grid.
+const GRID_IMAGES: usize = 64;
+
+/// Everything a checkpoint stores, captured now from `trainer`.
+pub fn capture(
+    trainer: &Trainer<TrainBackend>,
+    state: &TrainingState,
+    history: &[LossRow],
+    image_size: usize,
+    seed: u64,
+) -> anyhow::Result<Vec<(String, Bytes)>> {
+    let records = trainer.records()?;
+    let grid = trainer.sample_pixels(GRID_IMAGES, seed)?;
+    let samples = output::grid_png(&grid, image_size as u32).context("encoding the sample grid")?;
+    let losses = output::history_csv(history).context("encoding the loss history")?;
+    let state = serde_json::to_vec_pretty(state).context("encoding the training state")?;
+    Ok(vec![
+        (GENERATOR.into(), records.generator.into()),
+        (DISCRIMINATOR.into(), records.discriminator.into()),
+        (OPTIMIZER_G.into(), records.optimizer_g.into()),
+        (OPTIMIZER_D.into(), records.optimizer_d.into()),
+        (SAMPLES_PNG.into(), samples.into()),
+        (LOSS_PNG.into(), plot::loss_png(history)?.into()),
+        (LOSSES_CSV.into(), losses.into()),
+        (STATE.into(), state.into()),
+    ])
+}
+
+/// Loads `checkpoint` into `trainer`; returns its training state and loss history.
+pub fn restore(
+    trainer: &mut Trainer<TrainBackend>,
+    checkpoint: &Checkpoint,
+) -> anyhow::Result<(TrainingState, Vec<LossRow>)> {
+    let object = |name| checkpoint.object(name).map(|b| b.to_vec());
+    let records = TrainerRecords {
+        generator: object(GENERATOR)?,
+        discriminator: object(DISCRIMINATOR)?,
+        optimizer_g: object(OPTIMIZER_G)?,
+        optimizer_d: object(OPTIMIZER_D)?,
+    };
+    trainer
+        .load_records(records)
+        .with_context(|| format!("restoring checkpoint {}", checkpoint.name()))?;
+    let history = output::parse_history(checkpoint.object(LOSSES_CSV)?)
+        .with_context(|| format!("reading {LOSSES_CSV} of checkpoint {}", checkpoint.name()))?;
+    Ok((checkpoint.state()?, history))
+}
+
+/// Uploads checkpoints in the background, one at a time.
+pub struct Uploader {
+    checkpoints: Checkpoints,
+    in_flight: Option<(u64, JoinHandle<Result<(), String>>)>,
+}
+
+impl Uploader {
+    /// Uploads into `checkpoints`.
+    pub fn new(checkpoints: Checkpoints) -> Self {
+        Self {
+            checkpoints,
+            in_flight: None,
+        }
+    }
+
+    /// Waits for the previous upload, then starts uploading `objects` as
+    /// checkpoint `step` on `runtime`; `done` learns how it went.
+    pub fn start<F, Fut>(&mut self, runtime: &Runtime, step: u64, objects: Vec<(String, Bytes)>, done: F)
+    where
+        F: FnOnce(u64, Result<(), String>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        self.wait(runtime);
+        let checkpoints = self.checkpoints.clone();
+        let task = runtime.spawn(async move {
+            let started = std::time::Instant::now();
+            let outcome = checkpoints
+                .write(step, objects)
+                .await
+                .map(|manifest| {
+                    let bytes: u64 = manifest.objects.iter().map(|o| o.size).sum();
+                    tracing::info!(
+                        checkpoint = %checkpoints.location(step),
+                        bytes,
+                        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+                        "checkpoint uploaded"
+                    );
+                })
+                .map_err(|e| e.to_string());
+            if let Err(error) = &outcome {
+                tracing::warn!(checkpoint = %checkpoint::name(step), %error, "checkpoint upload failed; training goes on");
+            }
+            done(step, outcome.clone()).await;
+            outcome
+        });
+        self.in_flight = Some((step, task));
+    }
+
+    /// Blocks until the upload in flight, if any, has finished; returns its step and outcome.
+    pub fn wait(&mut self, runtime: &Runtime) -> Option<(u64, Result<(), String>)> {
+        let (step, task) = self.in_flight.take()?;
+        let outcome = runtime
+            .block_on(task)
+            .unwrap_or_else(|e| Err(format!("upload task failed: {e}")));
+        Some((step, outcome))
+    }
+}
