@@ -30,3 +30,7 @@ bench-allreduce:
     cargo bench -p coordinator --bench allreduce -- --world 2,4,8 --sizes 1,11.1,14.3,25.4 --iters 10
     python3 ../shared/bench/gloo_allreduce.py --world 2,4,8 --sizes 1,11.1,14.3,25.4
     python3 ../shared/bench/gloo_allreduce.py --world 2,4,8 --sizes 1,11.1,14.3,25.4 --bf16
+
+# Checkpoint write/read time (local S3 server and file://) and training stall
+bench-checkpoint:
+    cargo bench -p worker --bench checkpoint -- 5

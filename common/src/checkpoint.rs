@@ -88,7 +88,9 @@ pub enum CheckpointError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// No readable manifest: the checkpoint was never completed.
-    #[error("checkpoint {checkpoint}: no valid {MANIFEST} ({reason}); it was never completed or is damaged")]
+    #[error(
+        "checkpoint {checkpoint}: no valid {MANIFEST} ({reason}); it was never completed or is damaged"
+    )]
     Manifest {
         /// Checkpoint name.
         checkpoint: String,
@@ -115,7 +117,9 @@ pub enum CheckpointError {
         actual_size: u64,
     },
     /// The manifest does not list an object the reader needs.
-    #[error("checkpoint {checkpoint} has no object {object}; it was written by an incompatible version")]
+    #[error(
+        "checkpoint {checkpoint} has no object {object}; it was written by an incompatible version"
+    )]
     Missing {
         /// Checkpoint name.
         checkpoint: String,
@@ -221,7 +225,12 @@ impl Checkpoints {
         self.store
             .put(&format!("{}/{LATEST}", self.run), name(step).into())
             .await?;
-        let older: Vec<u64> = self.steps().await?.into_iter().filter(|s| *s <= step).collect();
+        let older: Vec<u64> = self
+            .steps()
+            .await?
+            .into_iter()
+            .filter(|s| *s <= step)
+            .collect();
         let doomed = older[..older.len().saturating_sub(keep)].to_vec();
         for old in &doomed {
             self.store.delete_all(&self.folder(*old)).await?;
@@ -263,7 +272,8 @@ impl Checkpoints {
             Err(e) if e.is_not_found() => return Err(invalid("missing".into())),
             Err(e) => return Err(e.into()),
         };
-        let manifest: Manifest = serde_json::from_slice(&raw).map_err(|e| invalid(e.to_string()))?;
+        let manifest: Manifest =
+            serde_json::from_slice(&raw).map_err(|e| invalid(e.to_string()))?;
         if manifest.step != step {
             return Err(invalid(format!("it describes step {}", manifest.step)));
         }
@@ -370,10 +380,20 @@ mod tests {
     async fn a_checkpoint_without_manifest_does_not_exist() {
         let c = checkpoints();
         c.write(2, objects("2")).await.unwrap();
-        c.store.put("run/checkpoints/step-000000006/a.bin", Bytes::from_static(b"half")).await.unwrap();
+        c.store
+            .put(
+                "run/checkpoints/step-000000006/a.bin",
+                Bytes::from_static(b"half"),
+            )
+            .await
+            .unwrap();
         let (found, rejected) = c.newest_valid().await.unwrap();
         assert_eq!(found.unwrap().manifest.step, 2);
-        assert!(rejected[0].to_string().contains("step-000000006: no valid manifest.json"));
+        assert!(
+            rejected[0]
+                .to_string()
+                .contains("step-000000006: no valid manifest.json")
+        );
     }
 
     #[tokio::test]
@@ -383,11 +403,17 @@ mod tests {
         c.write(4, objects("4")).await.unwrap();
         let mut damaged = vec![7u8; 1000];
         damaged[500] ^= 1;
-        c.store.put("run/checkpoints/step-000000004/b.bin", damaged.into()).await.unwrap();
+        c.store
+            .put("run/checkpoints/step-000000004/b.bin", damaged.into())
+            .await
+            .unwrap();
         let (found, rejected) = c.newest_valid().await.unwrap();
         assert_eq!(found.unwrap().manifest.step, 2);
         let text = rejected[0].to_string();
-        assert!(text.contains("step-000000004") && text.contains("b.bin") && text.contains("expected"), "{text}");
+        assert!(
+            text.contains("step-000000004") && text.contains("b.bin") && text.contains("expected"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -259,7 +259,8 @@ pub struct S3Config {
     /// Path-style requests (`endpoint/bucket/key`), which most
     /// S3-compatible servers need; false for virtual-hosted style.
     pub path_style: bool,
-    /// Retries of a failed request (with exponential backoff).
+    /// Retries of a failed request, each after a wait of at least 0.5 s
+    /// growing exponentially (with jitter) to at most 30 s.
     pub max_retries: usize,
     /// Give up retrying one request after this many seconds.
     pub retry_timeout_s: u64,
@@ -274,7 +275,7 @@ impl Default for S3Config {
             secret_access_key: Secret::default(),
             allow_http: false,
             path_style: true,
-            max_retries: 10,
+            max_retries: 15,
             retry_timeout_s: 180,
         }
     }
@@ -602,7 +603,10 @@ mod tests {
         let err = Config::load_with_env(None, &[("checkpoint.store", "ftp://x".into())], env(&[]))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("checkpoint.store") && err.contains("s3://"), "{err}");
+        assert!(
+            err.contains("checkpoint.store") && err.contains("s3://"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! image stays small; anything touching tensors lives in `worker`.
 #![deny(missing_docs)]
 
+pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod logging;
@@ -13,7 +14,6 @@ pub mod pb;
 pub mod session;
 pub mod shard;
 pub mod store;
-pub mod checkpoint;
 pub mod wire;
 
 pub use config::{Config, ConfigError};

@@ -345,7 +345,11 @@ pub struct Notifier(mpsc::Sender<pb::WorkerMessage>);
 
 impl Notifier {
     /// Tells the coordinator whether checkpoint `step` is in the store.
-    pub async fn checkpoint_written(&self, step: u64, outcome: Result<(), String>) -> Result<(), SessionError> {
+    pub async fn checkpoint_written(
+        &self,
+        step: u64,
+        outcome: Result<(), String>,
+    ) -> Result<(), SessionError> {
         let written = pb::CheckpointWritten {
             step,
             ok: outcome.is_ok(),

@@ -8,9 +8,9 @@
 //! expect, and a run is reproducible from the seed alone.
 
 use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
 
 /// Deterministic per-epoch sharding of `len` samples over `world` ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +211,11 @@ mod tests {
             let resumed = StepPlan::new(sampler(0), batch, stop, cursor);
             for step in stop..stop + 10 {
                 for rank in 0..world {
-                    assert_eq!(samples(&fresh, rank, step), samples(&resumed, rank, step), "{step}");
+                    assert_eq!(
+                        samples(&fresh, rank, step),
+                        samples(&resumed, rank, step),
+                        "{step}"
+                    );
                 }
             }
         }
@@ -222,9 +226,20 @@ mod tests {
     #[test]
     fn a_plan_resumed_with_another_world_size_continues_the_epoch() {
         let (len, batch) = (96, 4);
-        let two = StepPlan::new(ShardSampler::new(len, 2, 0, 1), batch, 0, DataCursor::default());
+        let two = StepPlan::new(
+            ShardSampler::new(len, 2, 0, 1),
+            batch,
+            0,
+            DataCursor::default(),
+        );
         let cursor = two.cursor_after(4); // 5 steps × 2 ranks × 4 = 40 positions
-        assert_eq!(cursor, DataCursor { epoch: 0, position: 40 });
+        assert_eq!(
+            cursor,
+            DataCursor {
+                epoch: 0,
+                position: 40
+            }
+        );
         let mut seen: HashSet<usize> = (0..2)
             .flat_map(|r| ShardSampler::new(len, 2, r, 1).shard(0)[..20].to_vec())
             .collect();
@@ -241,7 +256,11 @@ mod tests {
                 }
             }
         }
-        assert_eq!(three[0].locate(9).epoch, 1, "(96 - 40) / 3 / 4 = 4 steps left in epoch 0");
+        assert_eq!(
+            three[0].locate(9).epoch,
+            1,
+            "(96 - 40) / 3 / 4 = 4 steps left in epoch 0"
+        );
     }
 
     #[test]

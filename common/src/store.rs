@@ -28,6 +28,12 @@ pub const MULTIPART_THRESHOLD: usize = 8 << 20;
 const PART_BYTES: usize = 8 << 20;
 /// Parts in flight at once during a multipart upload.
 const PARTS_IN_FLIGHT: usize = 4;
+/// Shortest wait before a retry. Every wait is at least this long, so
+/// `max_retries` retries ride out an outage of at least `max_retries ×` it;
+/// later waits grow (with jitter) up to [`MAX_BACKOFF`].
+const INIT_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait between two retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// A store operation that failed, naming the store and the key.
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +120,8 @@ impl Store {
                 .with_virtual_hosted_style_request(!s3.path_style)
                 .with_retry(RetryConfig {
                     backoff: BackoffConfig {
-                        init_backoff: Duration::from_millis(100),
-                        max_backoff: Duration::from_secs(10),
+                        init_backoff: INIT_BACKOFF,
+                        max_backoff: MAX_BACKOFF,
                         base: 2.0,
                     },
                     max_retries: s3.max_retries,
@@ -149,7 +155,9 @@ impl Store {
         }
         if let Some(folder) = url.strip_prefix("file://") {
             if folder.is_empty() {
-                return Err(bad("no folder: write file:///abs/path or file://rel/path".into()));
+                return Err(bad(
+                    "no folder: write file:///abs/path or file://rel/path".into()
+                ));
             }
             std::fs::create_dir_all(folder)
                 .map_err(|e| bad(format!("creating folder {folder}: {e}")))?;
@@ -191,7 +199,12 @@ impl Store {
         let path = self.path(key);
         let fail = |e| self.error("writing", key, e);
         if data.len() <= MULTIPART_THRESHOLD {
-            return self.inner.put(&path, data.into()).await.map(|_| ()).map_err(fail);
+            return self
+                .inner
+                .put(&path, data.into())
+                .await
+                .map(|_| ())
+                .map_err(fail);
         }
         let upload = self.inner.put_multipart(&path).await.map_err(fail)?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
@@ -255,9 +268,14 @@ impl Store {
         if let Some(secret) = &self.secret {
             message = message.replace(secret.as_str(), "***");
         }
-        let refused = ["403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"]
-            .iter()
-            .any(|needle| message.contains(needle));
+        let refused = [
+            "403",
+            "Forbidden",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+        ]
+        .iter()
+        .any(|needle| message.contains(needle));
         let hint = if refused {
             "; the server refused the credentials: check checkpoint.s3.access_key_id and \
              checkpoint.s3.secret_access_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
@@ -296,7 +314,10 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         store.put("run/a/big", big.clone()).await.unwrap();
-        store.put("run/b/small", Bytes::from_static(b"x")).await.unwrap();
+        store
+            .put("run/b/small", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
         assert_eq!(store.get("run/a/big").await.unwrap(), big);
         let mut folders = store.folders("run").await.unwrap();
         folders.sort();

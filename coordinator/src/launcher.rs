@@ -66,6 +66,9 @@ impl Launcher {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
+                // Their own process group: Ctrl-C on a terminal reaches only
+                // the coordinator, which then checkpoints and stops the group.
+                .process_group(0)
                 .spawn()
                 .map_err(|source| CoordinatorError::Spawn { rank, source })?;
             forward(child.stdout.take(), rank);

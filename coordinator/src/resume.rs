@@ -45,7 +45,10 @@ pub async fn plan(
     world: usize,
 ) -> Result<(Checkpoints, StartPoint), CoordinatorError> {
     let store = Store::open(&cfg.checkpoint).map_err(|e| CoordinatorError::Store(e.into()))?;
-    store.check().await.map_err(|e| CoordinatorError::Store(e.into()))?;
+    store
+        .check()
+        .await
+        .map_err(|e| CoordinatorError::Store(e.into()))?;
     let run = &cfg.checkpoint.run;
     let checkpoints = Checkpoints::new(store, run);
     let store_error = |e| CoordinatorError::Store(e);
@@ -74,10 +77,14 @@ pub async fn plan(
                 name: name.clone(),
                 reason: "expected step-N or N".into(),
             })?;
-            let loaded = checkpoints.load(step).await.map_err(|e| CoordinatorError::ResumeFrom {
-                name: name.clone(),
-                reason: e.to_string(),
-            })?;
+            let loaded =
+                checkpoints
+                    .load(step)
+                    .await
+                    .map_err(|e| CoordinatorError::ResumeFrom {
+                        name: name.clone(),
+                        reason: e.to_string(),
+                    })?;
             Some(loaded)
         }
         ResumePolicy::Latest => {
@@ -147,7 +154,8 @@ fn differences(
     now.iter()
         .filter_map(|(key, value)| {
             let before = saved.get(key).map_or("(unset)", String::as_str);
-            (before != value).then(|| format!("{key}: checkpoint has {before}, this run has {value}"))
+            (before != value)
+                .then(|| format!("{key}: checkpoint has {before}, this run has {value}"))
         })
         .collect()
 }
@@ -161,7 +169,10 @@ mod tests {
     fn cfg(store: &str) -> Config {
         Config::load_with_env(
             None,
-            &[("checkpoint.store", store.into()), ("train.steps", "10".into())],
+            &[
+                ("checkpoint.store", store.into()),
+                ("train.steps", "10".into()),
+            ],
             Some(Default::default()),
         )
         .unwrap()
@@ -179,7 +190,10 @@ mod tests {
             swd: None,
         };
         let json = Bytes::from(serde_json::to_vec(&state).unwrap());
-        checkpoints.write(step, vec![(STATE.into(), json)]).await.unwrap();
+        checkpoints
+            .write(step, vec![(STATE.into(), json)])
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -187,17 +201,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = cfg(&format!("file://{}", dir.path().display()));
         let (checkpoints, start) = plan(&cfg, &ResumePolicy::Latest, 2).await.unwrap();
-        assert_eq!(start, StartPoint { first_step: 0, checkpoint: None });
+        assert_eq!(
+            start,
+            StartPoint {
+                first_step: 0,
+                checkpoint: None
+            }
+        );
         save(&checkpoints, &cfg, 3).await;
         save(&checkpoints, &cfg, 6).await;
         let (_, start) = plan(&cfg, &ResumePolicy::Latest, 3).await.unwrap();
         assert_eq!(start.checkpoint.as_deref(), Some("step-000000006"));
-        let (_, start) = plan(&cfg, &ResumePolicy::From("3".into()), 2).await.unwrap();
+        let (_, start) = plan(&cfg, &ResumePolicy::From("3".into()), 2)
+            .await
+            .unwrap();
         assert_eq!(start.first_step, 3);
-        assert_eq!(checkpoints.steps().await.unwrap(), [3], "the abandoned step 6 is gone");
-        let err = plan(&cfg, &ResumePolicy::Fresh { force: false }, 2).await.unwrap_err();
+        assert_eq!(
+            checkpoints.steps().await.unwrap(),
+            [3],
+            "the abandoned step 6 is gone"
+        );
+        let err = plan(&cfg, &ResumePolicy::Fresh { force: false }, 2)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("--force"), "{err}");
-        let (_, start) = plan(&cfg, &ResumePolicy::Fresh { force: true }, 2).await.unwrap();
+        let (_, start) = plan(&cfg, &ResumePolicy::Fresh { force: true }, 2)
+            .await
+            .unwrap();
         assert_eq!(start.checkpoint, None);
         assert!(checkpoints.steps().await.unwrap().is_empty());
     }
@@ -210,7 +240,13 @@ mod tests {
         save(&checkpoints, &cfg(&url), 2).await;
         let mut other = cfg(&url);
         other.train.lr = 1e-3;
-        let err = plan(&other, &ResumePolicy::Latest, 1).await.unwrap_err().to_string();
-        assert!(err.contains("train.lr: checkpoint has 0.0002, this run has 0.001"), "{err}");
+        let err = plan(&other, &ResumePolicy::Latest, 1)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.lr: checkpoint has 0.0002, this run has 0.001"),
+            "{err}"
+        );
     }
 }

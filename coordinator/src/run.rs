@@ -336,10 +336,16 @@ impl Supervision<'_> {
     /// Records a written checkpoint: `latest` moves to it, old ones go.
     async fn commit(&self, step: u64) {
         let location = self.checkpoints.location(step);
-        match self.checkpoints.commit(step, self.cfg.checkpoint.keep).await {
+        match self
+            .checkpoints
+            .commit(step, self.cfg.checkpoint.keep)
+            .await
+        {
             Ok(removed) => info!(checkpoint = %location, ?removed, "checkpoint committed"),
             // The manifest is written, so a resume still finds it; only the pointer lags.
-            Err(error) => tracing::warn!(checkpoint = %location, %error, "could not update `latest`"),
+            Err(error) => {
+                tracing::warn!(checkpoint = %location, %error, "could not update `latest`")
+            }
         }
     }
 
@@ -355,16 +361,25 @@ impl Supervision<'_> {
                 Some((s, reason)) if s == step => reason,
                 _ => "rank 0 finished without reporting it".into(),
             };
-            let newest = self.checkpoints.latest().await.ok().flatten();
+            let newest = match committed {
+                Some(step) => checkpoint::name(step),
+                None => match self.checkpoints.latest().await {
+                    Ok(latest) => latest.unwrap_or_else(|| "none".into()),
+                    Err(e) => format!("unknown (reading `latest` failed: {e})"),
+                },
+            };
             return Err(CoordinatorError::FinalCheckpoint {
                 step,
                 reason,
-                committed: newest.unwrap_or_else(|| "none".into()),
+                committed: newest,
             });
         }
         match self.schedule.stopped_after() {
             Some(steps) => {
-                info!(steps, "stopped on request after checkpointing; run the same command to resume");
+                info!(
+                    steps,
+                    "stopped on request after checkpointing; run the same command to resume"
+                );
                 Ok(Outcome::Stopped { steps })
             }
             None => {

@@ -163,7 +163,14 @@ async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb:
             },
             Some(worker_message::Kind::CheckpointWritten(written)) => {
                 let error = (!written.ok).then_some(written.error);
-                send(&group, Event::CheckpointWritten { step: written.step, error }).await;
+                send(
+                    &group,
+                    Event::CheckpointWritten {
+                        step: written.step,
+                        error,
+                    },
+                )
+                .await;
             }
             Some(worker_message::Kind::Finished(_)) => {
                 finished = true;

@@ -98,7 +98,12 @@ impl Running {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: kill(2) with a valid signal number has no memory-safety preconditions.
         let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(sent, 0, "SIGTERM to {pid}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            sent,
+            0,
+            "SIGTERM to {pid}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     fn output(&mut self) -> (String, String) {

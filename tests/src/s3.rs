@@ -103,10 +103,19 @@ impl S3Server {
     /// Environment for a gancluster process using this server as `s3://BUCKET/prefix`.
     pub fn env(&self) -> Vec<(&'static str, String)> {
         vec![
-            ("GANCLUSTER__CHECKPOINT__S3__ENDPOINT", self.endpoint.clone()),
+            (
+                "GANCLUSTER__CHECKPOINT__S3__ENDPOINT",
+                self.endpoint.clone(),
+            ),
             ("GANCLUSTER__CHECKPOINT__S3__ALLOW_HTTP", "true".into()),
-            ("GANCLUSTER__CHECKPOINT__S3__ACCESS_KEY_ID", ACCESS_KEY.into()),
-            ("GANCLUSTER__CHECKPOINT__S3__SECRET_ACCESS_KEY", SECRET_KEY.into()),
+            (
+                "GANCLUSTER__CHECKPOINT__S3__ACCESS_KEY_ID",
+                ACCESS_KEY.into(),
+            ),
+            (
+                "GANCLUSTER__CHECKPOINT__S3__SECRET_ACCESS_KEY",
+                SECRET_KEY.into(),
+            ),
             ("GANCLUSTER__CHECKPOINT__S3__RETRY_TIMEOUT_S", "60".into()),
         ]
     }
@@ -135,8 +144,15 @@ async fn serve(root: &Path, shared: Arc<Shared>) -> String {
     let create = http::Request::put(format!("/{BUCKET}"))
         .body(s3s::Body::empty())
         .expect("request");
-    let created = service(root, false).call(create).await.expect("CreateBucket");
-    assert!(created.status().is_success(), "CreateBucket: {}", created.status());
+    let created = service(root, false)
+        .call(create)
+        .await
+        .expect("CreateBucket");
+    assert!(
+        created.status().is_success(),
+        "CreateBucket: {}",
+        created.status()
+    );
 
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let endpoint = format!("http://{}", listener.local_addr().expect("address"));

@@ -61,16 +61,42 @@ fn a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     train(&server, "split", 3, 0, split.path()).assert_success();
     assert_eq!(latest(&server, "split"), "step-000000003");
     let resumed = train(&server, "split", 6, 0, split.path()).assert_success();
-    assert!(resumed.stderr.contains("resuming") && resumed.stderr.contains("step-000000003"), "{}", resumed.stderr);
-    assert_eq!(params(whole.path()), params(split.path()), "final parameters differ");
+    assert!(
+        resumed.stderr.contains("resuming") && resumed.stderr.contains("step-000000003"),
+        "{}",
+        resumed.stderr
+    );
+    assert_eq!(
+        params(whole.path()),
+        params(split.path()),
+        "final parameters differ"
+    );
     assert_eq!(latest(&server, "split"), "step-000000006");
-    for object in ["manifest.json", "generator.mpk", "optimizer-d.mpk", "samples.png", "loss.png", "state.json"] {
-        assert!(checkpoint_object(&server, "split", 6, object).is_file(), "{object}");
+    for object in [
+        "manifest.json",
+        "generator.mpk",
+        "optimizer-d.mpk",
+        "samples.png",
+        "loss.png",
+        "state.json",
+    ] {
+        assert!(
+            checkpoint_object(&server, "split", 6, object).is_file(),
+            "{object}"
+        );
     }
     let losses = std::fs::read_to_string(split.path().join("losses.csv")).unwrap();
-    assert_eq!(losses.lines().count(), 7, "header + all 6 steps, history included:\n{losses}");
+    assert_eq!(
+        losses.lines().count(),
+        7,
+        "header + all 6 steps, history included:\n{losses}"
+    );
     let again = train(&server, "split", 6, 0, split.path()).assert_failure();
-    assert!(again.stderr.contains("already complete"), "{}", again.stderr);
+    assert!(
+        again.stderr.contains("already complete"),
+        "{}",
+        again.stderr
+    );
 }
 
 #[test]
@@ -78,13 +104,25 @@ fn wrong_credentials_are_refused_naming_endpoint_and_bucket() {
     let server = S3Server::start();
     let out = tempfile::tempdir().unwrap();
     let mut cmd = coordinator(&server, "creds", 2, 0, out.path());
-    cmd.env("GANCLUSTER__CHECKPOINT__S3__SECRET_ACCESS_KEY", "not-the-secret");
+    cmd.env(
+        "GANCLUSTER__CHECKPOINT__S3__SECRET_ACCESS_KEY",
+        "not-the-secret",
+    );
     let done = run(&mut cmd, LIMIT).assert_failure();
     let err = &done.stderr;
-    assert!(err.contains(server.endpoint()) && err.contains(BUCKET), "{err}");
+    assert!(
+        err.contains(server.endpoint()) && err.contains(BUCKET),
+        "{err}"
+    );
     assert!(err.contains("refused the credentials"), "{err}");
-    assert!(!err.contains("not-the-secret") && !err.contains(SECRET_KEY), "a secret leaked: {err}");
-    assert!(!out.path().join("params.f32").exists(), "no training without a working store");
+    assert!(
+        !err.contains("not-the-secret") && !err.contains(SECRET_KEY),
+        "a secret leaked: {err}"
+    );
+    assert!(
+        !out.path().join("params.f32").exists(),
+        "no training without a working store"
+    );
 }
 
 /// The server goes down while a checkpoint is being uploaded: the upload
@@ -98,8 +136,12 @@ fn an_outage_during_an_upload_is_retried_and_latest_stays_valid() {
         needle: "checkpoints/step-000000004/".into(),
         duration: Duration::from_secs(2),
     });
-    train(&server, "outage", 6, 2, out.path()).assert_success();
-    assert!(server.refused() > 0, "the outage never refused a connection");
+    let done = train(&server, "outage", 6, 2, out.path()).assert_success();
+    let log = &done.stderr;
+    assert!(
+        server.refused() > 0,
+        "the outage never refused a connection:\n{log}"
+    );
     assert_eq!(
         server.latest_at_outage().as_deref(),
         Some("step-000000002"),
@@ -107,14 +149,46 @@ fn an_outage_during_an_upload_is_retried_and_latest_stays_valid() {
     );
     assert_eq!(latest(&server, "outage"), "step-000000006");
     for step in [2, 4, 6] {
-        assert!(checkpoint_object(&server, "outage", step, "manifest.json").is_file(), "step {step}");
+        assert!(
+            checkpoint_object(&server, "outage", step, "manifest.json").is_file(),
+            "step {step}:\n{log}"
+        );
     }
     // Every checkpoint verifies: resuming from the one written through the outage works.
     let out2 = tempfile::tempdir().unwrap();
     let mut cmd = coordinator(&server, "outage", 6, 0, out2.path());
     cmd.args(["--resume-from", "step-000000004"]);
     let resumed = run(&mut cmd, LIMIT).assert_success();
-    assert!(resumed.stderr.contains("step-000000004"), "{}", resumed.stderr);
+    assert!(
+        resumed.stderr.contains("step-000000004"),
+        "{}",
+        resumed.stderr
+    );
+}
+
+/// An outage longer than the retries: the checkpoints written during it are
+/// lost, never half-committed, and a run whose final checkpoint is lost
+/// says so and which checkpoint a rerun resumes from.
+#[test]
+fn an_outage_beyond_the_retries_never_commits_a_partial_checkpoint() {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    server.arm_outage(Outage {
+        needle: "checkpoints/step-000000004/".into(),
+        duration: Duration::from_secs(30),
+    });
+    let mut cmd = coordinator(&server, "lost", 6, 2, out.path());
+    cmd.env("GANCLUSTER__CHECKPOINT__S3__MAX_RETRIES", "1");
+    let done = run(&mut cmd, LIMIT).assert_failure();
+    let log = &done.stderr;
+    assert!(
+        log.contains("training reached step 6 but its checkpoint could not be saved")
+            && log.contains("the newest committed checkpoint is step-000000002"),
+        "{log}"
+    );
+    assert_eq!(server.latest_at_outage().as_deref(), Some("step-000000002"));
+    assert_eq!(latest(&server, "lost"), "step-000000002");
+    assert!(!checkpoint_object(&server, "lost", 4, "manifest.json").exists());
 }
 
 #[test]
@@ -134,10 +208,21 @@ fn a_flipped_byte_is_detected_and_the_previous_checkpoint_used() {
         err.contains("step-000000004") && err.contains("generator.mpk") && err.contains("expected"),
         "the damage is reported: {err}"
     );
-    assert!(err.contains("step=2") || err.contains("step-000000002"), "{err}");
+    assert!(
+        err.contains("step=2") || err.contains("step-000000002"),
+        "{err}"
+    );
     let losses = std::fs::read_to_string(out.path().join("losses.csv")).unwrap();
-    let steps: Vec<&str> = losses.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
-    assert_eq!(steps, ["0", "1", "2", "3", "4", "5"], "resumed after step 2: {losses}");
+    let steps: Vec<&str> = losses
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        ["0", "1", "2", "3", "4", "5"],
+        "resumed after step 2: {losses}"
+    );
     assert_eq!(latest(&server, "flip"), "step-000000006");
 }
 
@@ -151,7 +236,10 @@ fn sigterm_checkpoints_stops_cleanly_and_the_run_resumes() {
     let losses = out.path().join("losses.csv");
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while std::fs::read_to_string(&losses).map_or(0, |t| t.lines().count()) < 4 {
-        assert!(std::time::Instant::now() < deadline, "training never got going");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training never got going"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     running.terminate();

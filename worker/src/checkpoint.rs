@@ -83,7 +83,7 @@ pub fn restore(
 /// Uploads checkpoints in the background, one at a time.
 pub struct Uploader {
     checkpoints: Checkpoints,
-    in_flight: Option<(u64, JoinHandle<Result<(), String>>)>,
+    in_flight: Option<(u64, JoinHandle<()>)>,
 }
 
 impl Uploader {
@@ -97,8 +97,13 @@ impl Uploader {
 
     /// Waits for the previous upload, then starts uploading `objects` as
     /// checkpoint `step` on `runtime`; `done` learns how it went.
-    pub fn start<F, Fut>(&mut self, runtime: &Runtime, step: u64, objects: Vec<(String, Bytes)>, done: F)
-    where
+    pub fn start<F, Fut>(
+        &mut self,
+        runtime: &Runtime,
+        step: u64,
+        objects: Vec<(String, Bytes)>,
+        done: F,
+    ) where
         F: FnOnce(u64, Result<(), String>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send,
     {
@@ -122,18 +127,18 @@ impl Uploader {
             if let Err(error) = &outcome {
                 tracing::warn!(checkpoint = %checkpoint::name(step), %error, "checkpoint upload failed; training goes on");
             }
-            done(step, outcome.clone()).await;
-            outcome
+            done(step, outcome).await;
         });
         self.in_flight = Some((step, task));
     }
 
-    /// Blocks until the upload in flight, if any, has finished; returns its step and outcome.
-    pub fn wait(&mut self, runtime: &Runtime) -> Option<(u64, Result<(), String>)> {
-        let (step, task) = self.in_flight.take()?;
-        let outcome = runtime
-            .block_on(task)
-            .unwrap_or_else(|e| Err(format!("upload task failed: {e}")));
-        Some((step, outcome))
+    /// Blocks until the upload in flight, if any, has finished (its outcome
+    /// is already logged and reported to the coordinator).
+    pub fn wait(&mut self, runtime: &Runtime) {
+        if let Some((step, task)) = self.in_flight.take()
+            && let Err(e) = runtime.block_on(task)
+        {
+            tracing::warn!(checkpoint = %checkpoint::name(step), error = %e, "the upload task failed");
+        }
     }
 }

@@ -93,7 +93,8 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         fault: fault(replica.rank)?,
         uploader: Uploader::new(checkpoints),
     };
-    let summary = training_loop::train(cfg, replica, &mut trainer, &mut remote, eval_images, begin)?;
+    let summary =
+        training_loop::train(cfg, replica, &mut trainer, &mut remote, eval_images, begin)?;
     // The last checkpoint must be in the store (and reported) before this
     // worker says it is done.
     remote.uploader.wait(&runtime);

@@ -34,7 +34,9 @@ pub fn loss_png(rows: &[LossRow]) -> Result<Vec<u8>, PlotError> {
     {
         let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
         let finite = |v: f32| v.is_finite().then_some(v);
-        let losses = rows.iter().flat_map(|r| [finite(r.d_loss), finite(r.g_loss)]);
+        let losses = rows
+            .iter()
+            .flat_map(|r| [finite(r.d_loss), finite(r.g_loss)]);
         let top = losses.flatten().fold(1.0f32, f32::max) * 1.05;
         let last = rows.last().map_or(1, |r| r.step + 1).max(1);
         let mut chart = ChartBuilder::on(&root)
@@ -102,6 +104,9 @@ mod tests {
         let image = image::load_from_memory(&png).unwrap().to_rgb8();
         assert_eq!(image.dimensions(), (WIDTH, HEIGHT));
         let has = |rgb: [u8; 3]| image.pixels().any(|p| p.0 == rgb);
-        assert!(has([255, 0, 0]) && has([0, 0, 255]), "both curves are drawn");
+        assert!(
+            has([255, 0, 0]) && has([0, 0, 255]),
+            "both curves are drawn"
+        );
     }
 }

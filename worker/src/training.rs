@@ -8,8 +8,8 @@
 //! the coordinator's all-reduce in at exactly that point.
 
 use burn::module::AutodiffModule;
-use burn::optim::adaptor::OptimizerAdaptor;
 use burn::module::Module;
+use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{Adam, AdamConfig, Optimizer};
 use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::activation::relu;
@@ -151,9 +151,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// Both networks and both optimizer states as bytes.
     pub fn records(&self) -> Result<TrainerRecords, RecordError> {
         let recorder = Bytes::default();
-        let fail = |what| move |e: burn::record::RecorderError| RecordError {
-            what,
-            reason: e.to_string(),
+        let fail = |what| {
+            move |e: burn::record::RecorderError| RecordError {
+                what,
+                reason: e.to_string(),
+            }
         };
         Ok(TrainerRecords {
             generator: recorder
@@ -175,9 +177,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// [`Trainer::records`] of a trainer with the same model configuration).
     pub fn load_records(&mut self, records: TrainerRecords) -> Result<(), RecordError> {
         let recorder = Bytes::default();
-        let fail = |what| move |e: burn::record::RecorderError| RecordError {
-            what,
-            reason: e.to_string(),
+        let fail = |what| {
+            move |e: burn::record::RecorderError| RecordError {
+                what,
+                reason: e.to_string(),
+            }
         };
         let device = &self.device;
         let generator = recorder
@@ -427,22 +431,38 @@ mod tests {
         let (model, train) = tiny();
         let mut original = Trainer::<B>::new(&model, &train, &device);
         for step in 0..2 {
-            original.train_step(step, real_batch(&device), &mut LocalReducer).unwrap();
+            original
+                .train_step(step, real_batch(&device), &mut LocalReducer)
+                .unwrap();
         }
-        let other_seed = TrainConfig { seed: 7, ..train.clone() };
+        let other_seed = TrainConfig {
+            seed: 7,
+            ..train.clone()
+        };
         let mut restored = Trainer::<B>::new(&model, &other_seed, &device);
         restored.load_records(original.records().unwrap()).unwrap();
-        let restored = Trainer { seed: train.seed, ..restored };
+        let restored = Trainer {
+            seed: train.seed,
+            ..restored
+        };
         let mut original = original;
         let mut restored = restored;
         for step in 2..4 {
-            let a = original.train_step(step, real_batch(&device), &mut LocalReducer).unwrap();
-            let b = restored.train_step(step, real_batch(&device), &mut LocalReducer).unwrap();
+            let a = original
+                .train_step(step, real_batch(&device), &mut LocalReducer)
+                .unwrap();
+            let b = restored
+                .train_step(step, real_batch(&device), &mut LocalReducer)
+                .unwrap();
             assert_eq!(a.d_loss.to_bits(), b.d_loss.to_bits());
         }
         assert_eq!(original.checksum(), restored.checksum());
         let pixels = |t: &Trainer<B>| t.sample_pixels(4, 1).unwrap();
-        assert_eq!(pixels(&original), pixels(&restored), "BatchNorm running statistics");
+        assert_eq!(
+            pixels(&original),
+            pixels(&restored),
+            "BatchNorm running statistics"
+        );
     }
 
     #[test]

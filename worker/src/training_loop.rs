@@ -176,7 +176,8 @@ pub fn train(
     for _ in start.first_step..cfg.train.steps {
         let step_started = Instant::now();
         let batch = loader.next_batch()?;
-        let (step, epoch, count, cursor) = (batch.step, batch.epoch, batch.count, batch.cursor_after);
+        let (step, epoch, count, cursor) =
+            (batch.step, batch.epoch, batch.count, batch.cursor_after);
         skipped = batch.skipped;
         let losses = trainer.train_step(step, to_tensor(batch, size, trainer.device()), sync)?;
         let record = StepRecord {

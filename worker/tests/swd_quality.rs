@@ -30,7 +30,17 @@ fn short_training_lowers_swd_against_held_out_faces() {
 
     let source = ImageSource::open(&cfg.data, cfg.train.seed).unwrap();
     let sampler = common::ShardSampler::new(source.len(), 1, 0, cfg.train.seed);
-    let mut loader = BatchLoader::spawn(source, sampler, 1, BATCH, SIZE as u32, 0, Default::default(), 2).unwrap();
+    let mut loader = BatchLoader::spawn(
+        source,
+        sampler,
+        1,
+        BATCH,
+        SIZE as u32,
+        0,
+        Default::default(),
+        2,
+    )
+    .unwrap();
     for step in 0..STEPS {
         let batch = loader.next_batch().unwrap();
         trainer

@@ -190,7 +190,17 @@ mod tests {
 
     fn loader(source: ImageSource, batch: usize, first_step: u64) -> BatchLoader {
         let sampler = ShardSampler::new(source.len(), 1, 0, 5);
-        let mut from_zero = BatchLoader::spawn(source.clone(), sampler, 1, batch, 16, 0, DataCursor::default(), 2).unwrap();
+        let mut from_zero = BatchLoader::spawn(
+            source.clone(),
+            sampler,
+            1,
+            batch,
+            16,
+            0,
+            DataCursor::default(),
+            2,
+        )
+        .unwrap();
         let mut cursor = DataCursor::default();
         for _ in 0..first_step {
             cursor = from_zero.next_batch().unwrap().cursor_after;
