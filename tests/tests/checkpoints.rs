@@ -23,16 +23,32 @@ const TINY: [&str; 8] = [
 
 /// `coordinator --workers 2` training run `run` to `steps` steps with checkpoints in `server`.
 fn coordinator(server: &S3Server, run_id: &str, steps: u64, every: u64, out: &Path) -> Command {
+    coordinator_of(2, server, run_id, steps, every, out)
+}
+
+fn coordinator_of(
+    workers: usize,
+    server: &S3Server,
+    run_id: &str,
+    steps: u64,
+    every: u64,
+    out: &Path,
+) -> Command {
     let mut cmd = Command::new(workspace_bin("coordinator"));
-    cmd.args(["--workers", "2", "--steps", &steps.to_string()])
-        .args(TINY)
-        .args(["--store", &format!("s3://{BUCKET}/runs"), "--run", run_id])
-        .args(["--checkpoint-every", &every.to_string()])
-        .arg("--out")
-        .arg(out)
-        .envs(server.env())
-        .env_remove("RUST_LOG")
-        .env_remove("GANCLUSTER_FAULT");
+    cmd.args([
+        "--workers",
+        &workers.to_string(),
+        "--steps",
+        &steps.to_string(),
+    ])
+    .args(TINY)
+    .args(["--store", &format!("s3://{BUCKET}/runs"), "--run", run_id])
+    .args(["--checkpoint-every", &every.to_string()])
+    .arg("--out")
+    .arg(out)
+    .envs(server.env())
+    .env_remove("RUST_LOG")
+    .env_remove("GANCLUSTER_FAULT");
     cmd
 }
 
@@ -97,6 +113,23 @@ fn a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
         "{}",
         again.stderr
     );
+}
+
+/// A checkpoint of 2 workers resumes with 3: the rest of the epoch is
+/// re-sharded from the data cursor and the run completes.
+#[test]
+fn a_checkpoint_resumes_with_another_worker_count() {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    train(&server, "reshard", 3, 0, out.path()).assert_success();
+    let mut cmd = coordinator_of(3, &server, "reshard", 5, 0, out.path());
+    let resumed = run(&mut cmd, LIMIT).assert_success();
+    let log = &resumed.stderr;
+    assert!(
+        log.contains("resuming with a different worker count") && log.contains("position=48"),
+        "3 steps × 2 workers × batch 8 = 48 positions consumed: {log}"
+    );
+    assert_eq!(latest(&server, "reshard"), "step-000000005");
 }
 
 #[test]
