@@ -14,6 +14,19 @@ use std::time::Duration;
 
 use wait_timeout::ChildExt;
 
+/// Flags for the tiny model (16×16, 8 feature maps, batch 8) the
+/// multi-process tests train: seconds per run on two cores.
+pub const TINY: [&str; 8] = [
+    "--image-size",
+    "16",
+    "--ngf",
+    "8",
+    "--ndf",
+    "8",
+    "--batch-size",
+    "8",
+];
+
 /// What a finished child left behind.
 #[derive(Debug)]
 pub struct Finished {

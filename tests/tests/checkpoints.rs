@@ -7,19 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use gancluster_tests::s3::{BUCKET, Outage, S3Server, SECRET_KEY};
-use gancluster_tests::{Finished, Running, run, workspace_bin};
+use gancluster_tests::{Finished, Running, TINY, run, workspace_bin};
 
 const LIMIT: Duration = Duration::from_secs(300);
-const TINY: [&str; 8] = [
-    "--image-size",
-    "16",
-    "--ngf",
-    "8",
-    "--ndf",
-    "8",
-    "--batch-size",
-    "8",
-];
 
 /// `coordinator --workers 2` training run `run` to `steps` steps with checkpoints in `server`.
 fn coordinator(server: &S3Server, run_id: &str, steps: u64, every: u64, out: &Path) -> Command {

@@ -7,24 +7,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Config, ShardSampler};
-use gancluster_tests::{Finished, Running, run, workspace_bin};
+use gancluster_tests::{Finished, Running, TINY, run, workspace_bin};
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
 use worker::training::{Trainer, step_noise};
 use worker::training_loop::{PARAMS_F32, to_tensor};
 
 const LIMIT: Duration = Duration::from_secs(240);
-/// The tiny model every test here trains.
-const TINY: [&str; 8] = [
-    "--image-size",
-    "16",
-    "--ngf",
-    "8",
-    "--ndf",
-    "8",
-    "--batch-size",
-    "8",
-];
 
 fn coordinator(workers: usize, steps: u64, out: &Path) -> Command {
     let mut cmd = Command::new(workspace_bin("coordinator"));

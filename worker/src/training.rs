@@ -98,7 +98,17 @@ pub struct RecordError {
     reason: String,
 }
 
-type Bytes = NamedMpkBytesRecorder<FullPrecisionSettings>;
+/// Named MessagePack at full precision: self-describing, and a malformed
+/// record is an error rather than a panic (burn's bincode recorder unwraps).
+type Mpk = NamedMpkBytesRecorder<FullPrecisionSettings>;
+
+/// Turns a recorder failure while `what` into a [`RecordError`].
+fn record_error(what: &'static str) -> impl Fn(burn::record::RecorderError) -> RecordError {
+    move |e| RecordError {
+        what,
+        reason: e.to_string(),
+    }
+}
 
 /// Streams of the seed's generator: initial weights, training noise, and
 /// the fixed sample-grid noise.
@@ -150,52 +160,40 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Both networks and both optimizer states as bytes.
     pub fn records(&self) -> Result<TrainerRecords, RecordError> {
-        let recorder = Bytes::default();
-        let fail = |what| {
-            move |e: burn::record::RecorderError| RecordError {
-                what,
-                reason: e.to_string(),
-            }
-        };
+        let recorder = Mpk::default();
         Ok(TrainerRecords {
             generator: recorder
                 .record(self.generator.clone().into_record(), ())
-                .map_err(fail("saving the generator"))?,
+                .map_err(record_error("saving the generator"))?,
             discriminator: recorder
                 .record(self.discriminator.clone().into_record(), ())
-                .map_err(fail("saving the discriminator"))?,
+                .map_err(record_error("saving the discriminator"))?,
             optimizer_g: recorder
                 .record(self.opt_g.to_record(), ())
-                .map_err(fail("saving the generator's optimizer"))?,
+                .map_err(record_error("saving the generator's optimizer"))?,
             optimizer_d: recorder
                 .record(self.opt_d.to_record(), ())
-                .map_err(fail("saving the discriminator's optimizer"))?,
+                .map_err(record_error("saving the discriminator's optimizer"))?,
         })
     }
 
     /// Replaces networks and optimizer states with `records` (from
     /// [`Trainer::records`] of a trainer with the same model configuration).
     pub fn load_records(&mut self, records: TrainerRecords) -> Result<(), RecordError> {
-        let recorder = Bytes::default();
-        let fail = |what| {
-            move |e: burn::record::RecorderError| RecordError {
-                what,
-                reason: e.to_string(),
-            }
-        };
+        let recorder = Mpk::default();
         let device = &self.device;
         let generator = recorder
             .load(records.generator, device)
-            .map_err(fail("loading the generator"))?;
+            .map_err(record_error("loading the generator"))?;
         let discriminator = recorder
             .load(records.discriminator, device)
-            .map_err(fail("loading the discriminator"))?;
+            .map_err(record_error("loading the discriminator"))?;
         let opt_g = recorder
             .load(records.optimizer_g, device)
-            .map_err(fail("loading the generator's optimizer"))?;
+            .map_err(record_error("loading the generator's optimizer"))?;
         let opt_d = recorder
             .load(records.optimizer_d, device)
-            .map_err(fail("loading the discriminator's optimizer"))?;
+            .map_err(record_error("loading the discriminator's optimizer"))?;
         self.generator = self.generator.clone().load_record(generator);
         self.discriminator = self.discriminator.clone().load_record(discriminator);
         self.opt_g = self.opt_g.clone().load_record(opt_g);
