@@ -47,6 +47,12 @@ pub struct WireError {
 /// Encodes `values` for the wire.
 pub fn encode(values: &[f32], format: WireFormat) -> Bytes {
     let mut out = BytesMut::zeroed(values.len() * format.width());
+    encode_into(values, format, &mut out);
+    out.freeze()
+}
+
+/// Encodes `values` into `out`, which holds exactly their encoded length.
+fn encode_into(values: &[f32], format: WireFormat, out: &mut [u8]) {
     match format {
         WireFormat::F32 => {
             for (dst, v) in out.chunks_exact_mut(4).zip(values) {
@@ -59,7 +65,6 @@ pub fn encode(values: &[f32], format: WireFormat) -> Bytes {
             }
         }
     }
-    out.freeze()
 }
 
 /// Decodes a chunk into `out`, which must have exactly its element count.
@@ -67,9 +72,44 @@ pub fn decode_into(bytes: &[u8], format: WireFormat, out: &mut [f32]) -> Result<
     combine(bytes, format, out, |dst, value| *dst = value)
 }
 
-/// Adds a chunk element-wise into `acc`.
-pub fn add_into(bytes: &[u8], format: WireFormat, acc: &mut [f32]) -> Result<(), WireError> {
-    combine(bytes, format, acc, |dst, value| *dst += value)
+/// Elements reduced at a time by [`mean`]: the block and its encoded bytes
+/// stay in L1 while every part is added into it.
+const MEAN_BLOCK: usize = 1024;
+
+/// The element-wise mean of `parts` (one encoded chunk per rank, in rank
+/// order), encoded in `format`: `(((p0 + p1) + p2) + …) / world` in f32,
+/// so the bits do not depend on which part arrived first.
+///
+/// One pass over the inputs, block by block, with no intermediate vector:
+/// this runs once per chunk on the coordinator, on bytes all workers wait for.
+pub fn mean(parts: &[Bytes], format: WireFormat, world: usize) -> Result<Bytes, WireError> {
+    let width = format.width();
+    let elems = parts.first().map_or(0, |p| p.len() / width);
+    for part in parts {
+        check(part, format, elems)?;
+    }
+    let n = world as f32;
+    let mut out = BytesMut::with_capacity(elems * width);
+    let mut acc = [0.0f32; MEAN_BLOCK];
+    let mut encoded = [0u8; MEAN_BLOCK * 4];
+    for start in (0..elems).step_by(MEAN_BLOCK) {
+        let len = MEAN_BLOCK.min(elems - start);
+        let range = start * width..(start + len) * width;
+        let block = &mut acc[..len];
+        combine(&parts[0][range.clone()], format, block, |dst, value| {
+            *dst = value
+        })?;
+        for part in &parts[1..] {
+            combine(&part[range.clone()], format, block, |dst, value| {
+                *dst += value
+            })?;
+        }
+        block.iter_mut().for_each(|v| *v /= n);
+        let bytes = &mut encoded[..len * width];
+        encode_into(block, format, bytes);
+        out.extend_from_slice(bytes);
+    }
+    Ok(out.freeze())
 }
 
 /// Decodes each element of `bytes` and folds it into `target` with `op`.
@@ -174,15 +214,62 @@ mod tests {
     }
 
     #[test]
-    fn add_into_accumulates() {
-        let mut acc = [1.0, 2.0];
-        add_into(
-            &encode(&[0.5, -4.0], WireFormat::F32),
+    fn mean_sums_in_rank_order_then_divides() {
+        // 1e8 + 1 - 1e8 depends on the order: rank order gives 0, not 1.
+        let parts: Vec<Bytes> = [1e8f32, 1.0, -1e8]
+            .iter()
+            .map(|v| encode(&[*v], WireFormat::F32))
+            .collect();
+        let mut out = [f32::NAN];
+        decode_into(
+            &mean(&parts, WireFormat::F32, 3).unwrap(),
             WireFormat::F32,
-            &mut acc,
+            &mut out,
         )
         .unwrap();
-        assert_eq!(acc, [1.5, -2.0]);
+        assert_eq!(out[0].to_bits(), (((1e8f32 + 1.0) - 1e8) / 3.0).to_bits());
+    }
+
+    /// Block by block equals element by element, across block edges and
+    /// in both formats.
+    #[test]
+    fn mean_matches_the_element_wise_definition() {
+        let elems = 3 * MEAN_BLOCK + 17;
+        for format in [WireFormat::F32, WireFormat::Bf16] {
+            let ranks: Vec<Vec<f32>> = (0..3)
+                .map(|r| {
+                    (0..elems)
+                        .map(|i| ((i * 7 + r * 13) % 101) as f32 * 0.37 - 18.0)
+                        .collect()
+                })
+                .collect();
+            let parts: Vec<Bytes> = ranks.iter().map(|v| encode(v, format)).collect();
+            let decoded: Vec<Vec<f32>> = parts
+                .iter()
+                .map(|p| {
+                    let mut v = vec![0.0; elems];
+                    decode_into(p, format, &mut v).unwrap();
+                    v
+                })
+                .collect();
+            let expected: Vec<f32> = (0..elems)
+                .map(|i| (decoded[0][i] + decoded[1][i] + decoded[2][i]) / 3.0)
+                .collect();
+            assert_eq!(
+                mean(&parts, format, 3).unwrap(),
+                encode(&expected, format),
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mean_refuses_parts_of_different_lengths() {
+        let parts = [
+            encode(&[1.0, 2.0], WireFormat::F32),
+            encode(&[1.0], WireFormat::F32),
+        ];
+        assert!(mean(&parts, WireFormat::F32, 2).is_err());
     }
 
     #[test]

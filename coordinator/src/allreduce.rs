@@ -118,7 +118,7 @@ impl Reducer {
             .map(|p| p.expect("all ranks arrived"))
             .collect();
         let world = self.world;
-        let mean = tokio::task::spawn_blocking(move || mean_in_rank_order(&parts, format, world))
+        let mean = tokio::task::spawn_blocking(move || wire::mean(&parts, format, world))
             .await
             .expect("reduction task panicked")?;
         let reduced = pb::GradChunk {
@@ -140,45 +140,10 @@ impl Reducer {
     }
 }
 
-/// Σ parts[0] + parts[1] + … (in that order) / world, re-encoded.
-pub fn mean_in_rank_order(
-    parts: &[Bytes],
-    format: WireFormat,
-    world: usize,
-) -> Result<Bytes, WireError> {
-    let elems = parts[0].len() / format.width();
-    let mut acc = vec![0.0f32; elems];
-    wire::decode_into(&parts[0], format, &mut acc)?;
-    for part in &parts[1..] {
-        wire::add_into(part, format, &mut acc)?;
-    }
-    let n = world as f32;
-    acc.iter_mut().for_each(|v| *v /= n);
-    Ok(wire::encode(&acc, format))
-}
-
 fn format_of(value: i32) -> Result<WireFormat, ChunkError> {
     match pb::WireFormat::try_from(value) {
         Ok(pb::WireFormat::F32) => Ok(WireFormat::F32),
         Ok(pb::WireFormat::Bf16) => Ok(WireFormat::Bf16),
         _ => Err(ChunkError::Format(value)),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mean_sums_in_rank_order_then_divides() {
-        // 1e8 + 1 - 1e8 depends on the order: rank order gives 0, not 1.
-        let parts: Vec<Bytes> = [1e8f32, 1.0, -1e8]
-            .iter()
-            .map(|v| wire::encode(&[*v], WireFormat::F32))
-            .collect();
-        let mean = mean_in_rank_order(&parts, WireFormat::F32, 3).unwrap();
-        let mut out = [f32::NAN];
-        wire::decode_into(&mean, WireFormat::F32, &mut out).unwrap();
-        assert_eq!(out[0], ((1e8f32 + 1.0) - 1e8) / 3.0);
     }
 }
