@@ -126,7 +126,7 @@ pub enum CoordinatorError {
     /// The run already reached `train.steps`.
     #[error(
         "the run is already complete: checkpoint {checkpoint} is at step {step} and train.steps is {steps}; \
-         raise train.steps (--steps) to train further"
+         raise train.steps (--steps) to train further, or start over with --fresh --force or another checkpoint.run (--run)"
     )]
     AlreadyDone {
         /// The newest checkpoint.
