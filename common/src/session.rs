@@ -338,7 +338,7 @@ async fn next(
     }
 }
 
-/// Sends [`pb::CheckpointWritten`] on a session from a background task.
+/// Sends [`pb::CheckpointWritten`] or [`pb::StopRequest`] on a session from a background task.
 /// Drop it before [`Session::finish`]: the stream ends when the last handle goes.
 #[derive(Clone)]
 pub struct Notifier(mpsc::Sender<pb::WorkerMessage>);
@@ -357,6 +357,16 @@ impl Notifier {
         };
         self.0
             .send(message(worker_message::Kind::CheckpointWritten(written)))
+            .await
+            .map_err(|_| SessionError::Closed)
+    }
+
+    /// Asks the coordinator to checkpoint and stop the group after the current step.
+    pub async fn request_stop(&self, reason: String) -> Result<(), SessionError> {
+        self.0
+            .send(message(worker_message::Kind::StopRequest(
+                pb::StopRequest { reason },
+            )))
             .await
             .map_err(|_| SessionError::Closed)
     }

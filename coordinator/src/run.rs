@@ -299,6 +299,14 @@ impl Supervision<'_> {
                             "rank 0 could not write a checkpoint; `latest` still names the previous one");
                         failed_checkpoint = Some((step, reason));
                     }
+                    Event::StopRequested { rank, reason } => {
+                        if !stopping {
+                            stopping = true;
+                            self.schedule.request_stop();
+                            info!(rank, %reason, "stop requested by a worker: the group checkpoints \
+                                and stops after the current step");
+                        }
+                    }
                     Event::Finished { rank } => {
                         finished += 1;
                         info!(rank, "worker finished");

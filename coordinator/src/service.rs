@@ -27,6 +27,13 @@ pub enum Event {
         /// The rank.
         rank: usize,
     },
+    /// A worker asked the group to checkpoint and stop (it got SIGTERM).
+    StopRequested {
+        /// The rank.
+        rank: usize,
+        /// Why, in its words.
+        reason: String,
+    },
     /// Rank 0 uploaded (or failed to upload) a checkpoint.
     CheckpointWritten {
         /// Steps done at the checkpoint.
@@ -171,6 +178,10 @@ async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb:
                     },
                 )
                 .await;
+            }
+            Some(worker_message::Kind::StopRequest(request)) => {
+                let reason = request.reason;
+                send(&group, Event::StopRequested { rank, reason }).await;
             }
             Some(worker_message::Kind::Finished(_)) => {
                 finished = true;

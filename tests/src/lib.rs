@@ -108,15 +108,12 @@ impl Running {
 
     /// Sends SIGTERM, as Kubernetes does on eviction.
     pub fn terminate(&self) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
-        // SAFETY: kill(2) with a valid signal number has no memory-safety preconditions.
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(
-            sent,
-            0,
-            "SIGTERM to {pid}: {}",
-            std::io::Error::last_os_error()
-        );
+        terminate(self.child.id());
+    }
+
+    /// The child's process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
     }
 
     fn output(&mut self) -> (String, String) {
@@ -134,6 +131,28 @@ impl Drop for Running {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Sends SIGTERM to process `pid`.
+pub fn terminate(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) with a valid signal number has no memory-safety preconditions.
+    let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(
+        sent,
+        0,
+        "SIGTERM to {pid}: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The child processes of `pid` (Linux: from /proc), oldest first.
+pub fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse().ok())
+        .collect()
 }
 
 fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {

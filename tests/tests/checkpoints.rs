@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use gancluster_tests::s3::{BUCKET, Outage, S3Server, SECRET_KEY};
-use gancluster_tests::{Finished, Running, TINY, run, workspace_bin};
+use gancluster_tests::{Finished, Running, TINY, children, run, terminate, workspace_bin};
 
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -276,4 +276,40 @@ fn sigterm_checkpoints_stops_cleanly_and_the_run_resumes() {
     let resumed = train(&server, "term", step + 2, 0, out.path()).assert_success();
     assert!(resumed.stderr.contains(&name), "{}", resumed.stderr);
     assert_eq!(latest(&server, "term"), format!("step-{:09}", step + 2));
+}
+
+/// A worker's SIGTERM (its pod evicted): it asks the coordinator, and the
+/// whole group checkpoints after the current step and stops cleanly.
+#[test]
+fn a_worker_sigterm_checkpoints_and_stops_the_group() {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    let running = Running::spawn(&mut coordinator(&server, "evict", 100_000, 0, out.path()));
+    wait_for_steps(out.path(), 3);
+    let workers = children(running.id());
+    assert_eq!(workers.len(), 2, "the coordinator's worker processes");
+    terminate(workers[1]);
+    let done = running.wait(LIMIT).assert_success();
+    assert!(
+        done.stderr.contains("stop requested by a worker") && done.stderr.contains("SIGTERM on"),
+        "{}",
+        done.stderr
+    );
+    let name = latest(&server, "evict");
+    let step: u64 = name.trim_start_matches("step-").parse().unwrap();
+    assert!((3..100_000).contains(&step), "stopped at {name}");
+    assert!(checkpoint_object(&server, "evict", step, "manifest.json").is_file());
+}
+
+/// Blocks until rank 0 has logged `steps` steps (bounded).
+fn wait_for_steps(out: &Path, steps: usize) {
+    let losses = out.join("losses.csv");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::fs::read_to_string(&losses).map_or(0, |t| t.lines().count()) < steps + 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "training never got going"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -86,6 +86,7 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
     let mut trainer = trainer.for_rank(replica.rank);
     let checkpoints = Checkpoints::new(Store::open(&cfg.checkpoint)?, &cfg.checkpoint.run);
     let begin = resume(&runtime, &checkpoints, &start, &mut trainer)?;
+    let on_sigterm = runtime.spawn(forward_sigterm(session.notifier()));
     let mut remote = Remote {
         runtime: &runtime,
         session: Some(session),
@@ -96,14 +97,33 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
     let summary =
         training_loop::train(cfg, replica, &mut trainer, &mut remote, eval_images, begin)?;
     // The last checkpoint must be in the store (and reported) before this
-    // worker says it is done.
+    // worker says it is done; no other task may hold the stream open then.
     remote.uploader.wait(&runtime);
+    on_sigterm.abort();
     let session = remote
         .session
         .take()
         .expect("the session lives until the end");
     runtime.block_on(session.finish(summary.steps))?;
     Ok(summary)
+}
+
+/// On SIGTERM (eviction, node drain) asks the coordinator to checkpoint and
+/// stop the group after the current step; this worker then finishes
+/// normally when told to stop. Later SIGTERMs are ignored (Kubernetes
+/// follows with SIGKILL once the grace period is over).
+async fn forward_sigterm(notifier: session::Notifier) {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        tracing::warn!("cannot watch for SIGTERM; an eviction will lose this worker mid-step");
+        return;
+    };
+    if term.recv().await.is_some() {
+        tracing::warn!("SIGTERM: asking the coordinator to checkpoint and stop the group");
+        let reason = format!("SIGTERM on {}", hostname());
+        // A closed session means the run is already over.
+        let _ = notifier.request_stop(reason).await;
+    }
 }
 
 /// Loads the checkpoint `start` names, if any, into `trainer`.
