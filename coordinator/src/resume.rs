@@ -7,7 +7,7 @@
 //! which checkpoint to load and which step comes next.
 
 use common::Config;
-use common::checkpoint::{self, Checkpoint, Checkpoints};
+use common::checkpoint::{self, Checkpoint, CheckpointError, Checkpoints};
 use common::store::Store;
 use tracing::{info, warn};
 
@@ -44,21 +44,17 @@ pub async fn plan(
     policy: &ResumePolicy,
     world: usize,
 ) -> Result<(Checkpoints, StartPoint), CoordinatorError> {
-    let store = Store::open(&cfg.checkpoint).map_err(|e| CoordinatorError::Store(e.into()))?;
-    store
-        .check()
-        .await
-        .map_err(|e| CoordinatorError::Store(e.into()))?;
+    let store = Store::open(&cfg.checkpoint).map_err(CheckpointError::from)?;
+    store.check().await.map_err(CheckpointError::from)?;
     let run = &cfg.checkpoint.run;
     let checkpoints = Checkpoints::new(store, run);
-    let store_error = |e| CoordinatorError::Store(e);
     let fresh = StartPoint {
         first_step: 0,
         checkpoint: None,
     };
     let chosen: Option<Checkpoint> = match policy {
         ResumePolicy::Fresh { force } => {
-            let existing = checkpoints.steps().await.map_err(store_error)?;
+            let existing = checkpoints.steps().await?;
             if !existing.is_empty() {
                 if !force {
                     return Err(CoordinatorError::RunExists {
@@ -68,7 +64,7 @@ pub async fn plan(
                     });
                 }
                 warn!(%run, checkpoints = existing.len(), "--fresh --force: deleting the run's checkpoints");
-                checkpoints.remove_all().await.map_err(store_error)?;
+                checkpoints.remove_all().await?;
             }
             None
         }
@@ -88,7 +84,7 @@ pub async fn plan(
             Some(loaded)
         }
         ResumePolicy::Latest => {
-            let (found, rejected) = checkpoints.newest_valid().await.map_err(store_error)?;
+            let (found, rejected) = checkpoints.newest_valid().await?;
             for reason in &rejected {
                 warn!(%reason, "skipping a checkpoint that does not verify");
             }
@@ -99,7 +95,7 @@ pub async fn plan(
         info!(%run, store = %checkpoints.store(), "starting a fresh run");
         return Ok((checkpoints, fresh));
     };
-    let state = chosen.state().map_err(store_error)?;
+    let state = chosen.state()?;
     let differences = differences(&state.identity, &cfg.resume_identity());
     if !differences.is_empty() {
         return Err(CoordinatorError::DifferentRun {
@@ -117,10 +113,10 @@ pub async fn plan(
     // Newer checkpoints are damaged or belong to a branch the operator
     // abandoned with --resume-from; left in place, a later resume could pick
     // them over the checkpoints this run is about to write.
-    for newer in checkpoints.steps().await.map_err(store_error)? {
+    for newer in checkpoints.steps().await? {
         if newer > state.step {
             warn!(checkpoint = %checkpoints.location(newer), "deleting a checkpoint newer than the one resumed from");
-            checkpoints.remove(newer).await.map_err(store_error)?;
+            checkpoints.remove(newer).await?;
         }
     }
     if state.world != world {

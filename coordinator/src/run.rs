@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Config;
+use common::checkpoint::{self, Checkpoints};
 use common::config::{
     CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
 };
@@ -17,8 +18,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
-
-use common::checkpoint::{self, Checkpoints};
 
 use crate::CoordinatorError;
 use crate::launcher::Launcher;
@@ -40,6 +39,16 @@ pub enum Mode {
         /// Shared secret they must present.
         token: String,
     },
+}
+
+impl Mode {
+    /// The size of the group.
+    pub fn workers(&self) -> usize {
+        match self {
+            Self::Local(n) => *n,
+            Self::External { workers, .. } => *workers,
+        }
+    }
 }
 
 /// How a run ended without error.
@@ -125,11 +134,7 @@ pub async fn run<S>(
 where
     S: Future<Output = ()>,
 {
-    let workers = match &mode {
-        Mode::Local(n) => *n,
-        Mode::External { workers, .. } => *workers,
-    };
-    let (checkpoints, start) = resume::plan(&cfg, &policy, workers).await?;
+    let (checkpoints, start) = resume::plan(&cfg, &policy, mode.workers()).await?;
     let listeners = Listeners::bind(&cfg, matches!(mode, Mode::Local(_))).await?;
     run_on(listeners, cfg, mode, (checkpoints, start), shutdown).await
 }
@@ -146,9 +151,10 @@ pub async fn run_on<S>(
 where
     S: Future<Output = ()>,
 {
-    let (workers, token) = match &mode {
-        Mode::Local(n) => (*n, format!("{:032x}", rand::random::<u128>())),
-        Mode::External { workers, token } => (*workers, token.clone()),
+    let workers = mode.workers();
+    let token = match &mode {
+        Mode::Local(_) => format!("{:032x}", rand::random::<u128>()),
+        Mode::External { token, .. } => token.clone(),
     };
     let address = listeners
         .tcp
@@ -283,7 +289,7 @@ impl Supervision<'_> {
         let signal = shutdown();
         tokio::pin!(join_deadline, signal);
         let progress = Progress::new(cfg.train.steps, cfg.train.log_every, self.first_step);
-        let (mut finished, mut stopping) = (0, false);
+        let mut finished = 0;
         let mut committed: Option<u64> = None;
         let mut failed_checkpoint: Option<(u64, String)> = None;
         loop {
@@ -300,9 +306,7 @@ impl Supervision<'_> {
                         failed_checkpoint = Some((step, reason));
                     }
                     Event::StopRequested { rank, reason } => {
-                        if !stopping {
-                            stopping = true;
-                            self.schedule.request_stop();
+                        if self.schedule.request_stop() {
                             info!(rank, %reason, "stop requested by a worker: the group checkpoints \
                                 and stops after the current step");
                         }
@@ -328,11 +332,9 @@ impl Supervision<'_> {
                     });
                 }
                 _ = &mut signal => {
-                    if stopping || !group.rendezvous.is_formed() {
+                    if !group.rendezvous.is_formed() || !self.schedule.request_stop() {
                         return Err(CoordinatorError::Interrupted);
                     }
-                    stopping = true;
-                    self.schedule.request_stop();
                     info!("stop requested: the group checkpoints and stops after the current step \
                         (signal again to stop at once, without a checkpoint)");
                     signal.set(shutdown());

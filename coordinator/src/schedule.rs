@@ -35,9 +35,11 @@ impl Schedule {
         }
     }
 
-    /// Asks the group to checkpoint and stop at the next step boundary.
-    pub fn request_stop(&self) {
-        self.state.lock().expect("schedule lock").stop_requested = true;
+    /// Asks the group to checkpoint and stop at the next step boundary;
+    /// false when a stop was already requested.
+    pub fn request_stop(&self) -> bool {
+        let mut state = self.state.lock().expect("schedule lock");
+        !std::mem::replace(&mut state.stop_requested, true)
     }
 
     /// What the group does after step `step` (0-based), or `None` to carry on.
@@ -97,7 +99,8 @@ mod tests {
     fn a_stop_request_checkpoints_and_stops_at_the_next_step() {
         let schedule = Schedule::new(0, 10);
         assert_eq!(decisions(&schedule, 0..3), []);
-        schedule.request_stop();
+        assert!(schedule.request_stop());
+        assert!(!schedule.request_stop(), "only the first request counts");
         assert_eq!(decisions(&schedule, 3..4), [(3, true, true)]);
         assert_eq!(schedule.stopped_after(), Some(4));
         assert_eq!(schedule.last_checkpoint(), Some(4));
