@@ -133,6 +133,23 @@ impl Drop for Running {
     }
 }
 
+/// Polls `probe` every 20 ms until it yields a value; panics naming `what`
+/// after `limit`. For conditions another process makes true (a file it
+/// writes), where there is nothing to wait on directly.
+pub fn wait_until<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Sends SIGTERM to process `pid`.
 pub fn terminate(pid: u32) {
     let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");

@@ -7,7 +7,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use gancluster_tests::s3::{BUCKET, Outage, S3Server, SECRET_KEY};
-use gancluster_tests::{Finished, Running, TINY, children, run, terminate, workspace_bin};
+use gancluster_tests::{
+    Finished, Running, TINY, children, run, terminate, wait_until, workspace_bin,
+};
 
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -304,12 +306,8 @@ fn a_worker_sigterm_checkpoints_and_stops_the_group() {
 /// Blocks until rank 0 has logged `steps` steps (bounded).
 fn wait_for_steps(out: &Path, steps: usize) {
     let losses = out.join("losses.csv");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while std::fs::read_to_string(&losses).map_or(0, |t| t.lines().count()) < steps + 1 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "training never got going"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(Duration::from_secs(120), "training never got going", || {
+        let logged = std::fs::read_to_string(&losses).map_or(0, |t| t.lines().count());
+        (logged > steps).then_some(())
+    });
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Config, ShardSampler};
-use gancluster_tests::{Finished, Running, TINY, run, workspace_bin};
+use gancluster_tests::{Finished, Running, TINY, run, wait_until, workspace_bin};
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
 use worker::training::{Trainer, step_noise};
@@ -180,18 +180,9 @@ fn a_group_that_never_forms_times_out_saying_who_is_missing() {
 /// The coordinator writes its bound address next to the run's outputs.
 fn wait_for_address(out: &Path) -> String {
     let path = out.join("coordinator.addr");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(&path)
-            && !text.is_empty()
-        {
-            return format!("http://{}", text.trim());
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "coordinator never wrote {}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let what = format!("coordinator never wrote {}", path.display());
+    wait_until(Duration::from_secs(60), &what, || {
+        let text = std::fs::read_to_string(&path).ok()?;
+        (!text.is_empty()).then(|| format!("http://{}", text.trim()))
+    })
 }
