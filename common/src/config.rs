@@ -179,6 +179,14 @@ pub struct CoordinatorConfig {
     pub listen: String,
     /// Seconds to wait for all workers to join before giving up.
     pub join_timeout_s: u64,
+    /// Seconds between a worker's heartbeats (the coordinator hands its
+    /// value to every worker at join) and between a worker's HTTP/2 pings
+    /// to the coordinator.
+    pub heartbeat_interval_s: u64,
+    /// Seconds of silence after which the coordinator declares a worker
+    /// lost (hung, stopped, partitioned) and a worker declares the
+    /// coordinator lost: a stream that stays open proves nothing.
+    pub heartbeat_timeout_s: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -186,6 +194,8 @@ impl Default for CoordinatorConfig {
         Self {
             listen: "127.0.0.1:0".into(),
             join_timeout_s: 120,
+            heartbeat_interval_s: 2,
+            heartbeat_timeout_s: 30,
         }
     }
 }
@@ -476,7 +486,20 @@ impl Config {
                     .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)),
             "a non-empty id of letters, digits, `-`, `_` and `.`",
         )?;
-        check("checkpoint.keep", c.keep, c.keep > 0, "a positive integer")
+        check("checkpoint.keep", c.keep, c.keep > 0, "a positive integer")?;
+        let co = &self.coordinator;
+        check(
+            "coordinator.heartbeat_interval_s",
+            co.heartbeat_interval_s,
+            co.heartbeat_interval_s > 0,
+            "a positive integer",
+        )?;
+        check(
+            "coordinator.heartbeat_timeout_s",
+            co.heartbeat_timeout_s,
+            co.heartbeat_timeout_s >= 2 * co.heartbeat_interval_s,
+            "at least twice coordinator.heartbeat_interval_s, so one late heartbeat is not a loss",
+        )
     }
 }
 
@@ -605,6 +628,24 @@ mod tests {
             .to_string();
         assert!(
             err.contains("checkpoint.store") && err.contains("s3://"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_heartbeat_timeout_shorter_than_two_intervals_is_refused() {
+        let err = Config::load_with_env(
+            None,
+            &[],
+            env(&[
+                ("GANCLUSTER__COORDINATOR__HEARTBEAT_INTERVAL_S", "5"),
+                ("GANCLUSTER__COORDINATOR__HEARTBEAT_TIMEOUT_S", "9"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("coordinator.heartbeat_timeout_s") && err.contains("twice"),
             "{err}"
         );
     }

@@ -6,13 +6,18 @@
 //! pipelining pays off: the first averaged chunk can be decoded before the
 //! last local chunk has left.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::{
-    CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
+    CONNECTION_WINDOW_BYTES, CoordinatorConfig, MAX_CHUNK_BYTES, MAX_FRAME_BYTES,
+    STREAM_WINDOW_BYTES,
 };
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::{self, coordinator_message, worker_message};
@@ -48,9 +53,16 @@ pub enum SessionError {
     /// The coordinator refused this worker at join (token, version, config).
     #[error("the coordinator refused this worker: {0}")]
     Refused(String),
-    /// The stream failed underneath us.
+    /// The coordinator answered a call with an error.
     #[error("the coordinator stream failed: {0}")]
-    Stream(#[from] tonic::Status),
+    Stream(tonic::Status),
+    /// The connection broke underneath the stream.
+    #[error(
+        "lost the connection to the coordinator: it exited, was stopped, or did not answer \
+         pings for coordinator.heartbeat_timeout_s ({0}); once it runs again, restart the \
+         run to resume from the latest checkpoint"
+    )]
+    Disconnected(String),
     /// The coordinator stopped the run, and said why.
     #[error("the coordinator aborted the run: {0}")]
     Aborted(String),
@@ -65,13 +77,30 @@ pub enum SessionError {
     Wire(#[from] WireError),
 }
 
+impl From<tonic::Status> for SessionError {
+    /// Statuses the coordinator sent carry no source; those made from a
+    /// transport error (connection reset, keepalive timeout) do.
+    fn from(status: tonic::Status) -> Self {
+        match std::error::Error::source(&status) {
+            Some(cause) => Self::Disconnected(cause.to_string()),
+            None => Self::Stream(status),
+        }
+    }
+}
+
 /// Scheme of a coordinator reached through a Unix domain socket.
 pub const UNIX_SCHEME: &str = "unix://";
 
 /// A gRPC client for the coordinator at `address` — `http://host:port`, or
 /// `unix:///path/to/socket` on the same machine (no TCP stack, fewer
-/// copies) — with message limits large enough for gradient chunks.
-pub async fn connect(address: &str) -> Result<CoordinatorClient<Channel>, SessionError> {
+/// copies) — with message limits large enough for gradient chunks. It
+/// pings the coordinator as `liveness` says, so a coordinator that stops
+/// answering (stopped, partitioned) fails the session instead of leaving
+/// this worker waiting for a reduced gradient forever.
+pub async fn connect(
+    address: &str,
+    liveness: &CoordinatorConfig,
+) -> Result<CoordinatorClient<Channel>, SessionError> {
     let invalid = |source| SessionError::Address {
         address: address.to_string(),
         source,
@@ -84,7 +113,7 @@ pub async fn connect(address: &str) -> Result<CoordinatorClient<Channel>, Sessio
         Some(path) => {
             let path = std::path::PathBuf::from(path);
             // The API wants a URI; the connector ignores it and dials the socket.
-            let endpoint = windows(Endpoint::from_static("http://localhost"));
+            let endpoint = tuned(Endpoint::from_static("http://localhost"), liveness);
             let connector = tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
                 async move {
@@ -98,7 +127,10 @@ pub async fn connect(address: &str) -> Result<CoordinatorClient<Channel>, Sessio
                 .map_err(unreachable)?
         }
         None => {
-            let endpoint = windows(Endpoint::from_shared(address.to_string()).map_err(invalid)?);
+            let endpoint = tuned(
+                Endpoint::from_shared(address.to_string()).map_err(invalid)?,
+                liveness,
+            );
             endpoint
                 .tcp_nodelay(true)
                 .connect()
@@ -111,11 +143,17 @@ pub async fn connect(address: &str) -> Result<CoordinatorClient<Channel>, Sessio
         .max_encoding_message_size(MAX_CHUNK_BYTES))
 }
 
-fn windows(endpoint: Endpoint) -> Endpoint {
+/// Flow-control windows and frames sized for gradient streams, and HTTP/2
+/// keepalive pings (answered by the coordinator's network stack, not its
+/// training logic) every heartbeat interval, failing after the heartbeat timeout.
+fn tuned(endpoint: Endpoint, liveness: &CoordinatorConfig) -> Endpoint {
     endpoint
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
+        .http2_keep_alive_interval(Duration::from_secs(liveness.heartbeat_interval_s))
+        .keep_alive_timeout(Duration::from_secs(liveness.heartbeat_timeout_s))
+        .keep_alive_while_idle(true)
 }
 
 /// A join request for this build's protocol and `cfg`'s training settings.
@@ -150,25 +188,34 @@ pub async fn join(
 
 /// Everything a worker does before its first step: connect to `address`,
 /// join the group with `request`, and open the session with the
-/// all-reduce settings of `cfg`.
+/// all-reduce and liveness settings of `cfg`.
 pub async fn rendezvous(
     address: &str,
     request: pb::JoinRequest,
-    cfg: &crate::config::AllReduceConfig,
+    cfg: &crate::Config,
 ) -> Result<(pb::JoinReply, Session, pb::Start), SessionError> {
-    let mut client = connect(address).await?;
+    let mut client = connect(address, &cfg.coordinator).await?;
     let joined = join(&mut client, request).await?;
-    let (session, start) = Session::open(&mut client, &joined, cfg.wire, cfg.chunk_bytes).await?;
+    let (session, start) = Session::open(
+        &mut client,
+        &joined,
+        cfg.allreduce.wire,
+        cfg.allreduce.chunk_bytes,
+    )
+    .await?;
     Ok((joined, session, start))
 }
 
-/// An open session: send chunks and reports, receive reduced chunks and control.
+/// An open session: send chunks and reports, receive reduced chunks and
+/// control; heartbeats go out in the background for as long as it lives.
 pub struct Session {
     outbound: mpsc::Sender<pb::WorkerMessage>,
     inbound: tonic::Streaming<pb::CoordinatorMessage>,
     format: WireFormat,
     chunk_bytes: usize,
     control: Option<pb::Control>,
+    step: Arc<AtomicU64>,
+    heartbeat: Heartbeat,
 }
 
 impl Session {
@@ -179,6 +226,11 @@ impl Session {
         format: WireFormat,
         chunk_bytes: usize,
     ) -> Result<(Self, pb::Start), SessionError> {
+        if joined.heartbeat_interval_ms == 0 {
+            return Err(SessionError::Protocol(
+                "the coordinator asked for heartbeats every 0 ms".into(),
+            ));
+        }
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let hello = pb::Hello {
             member_id: joined.member_id.clone(),
@@ -188,12 +240,16 @@ impl Session {
             .await
             .map_err(|_| SessionError::Closed)?;
         let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        let step = Arc::new(AtomicU64::new(0));
+        let interval = Duration::from_millis(joined.heartbeat_interval_ms.into());
         let mut session = Self {
+            heartbeat: Heartbeat::start(tx.clone(), interval, step.clone()),
             outbound: tx,
             inbound,
             format,
             chunk_bytes,
             control: None,
+            step,
         };
         match session.next().await? {
             coordinator_message::Kind::Start(start) => Ok((session, start)),
@@ -211,6 +267,7 @@ impl Session {
         net: pb::Net,
         grads: &[f32],
     ) -> Result<Vec<f32>, SessionError> {
+        self.step.store(step, Ordering::Relaxed);
         let chunking = Chunking::new(grads.len(), self.chunk_bytes, self.format);
         let (format, outbound) = (self.format, &self.outbound);
         let header = |index: usize| pb::GradChunk {
@@ -297,6 +354,8 @@ impl Session {
     pub async fn finish(mut self, steps: u64) -> Result<(), SessionError> {
         self.send(worker_message::Kind::Finished(pb::Finished { steps }))
             .await?;
+        // Its sender must go too, or the stream would never end.
+        drop(self.heartbeat);
         drop(self.outbound);
         match self.inbound.next().await {
             None => Ok(()),
@@ -369,6 +428,44 @@ impl Notifier {
             )))
             .await
             .map_err(|_| SessionError::Closed)
+    }
+}
+
+/// The background task that sends [`pb::Heartbeat`]s; stopped when dropped.
+struct Heartbeat(tokio::task::JoinHandle<()>);
+
+impl Heartbeat {
+    /// Sends a heartbeat naming the current `step` every `interval` until
+    /// the stream closes. Runs on the network runtime, so a long training
+    /// step on the worker's own thread does not silence it.
+    fn start(
+        outbound: mpsc::Sender<pb::WorkerMessage>,
+        interval: Duration,
+        step: Arc<AtomicU64>,
+    ) -> Self {
+        Self(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                let beat = pb::Heartbeat {
+                    step: step.load(Ordering::Relaxed),
+                };
+                if outbound
+                    .send(message(worker_message::Kind::Heartbeat(beat)))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

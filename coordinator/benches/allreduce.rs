@@ -206,7 +206,7 @@ async fn client(args: &[String]) {
     );
     let cfg = config(iters, format);
     let request = session::join_request(&cfg, TOKEN, Some(rank as usize), 0, "bench".into());
-    let (joined, mut session, _) = session::rendezvous(address, request, &cfg.allreduce)
+    let (joined, mut session, _) = session::rendezvous(address, request, &cfg)
         .await
         .expect("join");
     let grads: Vec<f32> = (0..elems)

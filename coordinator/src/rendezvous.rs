@@ -7,6 +7,7 @@
 //! first joiner's checksum pins down).
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use common::pb;
 use tokio::sync::watch;
@@ -81,6 +82,7 @@ pub struct Rendezvous {
     token: String,
     config_hash: String,
     generation: u64,
+    heartbeat_interval: Duration,
     state: Mutex<State>,
     formed: watch::Sender<bool>,
 }
@@ -91,13 +93,20 @@ struct State {
 }
 
 impl Rendezvous {
-    /// A group of `world` workers that must present `token` and `config_hash`.
-    pub fn new(world: usize, token: String, config_hash: String) -> Self {
+    /// A group of `world` workers that must present `token` and
+    /// `config_hash`, told to send a heartbeat every `heartbeat_interval`.
+    pub fn new(
+        world: usize,
+        token: String,
+        config_hash: String,
+        heartbeat_interval: Duration,
+    ) -> Self {
         Self {
             world,
             token,
             config_hash,
             generation: 1,
+            heartbeat_interval,
             state: Mutex::new(State {
                 members: vec![None; world],
                 initial_checksum: None,
@@ -116,6 +125,8 @@ impl Rendezvous {
             world_size: self.world as u32,
             generation: self.generation,
             member_id,
+            heartbeat_interval_ms: u32::try_from(self.heartbeat_interval.as_millis())
+                .unwrap_or(u32::MAX),
         })
     }
 
@@ -178,6 +189,14 @@ impl Rendezvous {
             .position(|m| m.as_ref().is_some_and(|m| m.id == member_id))
     }
 
+    /// The host `rank` joined from, for messages about it.
+    pub fn host_of(&self, rank: usize) -> String {
+        let state = self.state.lock().expect("rendezvous lock");
+        state.members[rank]
+            .as_ref()
+            .map_or_else(|| "unknown host".into(), |m| m.host.clone())
+    }
+
     /// Whether every rank has joined.
     pub fn is_formed(&self) -> bool {
         *self.formed.borrow()
@@ -207,6 +226,8 @@ impl Rendezvous {
 mod tests {
     use super::*;
 
+    const BEAT: Duration = Duration::from_secs(2);
+
     fn request(rank: i32) -> pb::JoinRequest {
         pb::JoinRequest {
             protocol_version: pb::PROTOCOL_VERSION,
@@ -220,7 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_group_is_released_when_complete() {
-        let group = std::sync::Arc::new(Rendezvous::new(2, "t".into(), "h".into()));
+        let group = std::sync::Arc::new(Rendezvous::new(2, "t".into(), "h".into(), BEAT));
         let first = tokio::spawn({
             let group = group.clone();
             async move { group.join(request(1)).await }
@@ -228,12 +249,13 @@ mod tests {
         let second = group.join(request(-1)).await.unwrap();
         let first = first.await.unwrap().unwrap();
         assert_eq!((first.rank, second.rank, second.world_size), (1, 0, 2));
+        assert_eq!(second.heartbeat_interval_ms, 2000);
         assert_eq!(group.rank_of(&first.member_id), Some(1));
     }
 
     #[test]
     fn refusals_say_what_differs() {
-        let group = Rendezvous::new(2, "t".into(), "h".into());
+        let group = Rendezvous::new(2, "t".into(), "h".into(), BEAT);
         let wrong = |f: fn(&mut pb::JoinRequest)| {
             let mut r = request(-1);
             f(&mut r);

@@ -10,7 +10,6 @@ use common::checkpoint::{self, Checkpoints};
 use common::config::{
     CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
 };
-use common::pb::coordinator_message;
 use common::pb::coordinator_server::CoordinatorServer;
 use common::session::UNIX_SCHEME;
 use tokio::net::{TcpListener, UnixListener};
@@ -164,7 +163,13 @@ where
             source,
         })?;
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-    let rendezvous = Rendezvous::new(workers, token.clone(), cfg.training_hash());
+    let beats = &cfg.coordinator;
+    let rendezvous = Rendezvous::new(
+        workers,
+        token.clone(),
+        cfg.training_hash(),
+        Duration::from_secs(beats.heartbeat_interval_s),
+    );
     let schedule = Arc::new(Schedule::new(cfg.checkpoint.every, cfg.train.steps));
     let first_step = start.first_step;
     let start = common::pb::Start {
@@ -178,6 +183,7 @@ where
         start,
         schedule.clone(),
         events_tx.clone(),
+        Duration::from_secs(beats.heartbeat_timeout_s),
     ));
     let (stop_servers, servers_stopped) = watch::channel(false);
     let service = CoordinatorServer::new(CoordinatorService::new(group.clone()))
@@ -240,12 +246,7 @@ where
     };
     let outcome = watch.supervise(events, shutdown).await;
     if let Err(err) = &outcome {
-        group
-            .peers
-            .broadcast(coordinator_message::Kind::Abort(common::pb::Abort {
-                reason: err.to_string(),
-            }))
-            .await;
+        group.peers.abort(err.to_string()).await;
     }
     group.peers.close_all();
     if let Some(launcher) = launcher {

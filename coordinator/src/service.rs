@@ -2,6 +2,7 @@
 //! objects and report what happened to the supervising run loop.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::pb::coordinator_server::Coordinator;
 use common::pb::{self, coordinator_message, worker_message};
@@ -55,17 +56,20 @@ pub struct Group {
     reports: Reports,
     events: mpsc::Sender<Event>,
     start: pb::Start,
+    heartbeat_timeout: Duration,
 }
 
 impl Group {
     /// A group of `world` workers told to train as `start` says, checkpointing
-    /// and stopping as `schedule` decides.
+    /// and stopping as `schedule` decides; a member silent for
+    /// `heartbeat_timeout` is lost.
     pub fn new(
         rendezvous: Rendezvous,
         world: usize,
         start: pb::Start,
         schedule: Arc<Schedule>,
         events: mpsc::Sender<Event>,
+        heartbeat_timeout: Duration,
     ) -> Self {
         let peers = Arc::new(Peers::new(world));
         Self {
@@ -75,6 +79,7 @@ impl Group {
             reports: Reports::new(world),
             events,
             start,
+            heartbeat_timeout,
         }
     }
 }
@@ -144,17 +149,21 @@ impl Coordinator for CoordinatorService {
     }
 }
 
-/// Reads one member's stream until it finishes or fails.
+/// Reads one member's stream until it finishes, fails or falls silent for
+/// longer than the heartbeat timeout.
 async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb::WorkerMessage>) {
     let mut finished = false;
+    let mut step = group.start.first_step;
     let outcome = loop {
-        let message = match inbound.message().await {
-            Ok(Some(message)) => message,
-            Ok(None) if finished => break None,
-            Ok(None) => break Some(lost(rank, "its stream closed")),
-            Err(status) => break Some(lost(rank, &status.to_string())),
+        let message = match tokio::time::timeout(group.heartbeat_timeout, inbound.message()).await {
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) if finished => break None,
+            Ok(Ok(None)) => break Some(lost(rank, "its stream closed")),
+            Ok(Err(status)) => break Some(lost(rank, &status.to_string())),
+            Err(_) => break Some(silent(&group, rank, step)),
         };
         match message.kind {
+            Some(worker_message::Kind::Heartbeat(beat)) => step = beat.step,
             Some(worker_message::Kind::Chunk(chunk)) => {
                 if let Err(err) = group.reducer.submit(rank, chunk).await {
                     break Some(CoordinatorError::Protocol {
@@ -198,6 +207,20 @@ async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb:
     if let Some(err) = outcome {
         send(&group, Event::Failed(err)).await;
     }
+}
+
+/// A member that sent nothing, not even a heartbeat, for the whole timeout.
+fn silent(group: &Group, rank: usize, step: u64) -> CoordinatorError {
+    let seconds = group.heartbeat_timeout.as_secs();
+    let host = group.rendezvous.host_of(rank);
+    lost(
+        rank,
+        &format!(
+            "no message or heartbeat from {host} for {seconds} s while at step {step} \
+             (coordinator.heartbeat_timeout_s): the process is hung, stopped or cut off \
+             from the coordinator; restart the run to resume from the latest checkpoint"
+        ),
+    )
 }
 
 fn lost(rank: usize, reason: &str) -> CoordinatorError {

@@ -63,9 +63,7 @@ async fn worker(
 ) -> Vec<Vec<f32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let request = session::join_request(&cfg, TOKEN, Some(rank), 7, format!("test worker {rank}"));
-    let (_, mut session, _) = session::rendezvous(&address, request, &cfg.allreduce)
-        .await
-        .unwrap();
+    let (_, mut session, _) = session::rendezvous(&address, request, &cfg).await.unwrap();
     let mut results = Vec::new();
     for (step, g) in grads.iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;

@@ -150,17 +150,57 @@ pub fn wait_until<T>(limit: Duration, what: &str, mut probe: impl FnMut() -> Opt
     }
 }
 
+/// Blocks until rank 0 has logged `steps` steps to `<out>/losses.csv`
+/// (bounded): training is under way.
+pub fn wait_for_steps(out: &Path, steps: usize) {
+    let losses = out.join("losses.csv");
+    wait_until(Duration::from_secs(120), "training never got going", || {
+        let logged = std::fs::read_to_string(&losses).map_or(0, |t| t.lines().count());
+        (logged > steps).then_some(())
+    });
+}
+
 /// Sends SIGTERM to process `pid`.
 pub fn terminate(pid: u32) {
+    signal(pid, libc::SIGTERM).unwrap_or_else(|e| panic!("SIGTERM to {pid}: {e}"));
+}
+
+/// A process frozen with SIGSTOP: alive, its sockets open, silent — what a
+/// hung or partitioned peer looks like. It is continued when the guard
+/// drops, so a failing test leaves nothing frozen behind.
+pub struct Frozen(u32);
+
+impl Frozen {
+    /// Freezes `pid`.
+    pub fn stop(pid: u32) -> Self {
+        signal(pid, libc::SIGSTOP).unwrap_or_else(|e| panic!("SIGSTOP to {pid}: {e}"));
+        Self(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // Already gone is fine: whoever killed it did the cleanup.
+        let _ = signal(self.0, libc::SIGCONT);
+    }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie nobody reaped yet).
+pub fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        // The state follows the parenthesised command name, which may hold spaces.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X'))
+    })
+}
+
+fn signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
     let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
     // SAFETY: kill(2) with a valid signal number has no memory-safety preconditions.
-    let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
-    assert_eq!(
-        sent,
-        0,
-        "SIGTERM to {pid}: {}",
-        std::io::Error::last_os_error()
-    );
+    match unsafe { libc::kill(pid, signal) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
 }
 
 /// The child processes of `pid` (Linux: from /proc), oldest first.

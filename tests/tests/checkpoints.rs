@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gancluster_tests::s3::{BUCKET, Outage, S3Server, SECRET_KEY};
 use gancluster_tests::{
-    Finished, Running, TINY, children, run, terminate, wait_until, workspace_bin,
+    Finished, Running, TINY, children, run, terminate, wait_for_steps, workspace_bin,
 };
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -258,15 +258,7 @@ fn sigterm_checkpoints_stops_cleanly_and_the_run_resumes() {
     let server = S3Server::start();
     let out = tempfile::tempdir().unwrap();
     let running = Running::spawn(&mut coordinator(&server, "term", 100_000, 0, out.path()));
-    let losses = out.path().join("losses.csv");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while std::fs::read_to_string(&losses).map_or(0, |t| t.lines().count()) < 4 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "training never got going"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_steps(out.path(), 3);
     running.terminate();
     let done = running.wait(LIMIT).assert_success();
     assert!(done.stderr.contains("stop requested"), "{}", done.stderr);
@@ -301,13 +293,4 @@ fn a_worker_sigterm_checkpoints_and_stops_the_group() {
     let step: u64 = name.trim_start_matches("step-").parse().unwrap();
     assert!((3..100_000).contains(&step), "stopped at {name}");
     assert!(checkpoint_object(&server, "evict", step, "manifest.json").is_file());
-}
-
-/// Blocks until rank 0 has logged `steps` steps (bounded).
-fn wait_for_steps(out: &Path, steps: usize) {
-    let losses = out.join("losses.csv");
-    wait_until(Duration::from_secs(120), "training never got going", || {
-        let logged = std::fs::read_to_string(&losses).map_or(0, |t| t.lines().count());
-        (logged > steps).then_some(())
-    });
 }

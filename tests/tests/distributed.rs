@@ -7,7 +7,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{Config, ShardSampler};
-use gancluster_tests::{Finished, Running, TINY, run, wait_until, workspace_bin};
+use gancluster_tests::{
+    Finished, Frozen, Running, TINY, children, exited, run, wait_for_steps, wait_until,
+    workspace_bin,
+};
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
 use worker::training::{Trainer, step_noise};
@@ -172,6 +175,71 @@ fn a_group_that_never_forms_times_out_saying_who_is_missing() {
     assert!(
         done.stderr.contains("only 0 of 2 workers joined")
             && done.stderr.contains("missing ranks: [0, 1]"),
+        "{}",
+        done.stderr
+    );
+}
+
+/// Heartbeats every second, a peer silent for 4 s is lost: fast enough for
+/// a test, slow enough for a loaded two-core machine.
+const QUICK_HEARTBEATS: [(&str, &str); 2] = [
+    ("GANCLUSTER__COORDINATOR__HEARTBEAT_INTERVAL_S", "1"),
+    ("GANCLUSTER__COORDINATOR__HEARTBEAT_TIMEOUT_S", "4"),
+];
+
+/// A worker that goes silent with its stream still open (frozen with
+/// SIGSTOP, as a hung or partitioned one would be) is caught by the
+/// heartbeat timeout: the run fails naming its rank instead of waiting
+/// forever, and no worker process is left behind.
+#[test]
+fn a_silent_worker_is_caught_by_the_heartbeat_timeout() {
+    let out = tempfile::tempdir().unwrap();
+    let running = Running::spawn(coordinator(2, 100_000, out.path()).envs(QUICK_HEARTBEATS));
+    wait_for_steps(out.path(), 2);
+    let workers = children(running.id());
+    assert_eq!(workers.len(), 2, "the coordinator's worker processes");
+    let _frozen = Frozen::stop(workers[1]);
+    let done = running.wait(LIMIT).assert_failure();
+    assert!(
+        done.stderr.contains("worker rank 1 was lost")
+            && done.stderr.contains("coordinator.heartbeat_timeout_s"),
+        "{}",
+        done.stderr
+    );
+    for pid in workers {
+        assert!(exited(pid), "worker {pid} outlived the coordinator");
+    }
+}
+
+/// The other direction: a coordinator that stops answering (frozen) is
+/// caught by the worker's keepalive pings, and the worker exits saying so
+/// instead of waiting for a reduced gradient forever.
+#[test]
+fn a_worker_gives_up_on_a_silent_coordinator() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(1, 100_000, out.path());
+    cmd.args(["--external"])
+        .env("GANCLUSTER_TOKEN", "t")
+        .envs(QUICK_HEARTBEATS);
+    let server = Running::spawn(&mut cmd);
+    let address = wait_for_address(out.path());
+    let mut worker = Command::new(workspace_bin("worker"));
+    worker
+        .args(["train", "--coordinator", &address, "--steps", "100000"])
+        .args(TINY)
+        .arg("--out")
+        .arg(out.path())
+        .env("GANCLUSTER_TOKEN", "t")
+        .envs(QUICK_HEARTBEATS)
+        .env_remove("RUST_LOG");
+    let worker = Running::spawn(&mut worker);
+    wait_for_steps(out.path(), 2);
+    let _frozen = Frozen::stop(server.id());
+    let done = worker.wait(LIMIT).assert_failure();
+    assert!(
+        done.stderr
+            .contains("lost the connection to the coordinator")
+            && done.stderr.contains("coordinator.heartbeat_timeout_s"),
         "{}",
         done.stderr
     );

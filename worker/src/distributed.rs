@@ -67,11 +67,8 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         trainer.checksum(),
         hostname(),
     );
-    let (joined, session, start) = runtime.block_on(session::rendezvous(
-        &connection.address,
-        request,
-        &cfg.allreduce,
-    ))?;
+    let (joined, session, start) =
+        runtime.block_on(session::rendezvous(&connection.address, request, cfg))?;
     let replica = Replica {
         rank: joined.rank as usize,
         world: joined.world_size as usize,
