@@ -187,6 +187,10 @@ pub struct CoordinatorConfig {
     /// lost (hung, stopped, partitioned) and a worker declares the
     /// coordinator lost: a stream that stays open proves nothing.
     pub heartbeat_timeout_s: u64,
+    /// Seconds the group may go without completing a step before the run
+    /// fails: the only sign of a worker whose training thread hangs (a
+    /// stuck GPU, a deadlock) while its process still heartbeats.
+    pub step_timeout_s: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -196,6 +200,7 @@ impl Default for CoordinatorConfig {
             join_timeout_s: 120,
             heartbeat_interval_s: 2,
             heartbeat_timeout_s: 30,
+            step_timeout_s: 600,
         }
     }
 }
@@ -499,6 +504,12 @@ impl Config {
             co.heartbeat_timeout_s,
             co.heartbeat_timeout_s >= 2 * co.heartbeat_interval_s,
             "at least twice coordinator.heartbeat_interval_s, so one late heartbeat is not a loss",
+        )?;
+        check(
+            "coordinator.step_timeout_s",
+            co.step_timeout_s,
+            co.step_timeout_s > 0,
+            "a positive integer, longer than the slowest step",
         )
     }
 }

@@ -138,6 +138,44 @@ impl Reducer {
             .await;
         Ok(())
     }
+
+    /// What the all-reduce is waiting for, if a chunk is in flight.
+    pub fn waiting(&self) -> Option<Waiting> {
+        let pending = self.pending.lock().expect("reducer lock");
+        let (&(step, net, index), slot) = pending.iter().min_by_key(|(key, _)| **key)?;
+        Some(Waiting {
+            step,
+            net: pb::Net::try_from(net).unwrap_or(pb::Net::Unspecified),
+            index,
+            ranks: (0..self.world)
+                .filter(|&r| slot.parts[r].is_none())
+                .collect(),
+        })
+    }
+}
+
+/// The oldest gradient chunk still being collected: which step and net it
+/// belongs to and which ranks have not sent it yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// Step of the chunk.
+    pub step: u64,
+    /// Which network's gradient.
+    pub net: pb::Net,
+    /// Chunk index.
+    pub index: u32,
+    /// Ranks whose contribution is missing.
+    pub ranks: Vec<usize>,
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the all-reduce waits for rank(s) {:?} to send chunk {} of the {:?} gradient of step {}",
+            self.ranks, self.index, self.net, self.step
+        )
+    }
 }
 
 fn format_of(value: i32) -> Result<WireFormat, ChunkError> {
@@ -145,5 +183,45 @@ fn format_of(value: i32) -> Result<WireFormat, ChunkError> {
         Ok(pb::WireFormat::F32) => Ok(WireFormat::F32),
         Ok(pb::WireFormat::Bf16) => Ok(WireFormat::Bf16),
         _ => Err(ChunkError::Format(value)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(step: u64, net: pb::Net, index: u32) -> pb::GradChunk {
+        pb::GradChunk {
+            step,
+            net: net as i32,
+            index,
+            count: 2,
+            total_elems: 2,
+            format: pb::WireFormat::F32 as i32,
+            data: wire::encode(&[1.0], WireFormat::F32),
+        }
+    }
+
+    #[tokio::test]
+    async fn waiting_names_the_oldest_chunk_and_who_has_not_sent_it() {
+        let reducer = Reducer::new(3, Arc::new(Peers::new(3)), Arc::new(Schedule::new(0, 10)));
+        assert_eq!(reducer.waiting(), None);
+        reducer
+            .submit(2, chunk(4, pb::Net::Generator, 0))
+            .await
+            .unwrap();
+        reducer
+            .submit(0, chunk(4, pb::Net::Discriminator, 1))
+            .await
+            .unwrap();
+        reducer
+            .submit(2, chunk(4, pb::Net::Discriminator, 1))
+            .await
+            .unwrap();
+        let waiting = reducer.waiting().unwrap();
+        assert_eq!(
+            (waiting.step, waiting.net, waiting.index, waiting.ranks),
+            (4, pb::Net::Discriminator, 1, vec![1])
+        );
     }
 }

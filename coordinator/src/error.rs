@@ -42,6 +42,22 @@ pub enum CoordinatorError {
         /// The exit status.
         status: String,
     },
+    /// No step completed within the step timeout, though every worker
+    /// still heartbeats: a training thread hangs.
+    #[error(
+        "no step completed for {seconds} s after {done} steps (coordinator.step_timeout_s): {waiting}; \
+         a worker's training is stuck (a hung GPU, a deadlock) while its process still heartbeats. \
+         Restart the run to resume from the latest checkpoint, or raise coordinator.step_timeout_s \
+         if steps are really this slow"
+    )]
+    Stalled {
+        /// The timeout.
+        seconds: u64,
+        /// Steps completed so far.
+        done: u64,
+        /// What the all-reduce waits for.
+        waiting: String,
+    },
     /// Replicas no longer hold identical parameters.
     #[error("{0}")]
     Diverged(#[from] crate::reports::Divergence),

@@ -118,8 +118,7 @@ impl Rendezvous {
     /// Admits a worker and waits until the group is complete.
     pub async fn join(&self, request: pb::JoinRequest) -> Result<pb::JoinReply, JoinError> {
         let (rank, member_id) = self.admit(request)?;
-        let mut formed = self.formed.subscribe();
-        let _ = formed.wait_for(|done| *done).await;
+        self.formed().await;
         Ok(pb::JoinReply {
             rank: rank as u32,
             world_size: self.world as u32,
@@ -195,6 +194,12 @@ impl Rendezvous {
         state.members[rank]
             .as_ref()
             .map_or_else(|| "unknown host".into(), |m| m.host.clone())
+    }
+
+    /// Resolves once every rank has joined.
+    pub async fn formed(&self) {
+        let mut formed = self.formed.subscribe();
+        let _ = formed.wait_for(|done| *done).await;
     }
 
     /// Whether every rank has joined.

@@ -287,8 +287,12 @@ impl Supervision<'_> {
         let (cfg, group, workers) = (self.cfg, self.group, self.workers);
         let join_timeout = Duration::from_secs(cfg.coordinator.join_timeout_s);
         let join_deadline = tokio::time::sleep(join_timeout);
+        let step_timeout = Duration::from_secs(cfg.coordinator.step_timeout_s);
+        let stall = tokio::time::sleep(step_timeout);
         let signal = shutdown();
-        tokio::pin!(join_deadline, signal);
+        tokio::pin!(join_deadline, stall, signal);
+        let mut done = self.first_step;
+        let mut armed = false;
         let progress = Progress::new(cfg.train.steps, cfg.train.log_every, self.first_step);
         let mut finished = 0;
         let mut committed: Option<u64> = None;
@@ -296,7 +300,11 @@ impl Supervision<'_> {
         loop {
             tokio::select! {
                 event = events.recv() => match event.expect("the group holds a sender") {
-                    Event::StepDone(summary) => progress.step(&summary),
+                    Event::StepDone(summary) => {
+                        progress.step(&summary);
+                        done = summary.step + 1;
+                        stall.as_mut().reset(tokio::time::Instant::now() + step_timeout);
+                    }
                     Event::CheckpointWritten { step, error: None } => {
                         self.commit(step).await;
                         committed = Some(step);
@@ -332,6 +340,22 @@ impl Supervision<'_> {
                         seconds: join_timeout.as_secs(),
                     });
                 }
+                () = group.rendezvous.formed(), if !armed => {
+                    // The step clock starts when the group exists, not while it forms.
+                    stall.as_mut().reset(tokio::time::Instant::now() + step_timeout);
+                    armed = true;
+                }
+                _ = &mut stall, if armed && done < self.final_step() => {
+                    let waiting = group.waiting().map_or_else(
+                        || "no gradient is in flight, so every rank is between all-reduces".into(),
+                        |w| w.to_string(),
+                    );
+                    return Err(CoordinatorError::Stalled {
+                        seconds: step_timeout.as_secs(),
+                        done,
+                        waiting,
+                    });
+                }
                 _ = &mut signal => {
                     if !group.rendezvous.is_formed() || !self.schedule.request_stop() {
                         return Err(CoordinatorError::Interrupted);
@@ -342,6 +366,15 @@ impl Supervision<'_> {
                 }
             }
         }
+    }
+
+    /// The step count the group trains to: `train.steps`, or where a stop
+    /// request ends it. After it only uploads and goodbyes remain, which
+    /// the store's own retry limits bound, not the step timeout.
+    fn final_step(&self) -> u64 {
+        self.schedule
+            .stopped_after()
+            .unwrap_or(self.cfg.train.steps)
     }
 
     /// Records a written checkpoint: `latest` moves to it, old ones go.

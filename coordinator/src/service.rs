@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use crate::CoordinatorError;
-use crate::allreduce::Reducer;
+use crate::allreduce::{Reducer, Waiting};
 use crate::peers::{OUTBOUND_QUEUE, Peers};
 use crate::rendezvous::Rendezvous;
 use crate::reports::{Reports, StepSummary};
@@ -81,6 +81,13 @@ impl Group {
             start,
             heartbeat_timeout,
         }
+    }
+}
+
+impl Group {
+    /// What the all-reduce is waiting for, to name the ranks holding up a stalled step.
+    pub fn waiting(&self) -> Option<Waiting> {
+        self.reducer.waiting()
     }
 }
 

@@ -180,6 +180,28 @@ fn a_group_that_never_forms_times_out_saying_who_is_missing() {
     );
 }
 
+/// A worker whose training thread hangs while its process still
+/// heartbeats (a stuck GPU, a deadlock) is caught by the step timeout, and
+/// the message names the rank the all-reduce is waiting for.
+#[test]
+fn a_hung_training_thread_is_caught_by_the_step_timeout() {
+    let out = tempfile::tempdir().unwrap();
+    let done = run(
+        coordinator(2, 100_000, out.path())
+            .env("GANCLUSTER_FAULT", "hang:1:2")
+            .env("GANCLUSTER__COORDINATOR__STEP_TIMEOUT_S", "10"),
+        LIMIT,
+    )
+    .assert_failure();
+    assert!(
+        done.stderr
+            .contains("no step completed for 10 s after 2 steps")
+            && done.stderr.contains("waits for rank(s) [1]"),
+        "{}",
+        done.stderr
+    );
+}
+
 /// Heartbeats every second, a peer silent for 4 s is lost: fast enough for
 /// a test, slow enough for a loaded two-core machine.
 const QUICK_HEARTBEATS: [(&str, &str); 2] = [

@@ -26,9 +26,10 @@ use crate::training::{GradientReducer, Net, Trainer};
 use crate::training_loop::{self, Directive, Replica, Start, StepRecord, StepSync, Summary};
 
 /// Fault injection for tests: `GANCLUSTER_FAULT=<kind>:<rank>:<step>`
-/// makes that rank, after that step, either nudge its discriminator
-/// (`diverge`, which the coordinator's checksum comparison must catch) or
-/// exit abruptly (`exit`, a worker dying mid-run).
+/// makes that rank, after that step, nudge its discriminator (`diverge`,
+/// which the coordinator's checksum comparison must catch), exit abruptly
+/// (`exit`, a worker dying mid-run) or block its training thread forever
+/// while its network runtime keeps heartbeating (`hang`, a stuck GPU).
 pub const FAULT_ENV: &str = "GANCLUSTER_FAULT";
 
 /// An injected fault.
@@ -36,6 +37,7 @@ pub const FAULT_ENV: &str = "GANCLUSTER_FAULT";
 enum Fault {
     Diverge(u64),
     Exit(u64),
+    Hang(u64),
 }
 
 /// How to reach and authenticate with the coordinator.
@@ -201,6 +203,12 @@ impl StepSync for Remote<'_> {
                 tracing::warn!(step, "{FAULT_ENV}: exiting abruptly");
                 std::process::exit(3);
             }
+            Some(Fault::Hang(step)) if step == record.step => {
+                tracing::warn!(step, "{FAULT_ENV}: blocking the training thread for good");
+                loop {
+                    std::thread::park();
+                }
+            }
             _ => {}
         }
         let checksum = trainer.checksum();
@@ -249,12 +257,14 @@ fn fault(rank: usize) -> anyhow::Result<Option<Fault>> {
         let fault = match kind {
             "diverge" => Fault::Diverge(step),
             "exit" => Fault::Exit(step),
+            "hang" => Fault::Hang(step),
             _ => return None,
         };
         Some((fault, r))
     };
-    let (fault, r) = parse()
-        .with_context(|| format!("{FAULT_ENV}={value}: expected diverge|exit:<rank>:<step>"))?;
+    let (fault, r) = parse().with_context(|| {
+        format!("{FAULT_ENV}={value}: expected diverge|exit|hang:<rank>:<step>")
+    })?;
     Ok((r == rank).then_some(fault))
 }
 
