@@ -36,7 +36,9 @@ fn config(iters: usize, format: &str) -> Config {
         ("checkpoint.store", "memory://".to_string()),
         ("checkpoint.every", "0".to_string()),
     ];
-    Config::load_with_env(None, &overrides, Some(Default::default())).expect("bench config")
+    // `GANCLUSTER__*` variables apply (e.g. GANCLUSTER__ALLREDUCE__CHUNK_BYTES
+    // to sweep the chunk size); the settings above win over them.
+    Config::load(None, &overrides).expect("bench config")
 }
 
 fn list<T: std::str::FromStr>(args: &[String], flag: &str, default: &str) -> Vec<T> {
