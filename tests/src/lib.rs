@@ -51,6 +51,22 @@ impl Finished {
         self
     }
 
+    /// Panics with the child's stderr unless it contains every one of
+    /// `phrases`: the messages a user would read.
+    pub fn assert_says(&self, phrases: &[&str]) -> &Self {
+        let missing: Vec<&str> = phrases
+            .iter()
+            .copied()
+            .filter(|p| !self.stderr.contains(p))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "stderr lacks {missing:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
+
     /// Panics with the child's output unless it failed.
     pub fn assert_failure(self) -> Self {
         assert!(

@@ -69,11 +69,7 @@ fn a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     train(&server, "split", 3, 0, split.path()).assert_success();
     assert_eq!(latest(&server, "split"), "step-000000003");
     let resumed = train(&server, "split", 6, 0, split.path()).assert_success();
-    assert!(
-        resumed.stderr.contains("resuming") && resumed.stderr.contains("step-000000003"),
-        "{}",
-        resumed.stderr
-    );
+    resumed.assert_says(&["resuming", "step-000000003"]);
     assert_eq!(
         params(whole.path()),
         params(split.path()),
@@ -100,11 +96,7 @@ fn a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
         "header + all 6 steps, history included:\n{losses}"
     );
     let again = train(&server, "split", 6, 0, split.path()).assert_failure();
-    assert!(
-        again.stderr.contains("already complete"),
-        "{}",
-        again.stderr
-    );
+    again.assert_says(&["already complete"]);
 }
 
 /// A checkpoint of 2 workers resumes with 3: the rest of the epoch is
@@ -184,11 +176,7 @@ fn an_outage_during_an_upload_is_retried_and_latest_stays_valid() {
     let mut cmd = coordinator(&server, "outage", 6, 0, out2.path());
     cmd.args(["--resume-from", "step-000000004"]);
     let resumed = run(&mut cmd, LIMIT).assert_success();
-    assert!(
-        resumed.stderr.contains("step-000000004"),
-        "{}",
-        resumed.stderr
-    );
+    resumed.assert_says(&["step-000000004"]);
 }
 
 /// An outage longer than the retries: the checkpoints written during it are
@@ -261,14 +249,14 @@ fn sigterm_checkpoints_stops_cleanly_and_the_run_resumes() {
     wait_for_steps(out.path(), 3);
     running.terminate();
     let done = running.wait(LIMIT).assert_success();
-    assert!(done.stderr.contains("stop requested"), "{}", done.stderr);
+    done.assert_says(&["stop requested"]);
     let name = latest(&server, "term");
     let step: u64 = name.trim_start_matches("step-").parse().unwrap();
     assert!((3..100_000).contains(&step), "stopped at {name}");
     assert!(checkpoint_object(&server, "term", step, "manifest.json").is_file());
 
     let resumed = train(&server, "term", step + 2, 0, out.path()).assert_success();
-    assert!(resumed.stderr.contains(&name), "{}", resumed.stderr);
+    resumed.assert_says(&[name.as_str()]);
     assert_eq!(latest(&server, "term"), format!("step-{:09}", step + 2));
 }
 
@@ -284,11 +272,7 @@ fn a_worker_sigterm_checkpoints_and_stops_the_group() {
     assert_eq!(workers.len(), 2, "the coordinator's worker processes");
     terminate(workers[1]);
     let done = running.wait(LIMIT).assert_success();
-    assert!(
-        done.stderr.contains("stop requested by a worker") && done.stderr.contains("SIGTERM on"),
-        "{}",
-        done.stderr
-    );
+    done.assert_says(&["stop requested by a worker", "SIGTERM on"]);
     let name = latest(&server, "evict");
     let step: u64 = name.trim_start_matches("step-").parse().unwrap();
     assert!((3..100_000).contains(&step), "stopped at {name}");

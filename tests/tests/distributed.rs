@@ -111,11 +111,7 @@ fn a_diverged_replica_stops_the_run_naming_the_step() {
         LIMIT,
     )
     .assert_failure();
-    assert!(
-        done.stderr.contains("replicas diverged after step 3"),
-        "{}",
-        done.stderr
-    );
+    done.assert_says(&["replicas diverged after step 3"]);
 }
 
 #[test]
@@ -126,7 +122,7 @@ fn a_worker_dying_mid_run_fails_the_run_naming_its_rank() {
         LIMIT,
     )
     .assert_failure();
-    assert!(done.stderr.contains("worker rank 1"), "{}", done.stderr);
+    done.assert_says(&["worker rank 1"]);
 }
 
 #[test]
@@ -140,7 +136,7 @@ fn four_local_workers_train_to_completion() {
             done.stderr
         );
     }
-    assert!(done.stderr.contains("training finished"), "{}", done.stderr);
+    done.assert_says(&["training finished"]);
     let losses = std::fs::read_to_string(out.path().join("losses.csv")).unwrap();
     assert_eq!(losses.lines().count(), 7, "header + 6 steps from rank 0");
     assert!(out.path().join("samples.png").is_file());
@@ -161,7 +157,7 @@ fn an_external_worker_with_the_wrong_token_is_refused() {
         .args(TINY)
         .env("GANCLUSTER_TOKEN", "wrong");
     let done = run(&mut worker, LIMIT).assert_failure();
-    assert!(done.stderr.contains("wrong token"), "{}", done.stderr);
+    done.assert_says(&["wrong token"]);
 }
 
 #[test]
@@ -172,12 +168,7 @@ fn a_group_that_never_forms_times_out_saying_who_is_missing() {
         .env("GANCLUSTER_TOKEN", "t")
         .env("GANCLUSTER__COORDINATOR__JOIN_TIMEOUT_S", "1");
     let done = run(&mut cmd, LIMIT).assert_failure();
-    assert!(
-        done.stderr.contains("only 0 of 2 workers joined")
-            && done.stderr.contains("missing ranks: [0, 1]"),
-        "{}",
-        done.stderr
-    );
+    done.assert_says(&["only 0 of 2 workers joined", "missing ranks: [0, 1]"]);
 }
 
 /// A worker whose training thread hangs while its process still
@@ -193,13 +184,10 @@ fn a_hung_training_thread_is_caught_by_the_step_timeout() {
         LIMIT,
     )
     .assert_failure();
-    assert!(
-        done.stderr
-            .contains("no step completed for 10 s after 2 steps")
-            && done.stderr.contains("waits for rank(s) [1]"),
-        "{}",
-        done.stderr
-    );
+    done.assert_says(&[
+        "no step completed for 10 s after 2 steps",
+        "waits for rank(s) [1]",
+    ]);
 }
 
 /// Heartbeats every second, a peer silent for 4 s is lost: fast enough for
@@ -222,12 +210,7 @@ fn a_silent_worker_is_caught_by_the_heartbeat_timeout() {
     assert_eq!(workers.len(), 2, "the coordinator's worker processes");
     let _frozen = Frozen::stop(workers[1]);
     let done = running.wait(LIMIT).assert_failure();
-    assert!(
-        done.stderr.contains("worker rank 1 was lost")
-            && done.stderr.contains("coordinator.heartbeat_timeout_s"),
-        "{}",
-        done.stderr
-    );
+    done.assert_says(&["worker rank 1 was lost", "coordinator.heartbeat_timeout_s"]);
     for pid in workers {
         assert!(exited(pid), "worker {pid} outlived the coordinator");
     }
@@ -258,13 +241,10 @@ fn a_worker_gives_up_on_a_silent_coordinator() {
     wait_for_steps(out.path(), 2);
     let _frozen = Frozen::stop(server.id());
     let done = worker.wait(LIMIT).assert_failure();
-    assert!(
-        done.stderr
-            .contains("lost the connection to the coordinator")
-            && done.stderr.contains("coordinator.heartbeat_timeout_s"),
-        "{}",
-        done.stderr
-    );
+    done.assert_says(&[
+        "lost the connection to the coordinator",
+        "coordinator.heartbeat_timeout_s",
+    ]);
 }
 
 /// The coordinator writes its bound address next to the run's outputs.
