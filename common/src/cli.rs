@@ -58,6 +58,10 @@ pub struct ConfigArgs {
     /// Steps between checkpoints, 0 for only at the end [checkpoint.every].
     #[arg(long)]
     pub checkpoint_every: Option<u64>,
+    /// Times a failed local group starts again from its latest checkpoint
+    /// [coordinator.max_restarts].
+    #[arg(long)]
+    pub max_restarts: Option<u32>,
 }
 
 impl ConfigArgs {
@@ -88,6 +92,10 @@ impl ConfigArgs {
             ("checkpoint.store", text(&self.store)),
             ("checkpoint.run", text(&self.run)),
             ("checkpoint.every", num(self.checkpoint_every)),
+            (
+                "coordinator.max_restarts",
+                self.max_restarts.map(|v| v.to_string()),
+            ),
         ]
         .into_iter()
         .filter_map(|(key, value)| value.map(|v| (key, v)))

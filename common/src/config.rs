@@ -191,6 +191,10 @@ pub struct CoordinatorConfig {
     /// fails: the only sign of a worker whose training thread hangs (a
     /// stuck GPU, a deadlock) while its process still heartbeats.
     pub step_timeout_s: u64,
+    /// Local mode: how often a failed group (a worker crashed, went silent,
+    /// hung or diverged) is started again from the latest checkpoint before
+    /// the run gives up, as torchrun's `--max-restarts`.
+    pub max_restarts: u32,
 }
 
 impl Default for CoordinatorConfig {
@@ -201,6 +205,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval_s: 2,
             heartbeat_timeout_s: 30,
             step_timeout_s: 600,
+            max_restarts: 3,
         }
     }
 }

@@ -176,6 +176,7 @@ async fn through_coordinator(
         cfg,
         mode,
         plan,
+        1,
         std::future::pending,
     ));
     let outputs = spawn_clients(world, |rank| {

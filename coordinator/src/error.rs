@@ -169,3 +169,20 @@ pub enum CoordinatorError {
     #[error("interrupted before training finished")]
     Interrupted,
 }
+
+impl CoordinatorError {
+    /// Whether the failure lies with a worker of the group (crashed, lost,
+    /// silent, hung, diverged, broke the protocol): starting the group again
+    /// from the latest checkpoint may get past it. Settings, the store and
+    /// the operator's own interrupt are not retried.
+    pub fn is_group_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::WorkerLost { .. }
+                | Self::WorkerExited { .. }
+                | Self::Stalled { .. }
+                | Self::Diverged(_)
+                | Self::Protocol { .. }
+        )
+    }
+}

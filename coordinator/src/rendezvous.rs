@@ -93,9 +93,11 @@ struct State {
 }
 
 impl Rendezvous {
-    /// A group of `world` workers that must present `token` and
-    /// `config_hash`, told to send a heartbeat every `heartbeat_interval`.
+    /// Generation `generation` (1, 2… as the group restarts) of a group of
+    /// `world` workers that must present `token` and `config_hash`, told to
+    /// send a heartbeat every `heartbeat_interval`.
     pub fn new(
+        generation: u64,
         world: usize,
         token: String,
         config_hash: String,
@@ -105,7 +107,7 @@ impl Rendezvous {
             world,
             token,
             config_hash,
-            generation: 1,
+            generation,
             heartbeat_interval,
             state: Mutex::new(State {
                 members: vec![None; world],
@@ -246,7 +248,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_group_is_released_when_complete() {
-        let group = std::sync::Arc::new(Rendezvous::new(2, "t".into(), "h".into(), BEAT));
+        let group = std::sync::Arc::new(Rendezvous::new(1, 2, "t".into(), "h".into(), BEAT));
         let first = tokio::spawn({
             let group = group.clone();
             async move { group.join(request(1)).await }
@@ -260,7 +262,7 @@ mod tests {
 
     #[test]
     fn refusals_say_what_differs() {
-        let group = Rendezvous::new(2, "t".into(), "h".into(), BEAT);
+        let group = Rendezvous::new(1, 2, "t".into(), "h".into(), BEAT);
         let wrong = |f: fn(&mut pb::JoinRequest)| {
             let mut r = request(-1);
             f(&mut r);

@@ -119,32 +119,70 @@ pub fn bind_unix(path: &Path) -> Result<(UnixListener, PathBuf), CoordinatorErro
     Ok((UnixListener::bind(path).map_err(fail)?, path.to_path_buf()))
 }
 
-/// Trains `cfg` with workers from `mode` until they all finish, one fails,
-/// or a stop is requested. Where training starts follows `policy` and the
-/// run's checkpoints. `shutdown` resolving once checkpoints and stops the
-/// group after the current step; resolving again interrupts at once.
-/// Local workers connect through a Unix socket.
+/// Trains `cfg` with workers from `mode` until they all finish, the run
+/// fails, or a stop is requested. Where training starts follows `policy`
+/// and the run's checkpoints. `shutdown` resolving once checkpoints and
+/// stops the group after the current step; resolving again interrupts at
+/// once. Local workers connect through a Unix socket, and a local group
+/// that fails through one of its workers is started again from the latest
+/// checkpoint, up to `coordinator.max_restarts` times, as torchrun does.
+/// (On Kubernetes the pods' restart policy plays that part.)
 pub async fn run<S>(
     cfg: Config,
     mode: Mode,
     policy: ResumePolicy,
-    shutdown: impl FnMut() -> S,
+    mut shutdown: impl FnMut() -> S,
 ) -> Result<Outcome, CoordinatorError>
 where
     S: Future<Output = ()>,
 {
-    let (checkpoints, start) = resume::plan(&cfg, &policy, mode.workers()).await?;
-    let listeners = Listeners::bind(&cfg, matches!(mode, Mode::Local(_))).await?;
-    run_on(listeners, cfg, mode, (checkpoints, start), shutdown).await
+    let local = matches!(mode, Mode::Local(_));
+    let restarts = if local {
+        cfg.coordinator.max_restarts
+    } else {
+        0
+    };
+    let mut policy = policy;
+    let mut generation = 1;
+    loop {
+        let plan = resume::plan(&cfg, &policy, mode.workers()).await?;
+        let listeners = Listeners::bind(&cfg, local).await?;
+        let outcome = run_on(
+            listeners,
+            cfg.clone(),
+            mode.clone(),
+            plan,
+            generation,
+            &mut shutdown,
+        )
+        .await;
+        match outcome {
+            Err(err) if err.is_group_failure() && generation <= u64::from(restarts) => {
+                tracing::warn!(
+                    %err,
+                    restart = generation,
+                    of = restarts,
+                    "the group failed; starting it again from the latest checkpoint"
+                );
+                // Whatever the first generation was told, the next one
+                // continues from what the failed one saved.
+                policy = ResumePolicy::Latest;
+                generation += 1;
+            }
+            other => return other,
+        }
+    }
 }
 
-/// As [`run`], on already bound listeners (tests and benchmarks bind port 0
-/// first) and an already planned start ([`resume::plan`]).
+/// One generation of [`run`], on already bound listeners (tests and
+/// benchmarks bind port 0 first) and an already planned start
+/// ([`resume::plan`]); it does not restart.
 pub async fn run_on<S>(
     listeners: Listeners,
     cfg: Config,
     mode: Mode,
     (checkpoints, start): (Checkpoints, resume::StartPoint),
+    generation: u64,
     shutdown: impl FnMut() -> S,
 ) -> Result<Outcome, CoordinatorError>
 where
@@ -165,6 +203,7 @@ where
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     let beats = &cfg.coordinator;
     let rendezvous = Rendezvous::new(
+        generation,
         workers,
         token.clone(),
         cfg.training_hash(),
@@ -200,7 +239,7 @@ where
             .add_service(service.clone())
             .serve_with_incoming_shutdown(tcp, stopped(servers_stopped.clone())),
     )];
-    info!(%address, workers, "coordinator listening");
+    info!(%address, workers, generation, "coordinator listening");
     publish_address(&cfg, address)?;
     let socket = listeners.unix.as_ref().map(|(_, path)| path.clone());
     let local_address = match listeners.unix {

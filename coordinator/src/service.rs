@@ -166,7 +166,13 @@ async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb:
             Ok(Ok(Some(message))) => message,
             Ok(Ok(None)) if finished => break None,
             Ok(Ok(None)) => break Some(lost(rank, "its stream closed")),
-            Ok(Err(status)) => break Some(lost(rank, &status.to_string())),
+            Ok(Err(status)) => {
+                let reason = format!(
+                    "its connection broke ({}): the process died or its network failed",
+                    status.message()
+                );
+                break Some(lost(rank, &reason));
+            }
             Err(_) => break Some(silent(&group, rank, step)),
         };
         match message.kind {

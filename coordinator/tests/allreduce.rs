@@ -100,6 +100,7 @@ async fn check(world: usize, format: WireFormat) {
         cfg.clone(),
         mode,
         plan,
+        1,
         std::future::pending,
     ));
 

@@ -32,7 +32,10 @@ fn coordinator(workers: usize, steps: u64, out: &Path) -> Command {
     .arg("--store")
     .arg(format!("file://{}", out.join("store").display()))
     .env_remove("RUST_LOG")
-    .env_remove("GANCLUSTER_FAULT");
+    .env_remove("GANCLUSTER_FAULT")
+    // A failure must end the run here, so the tests can see it; the
+    // restart test turns restarts back on.
+    .env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "0");
     cmd
 }
 
@@ -123,6 +126,42 @@ fn a_worker_dying_mid_run_fails_the_run_naming_its_rank() {
     )
     .assert_failure();
     done.assert_says(&["worker rank 1"]);
+}
+
+/// A worker crashing mid-run, torchrun's case for `--max-restarts`: the
+/// coordinator starts the group again from its latest checkpoint, and the
+/// run ends bitwise equal to one that never failed.
+#[test]
+fn a_crashed_group_restarts_from_its_checkpoint_and_ends_bitwise_equal() {
+    let whole = tempfile::tempdir().unwrap();
+    run(
+        coordinator(2, 8, whole.path()).args(["--checkpoint-every", "2"]),
+        LIMIT,
+    )
+    .assert_success();
+    let crashed = tempfile::tempdir().unwrap();
+    let done = run(
+        coordinator(2, 8, crashed.path())
+            .args(["--checkpoint-every", "2"])
+            .env("GANCLUSTER_FAULT", "exit:1:5")
+            .env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "1"),
+        LIMIT,
+    )
+    .assert_success();
+    done.assert_says(&[
+        "worker rank 1",
+        "the group failed; starting it again from the latest checkpoint",
+        "generation=2",
+        "training finished",
+    ]);
+    let (a, b) = (
+        read_f32(&whole.path().join("params.f32")),
+        read_f32(&crashed.path().join("params.f32")),
+    );
+    assert!(
+        a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "the restarted run ended with other parameters"
+    );
 }
 
 #[test]

@@ -30,6 +30,8 @@ use crate::training_loop::{self, Directive, Replica, Start, StepRecord, StepSync
 /// which the coordinator's checksum comparison must catch), exit abruptly
 /// (`exit`, a worker dying mid-run) or block its training thread forever
 /// while its network runtime keeps heartbeating (`hang`, a stuck GPU).
+/// Faults fire in the group's first generation only, so a group the
+/// coordinator restarts runs clean.
 pub const FAULT_ENV: &str = "GANCLUSTER_FAULT";
 
 /// An injected fault.
@@ -90,7 +92,7 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         runtime: &runtime,
         session: Some(session),
         waited_ms: 0.0,
-        fault: fault(replica.rank)?,
+        fault: fault(replica.rank, joined.generation)?,
         uploader: Uploader::new(checkpoints),
     };
     let summary =
@@ -242,8 +244,8 @@ impl StepSync for Remote<'_> {
     }
 }
 
-/// This rank's injected fault, from [`FAULT_ENV`].
-fn fault(rank: usize) -> anyhow::Result<Option<Fault>> {
+/// This rank's injected fault in this `generation`, from [`FAULT_ENV`].
+fn fault(rank: usize, generation: u64) -> anyhow::Result<Option<Fault>> {
     let Ok(value) = std::env::var(FAULT_ENV) else {
         return Ok(None);
     };
@@ -265,7 +267,7 @@ fn fault(rank: usize) -> anyhow::Result<Option<Fault>> {
     let (fault, r) = parse().with_context(|| {
         format!("{FAULT_ENV}={value}: expected diverge|exit|hang:<rank>:<step>")
     })?;
-    Ok((r == rank).then_some(fault))
+    Ok((r == rank && generation == 1).then_some(fault))
 }
 
 fn hostname() -> String {
