@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::Config;
@@ -125,8 +126,9 @@ pub fn bind_unix(path: &Path) -> Result<(UnixListener, PathBuf), CoordinatorErro
 /// stops the group after the current step; resolving again interrupts at
 /// once. Local workers connect through a Unix socket, and a local group
 /// that fails through one of its workers is started again from the latest
-/// checkpoint, up to `coordinator.max_restarts` times, as torchrun does.
-/// (On Kubernetes the pods' restart policy plays that part.)
+/// checkpoint, up to `coordinator.max_restarts` times, as torchrun does,
+/// unless a stop was asked for. (On Kubernetes the pods' restart policy
+/// plays that part.)
 pub async fn run<S>(
     cfg: Config,
     mode: Mode,
@@ -142,6 +144,16 @@ where
     } else {
         0
     };
+    // A group that fails after the operator asked to stop is not restarted.
+    let stop_asked = AtomicBool::new(false);
+    let mut watched_shutdown = || {
+        let signal = shutdown();
+        let stop_asked = &stop_asked;
+        async move {
+            signal.await;
+            stop_asked.store(true, Ordering::Relaxed);
+        }
+    };
     let mut policy = policy;
     let mut generation = 1;
     loop {
@@ -153,11 +165,15 @@ where
             mode.clone(),
             plan,
             generation,
-            &mut shutdown,
+            &mut watched_shutdown,
         )
         .await;
         match outcome {
-            Err(err) if err.is_group_failure() && generation <= u64::from(restarts) => {
+            Err(err)
+                if err.is_group_failure()
+                    && generation <= u64::from(restarts)
+                    && !stop_asked.load(Ordering::Relaxed) =>
+            {
                 tracing::warn!(
                     %err,
                     restart = generation,
