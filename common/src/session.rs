@@ -236,9 +236,7 @@ impl Session {
             member_id: joined.member_id.clone(),
             generation: joined.generation,
         };
-        tx.send(message(worker_message::Kind::Hello(hello)))
-            .await
-            .map_err(|_| SessionError::Closed)?;
+        send(&tx, worker_message::Kind::Hello(hello)).await?;
         let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
         let step = Arc::new(AtomicU64::new(0));
         let interval = Duration::from_millis(joined.heartbeat_interval_ms.into());
@@ -285,10 +283,7 @@ impl Session {
                     data: wire::encode(&grads[chunking.range(index)], format),
                     ..header(index)
                 };
-                outbound
-                    .send(message(worker_message::Kind::Chunk(chunk)))
-                    .await
-                    .map_err(|_| SessionError::Closed)?;
+                send(outbound, worker_message::Kind::Chunk(chunk)).await?;
             }
             Ok::<_, SessionError>(())
         };
@@ -370,10 +365,7 @@ impl Session {
     }
 
     async fn send(&self, kind: worker_message::Kind) -> Result<(), SessionError> {
-        self.outbound
-            .send(message(kind))
-            .await
-            .map_err(|_| SessionError::Closed)
+        send(&self.outbound, kind).await
     }
 
     async fn next(&mut self) -> Result<coordinator_message::Kind, SessionError> {
@@ -414,20 +406,16 @@ impl Notifier {
             ok: outcome.is_ok(),
             error: outcome.err().unwrap_or_default(),
         };
-        self.0
-            .send(message(worker_message::Kind::CheckpointWritten(written)))
-            .await
-            .map_err(|_| SessionError::Closed)
+        send(&self.0, worker_message::Kind::CheckpointWritten(written)).await
     }
 
     /// Asks the coordinator to checkpoint and stop the group after the current step.
     pub async fn request_stop(&self, reason: String) -> Result<(), SessionError> {
-        self.0
-            .send(message(worker_message::Kind::StopRequest(
-                pb::StopRequest { reason },
-            )))
-            .await
-            .map_err(|_| SessionError::Closed)
+        send(
+            &self.0,
+            worker_message::Kind::StopRequest(pb::StopRequest { reason }),
+        )
+        .await
     }
 }
 
@@ -451,8 +439,7 @@ impl Heartbeat {
                 let beat = pb::Heartbeat {
                     step: step.load(Ordering::Relaxed),
                 };
-                if outbound
-                    .send(message(worker_message::Kind::Heartbeat(beat)))
+                if send(&outbound, worker_message::Kind::Heartbeat(beat))
                     .await
                     .is_err()
                 {
@@ -469,8 +456,15 @@ impl Drop for Heartbeat {
     }
 }
 
-fn message(kind: worker_message::Kind) -> pb::WorkerMessage {
-    pb::WorkerMessage { kind: Some(kind) }
+/// Queues `kind` towards the coordinator; a closed queue means the session is over.
+async fn send(
+    outbound: &mpsc::Sender<pb::WorkerMessage>,
+    kind: worker_message::Kind,
+) -> Result<(), SessionError> {
+    outbound
+        .send(pb::WorkerMessage { kind: Some(kind) })
+        .await
+        .map_err(|_| SessionError::Closed)
 }
 
 /// The protobuf enum for a wire format.

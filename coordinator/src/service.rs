@@ -82,9 +82,7 @@ impl Group {
             heartbeat_timeout,
         }
     }
-}
 
-impl Group {
     /// What the all-reduce is waiting for, to name the ranks holding up a stalled step.
     pub fn waiting(&self) -> Option<Waiting> {
         self.reducer.waiting()
