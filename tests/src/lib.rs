@@ -27,6 +27,25 @@ pub const TINY: [&str; 8] = [
     "8",
 ];
 
+/// `coordinator --workers W --steps S` training the [`TINY`] model into
+/// `out`, with no fault injected and the default log level, whatever the
+/// test's own environment holds. Callers add the store and the rest.
+pub fn tiny_coordinator(workers: usize, steps: u64, out: &Path) -> Command {
+    let mut cmd = Command::new(workspace_bin("coordinator"));
+    cmd.args([
+        "--workers",
+        &workers.to_string(),
+        "--steps",
+        &steps.to_string(),
+    ])
+    .args(TINY)
+    .arg("--out")
+    .arg(out)
+    .env_remove("RUST_LOG")
+    .env_remove("GANCLUSTER_FAULT");
+    cmd
+}
+
 /// What a finished child left behind.
 #[derive(Debug)]
 pub struct Finished {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use gancluster_tests::s3::{BUCKET, Outage, S3Server, SECRET_KEY};
 use gancluster_tests::{
-    Finished, Running, TINY, children, run, terminate, wait_for_steps, workspace_bin,
+    Finished, Running, children, run, terminate, tiny_coordinator, wait_for_steps,
 };
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -26,21 +26,10 @@ fn coordinator_of(
     every: u64,
     out: &Path,
 ) -> Command {
-    let mut cmd = Command::new(workspace_bin("coordinator"));
-    cmd.args([
-        "--workers",
-        &workers.to_string(),
-        "--steps",
-        &steps.to_string(),
-    ])
-    .args(TINY)
-    .args(["--store", &format!("s3://{BUCKET}/runs"), "--run", run_id])
-    .args(["--checkpoint-every", &every.to_string()])
-    .arg("--out")
-    .arg(out)
-    .envs(server.env())
-    .env_remove("RUST_LOG")
-    .env_remove("GANCLUSTER_FAULT");
+    let mut cmd = tiny_coordinator(workers, steps, out);
+    cmd.args(["--store", &format!("s3://{BUCKET}/runs"), "--run", run_id])
+        .args(["--checkpoint-every", &every.to_string()])
+        .envs(server.env());
     cmd
 }
 

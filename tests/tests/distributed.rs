@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{Config, ShardSampler};
 use gancluster_tests::{
-    Finished, Frozen, Running, TINY, children, exited, run, wait_for_steps, wait_until,
-    workspace_bin,
+    Finished, Frozen, Running, TINY, children, exited, run, tiny_coordinator, wait_for_steps,
+    wait_until, workspace_bin,
 };
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
@@ -19,23 +19,12 @@ use worker::training_loop::{PARAMS_F32, to_tensor};
 const LIMIT: Duration = Duration::from_secs(240);
 
 fn coordinator(workers: usize, steps: u64, out: &Path) -> Command {
-    let mut cmd = Command::new(workspace_bin("coordinator"));
-    cmd.args([
-        "--workers",
-        &workers.to_string(),
-        "--steps",
-        &steps.to_string(),
-    ])
-    .args(TINY)
-    .arg("--out")
-    .arg(out)
-    .arg("--store")
-    .arg(format!("file://{}", out.join("store").display()))
-    .env_remove("RUST_LOG")
-    .env_remove("GANCLUSTER_FAULT")
-    // A failure must end the run here, so the tests can see it; the
-    // restart test turns restarts back on.
-    .env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "0");
+    let mut cmd = tiny_coordinator(workers, steps, out);
+    cmd.arg("--store")
+        .arg(format!("file://{}", out.join("store").display()))
+        // A failure must end the run here, so the tests can see it; the
+        // restart test turns restarts back on.
+        .env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "0");
     cmd
 }
 
