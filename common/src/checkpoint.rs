@@ -126,6 +126,16 @@ pub enum CheckpointError {
         /// Object name.
         object: String,
     },
+    /// The manifest lists an object the store does not have.
+    #[error(
+        "checkpoint {checkpoint}: object {object} is listed in its manifest but not in the store"
+    )]
+    Absent {
+        /// Checkpoint name.
+        checkpoint: String,
+        /// Object name.
+        object: String,
+    },
     /// `state.json` is unreadable.
     #[error("checkpoint {checkpoint}: {STATE} is unreadable: {reason}")]
     State {
@@ -219,6 +229,60 @@ impl Checkpoints {
         Ok(manifest)
     }
 
+    /// Checks, without downloading it, that checkpoint `step` is complete:
+    /// its manifest is there and every object it lists has the listed size.
+    /// The coordinator does this before it moves `latest` on rank 0's word.
+    pub async fn confirm(&self, step: u64) -> Result<(), CheckpointError> {
+        let folder = self.folder(step);
+        for entry in self.manifest(step).await?.objects {
+            let size = match self.store.size(&format!("{folder}/{}", entry.name)).await {
+                Ok(size) => size,
+                Err(e) if e.is_not_found() => {
+                    return Err(CheckpointError::Absent {
+                        checkpoint: name(step),
+                        object: entry.name,
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if size != entry.size {
+                return Err(CheckpointError::Corrupt {
+                    checkpoint: name(step),
+                    object: entry.name,
+                    expected: entry.sha256,
+                    actual: "(not read)".into(),
+                    expected_size: entry.size,
+                    actual_size: size,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The manifest of checkpoint `step`, which must describe that step.
+    async fn manifest(&self, step: u64) -> Result<Manifest, CheckpointError> {
+        let checkpoint = name(step);
+        let invalid = |reason: String| CheckpointError::Manifest {
+            checkpoint: checkpoint.clone(),
+            reason,
+        };
+        let raw = match self
+            .store
+            .get(&format!("{}/{MANIFEST}", self.folder(step)))
+            .await
+        {
+            Ok(raw) => raw,
+            Err(e) if e.is_not_found() => return Err(invalid("missing".into())),
+            Err(e) => return Err(e.into()),
+        };
+        let manifest: Manifest =
+            serde_json::from_slice(&raw).map_err(|e| invalid(e.to_string()))?;
+        if manifest.step != step {
+            return Err(invalid(format!("it describes step {}", manifest.step)));
+        }
+        Ok(manifest)
+    }
+
     /// Points `latest` at checkpoint `step` and deletes all but the newest
     /// `keep` checkpoints up to it. Returns the deleted steps.
     pub async fn commit(&self, step: u64, keep: usize) -> Result<Vec<u64>, CheckpointError> {
@@ -263,20 +327,7 @@ impl Checkpoints {
     /// Reads checkpoint `step` and verifies every object against its manifest.
     pub async fn load(&self, step: u64) -> Result<Checkpoint, CheckpointError> {
         let (folder, checkpoint) = (self.folder(step), name(step));
-        let invalid = |reason: String| CheckpointError::Manifest {
-            checkpoint: checkpoint.clone(),
-            reason,
-        };
-        let raw = match self.store.get(&format!("{folder}/{MANIFEST}")).await {
-            Ok(raw) => raw,
-            Err(e) if e.is_not_found() => return Err(invalid("missing".into())),
-            Err(e) => return Err(e.into()),
-        };
-        let manifest: Manifest =
-            serde_json::from_slice(&raw).map_err(|e| invalid(e.to_string()))?;
-        if manifest.step != step {
-            return Err(invalid(format!("it describes step {}", manifest.step)));
-        }
+        let manifest = self.manifest(step).await?;
         let mut objects = HashMap::with_capacity(manifest.objects.len());
         for entry in &manifest.objects {
             let data = self.store.get(&format!("{folder}/{}", entry.name)).await?;

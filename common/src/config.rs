@@ -53,6 +53,8 @@ pub struct Config {
     pub allreduce: AllReduceConfig,
     /// Where and how often the run is saved.
     pub checkpoint: CheckpointConfig,
+    /// Encryption and certificates between workers and the coordinator.
+    pub tls: TlsConfig,
 }
 
 /// DCGAN shapes; defaults are the reference 64×64 network.
@@ -68,6 +70,39 @@ pub struct ModelConfig {
     pub ngf: usize,
     /// Discriminator feature maps in its first layer.
     pub ndf: usize,
+}
+
+impl ModelConfig {
+    /// Trainable scalars of the generator: the length of its flat gradient,
+    /// which the coordinator checks every gradient header against (it has
+    /// no burn to ask). Every layer is a bias-free 4×4 (transposed)
+    /// convolution; each BatchNorm adds a scale and a shift per channel.
+    pub fn generator_params(&self) -> u64 {
+        let n = self.depth();
+        let mut channels = (self.ngf << (n - 1)) as u64;
+        let mut total = self.nz as u64 * channels * 16 + 2 * channels;
+        for _ in 1..n {
+            total += channels * (channels / 2) * 16 + channels;
+            channels /= 2;
+        }
+        total + channels * 3 * 16
+    }
+
+    /// Trainable scalars of the discriminator (see [`ModelConfig::generator_params`]).
+    pub fn discriminator_params(&self) -> u64 {
+        let mut channels = self.ndf as u64;
+        let mut total = 3 * channels * 16;
+        for _ in 1..self.depth() {
+            total += channels * (channels * 2) * 16 + 2 * (channels * 2);
+            channels *= 2;
+        }
+        total + channels * 16
+    }
+
+    /// Stride-2 layers between 4×4 and the image: 64 → 4, 16 → 2.
+    fn depth(&self) -> usize {
+        self.image_size.trailing_zeros() as usize - 2
+    }
 }
 
 impl Default for ModelConfig {
@@ -195,6 +230,16 @@ pub struct CoordinatorConfig {
     /// hung or diverged) is started again from the latest checkpoint before
     /// the run gives up, as torchrun's `--max-restarts`.
     pub max_restarts: u32,
+    /// Connections open at once; one more is closed as soon as it is
+    /// accepted, so strangers cannot exhaust sockets or memory.
+    pub max_connections: usize,
+    /// Seconds a new connection has to present the token, and a new session
+    /// to say Hello, before it is closed: a port scan, a stalled handshake or
+    /// a client that never speaks holds nothing for long.
+    pub handshake_timeout_s: u64,
+    /// Seconds the coordinator waits, once the run is over, for members to
+    /// hang up before it closes every connection itself and exits.
+    pub shutdown_grace_s: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -206,6 +251,9 @@ impl Default for CoordinatorConfig {
             heartbeat_timeout_s: 30,
             step_timeout_s: 600,
             max_restarts: 3,
+            max_connections: 64,
+            handshake_timeout_s: 10,
+            shutdown_grace_s: 5,
         }
     }
 }
@@ -218,6 +266,8 @@ pub struct AllReduceConfig {
     pub chunk_bytes: usize,
     /// `f32` (exact) or `bf16` (half the bytes, reduced in f32).
     pub wire: crate::wire::WireFormat,
+    /// What a gradient with NaN or ±Inf in it does to the run.
+    pub nonfinite: NonFinite,
 }
 
 impl Default for AllReduceConfig {
@@ -225,8 +275,22 @@ impl Default for AllReduceConfig {
         Self {
             chunk_bytes: 4 << 20,
             wire: crate::wire::WireFormat::F32,
+            nonfinite: NonFinite::Halt,
         }
     }
+}
+
+/// The policy for a gradient holding NaN or ±Inf (an exploding loss, a
+/// faulty device): averaged in, it would poison every replica at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinite {
+    /// Stop the run, naming the step, the network and the ranks that sent them.
+    #[default]
+    Halt,
+    /// Skip that network's optimizer step on every rank (as a loss scaler
+    /// does), count it, and go on.
+    Skip,
 }
 
 /// Checkpoints: where they go, how often, how many stay.
@@ -256,6 +320,41 @@ impl Default for CheckpointConfig {
             keep: 3,
             s3: S3Config::default(),
         }
+    }
+}
+
+/// TLS on the coordinator's TCP listener. The coordinator serves TLS when
+/// `server_cert` and `server_key` are set, and also requires client
+/// certificates signed by `client_ca` when that is set (mutual TLS). A
+/// worker dialling an `https://` address verifies the coordinator against
+/// `ca` and presents `client_cert`/`client_key` when set. One file serves
+/// both sides, so the keys say whose they are. Local workers connect
+/// through a Unix socket in the output folder and need none of it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Coordinator: its certificate chain, PEM.
+    pub server_cert: Option<PathBuf>,
+    /// Coordinator: the private key of `server_cert`, PEM.
+    pub server_key: Option<PathBuf>,
+    /// Coordinator: the CA a worker's client certificate must chain to
+    /// (mutual TLS); unset, no client certificate is asked for.
+    pub client_ca: Option<PathBuf>,
+    /// Worker: the CA the coordinator's certificate must chain to.
+    pub ca: Option<PathBuf>,
+    /// Worker: its certificate for mutual TLS, PEM.
+    pub client_cert: Option<PathBuf>,
+    /// Worker: the private key of `client_cert`, PEM.
+    pub client_key: Option<PathBuf>,
+    /// Worker: the name the coordinator's certificate must carry, when it is
+    /// not the host of the address dialled.
+    pub server_name: Option<String>,
+}
+
+impl TlsConfig {
+    /// Whether the coordinator serves TLS.
+    pub fn serves(&self) -> bool {
+        self.server_cert.is_some()
     }
 }
 
@@ -416,7 +515,8 @@ impl Config {
         Ok(toml::to_string_pretty(self)?)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks every key's value; [`Config::load`] already did.
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let m = &self.model;
         check(
             "model.image_size",
@@ -515,6 +615,37 @@ impl Config {
             co.step_timeout_s,
             co.step_timeout_s > 0,
             "a positive integer, longer than the slowest step",
+        )?;
+        check(
+            "coordinator.max_connections",
+            co.max_connections,
+            co.max_connections > 0,
+            "a positive integer (at least the number of workers)",
+        )?;
+        check(
+            "coordinator.handshake_timeout_s",
+            co.handshake_timeout_s,
+            co.handshake_timeout_s > 0,
+            "a positive integer",
+        )?;
+        let tls = &self.tls;
+        check(
+            "tls.server_key",
+            &tls.server_key,
+            tls.server_cert.is_some() == tls.server_key.is_some(),
+            "set together with tls.server_cert (both or neither)",
+        )?;
+        check(
+            "tls.client_key",
+            &tls.client_key,
+            tls.client_cert.is_some() == tls.client_key.is_some(),
+            "set together with tls.client_cert (both or neither)",
+        )?;
+        check(
+            "tls.client_ca",
+            &tls.client_ca,
+            tls.client_ca.is_none() || tls.serves(),
+            "only with tls.server_cert and tls.server_key: mutual TLS needs TLS",
         )
     }
 }

@@ -6,6 +6,7 @@
 //! image stays small; anything touching tensors lives in `worker`.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -14,6 +15,8 @@ pub mod pb;
 pub mod session;
 pub mod shard;
 pub mod store;
+pub mod tls;
+pub mod untrusted;
 pub mod wire;
 
 pub use config::{Config, ConfigError};

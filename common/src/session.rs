@@ -15,12 +15,19 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use tonic::service::interceptor::InterceptedService;
+
+use crate::Config;
+use crate::auth::{self, Bearer, Token};
 use crate::config::{
     CONNECTION_WINDOW_BYTES, CoordinatorConfig, MAX_CHUNK_BYTES, MAX_FRAME_BYTES,
     STREAM_WINDOW_BYTES,
 };
 use crate::pb::coordinator_client::CoordinatorClient;
+use crate::pb::rendezvous_client::RendezvousClient;
 use crate::pb::{self, coordinator_message, worker_message};
+use crate::tls::{self, TlsError};
+use crate::untrusted::{shown, shown_message};
 use crate::wire::{self, Chunking, WireError, WireFormat};
 
 /// Messages a worker may have queued towards the coordinator.
@@ -40,9 +47,10 @@ pub enum SessionError {
         /// Why it was rejected.
         source: tonic::transport::Error,
     },
-    /// Nothing answered at the address.
+    /// Nothing answered at the address, or not in the same language.
     #[error(
-        "cannot connect to the coordinator at {address}: {source}; is it running and reachable?"
+        "cannot connect to the coordinator at {address}: {source}; is it running and reachable, \
+         and do both sides agree on TLS (https:// with tls.ca set when it serves TLS)?"
     )]
     Connect {
         /// The address tried.
@@ -55,7 +63,7 @@ pub enum SessionError {
     Refused(String),
     /// The coordinator answered a call with an error.
     #[error("the coordinator stream failed: {0}")]
-    Stream(tonic::Status),
+    Stream(String),
     /// The connection broke underneath the stream.
     #[error(
         "lost the connection to the coordinator: it exited, was stopped, or did not answer \
@@ -63,7 +71,7 @@ pub enum SessionError {
          run to resume from the latest checkpoint"
     )]
     Disconnected(String),
-    /// The coordinator stopped the run, and said why.
+    /// The coordinator stopped the run, and said why (escaped).
     #[error("the coordinator aborted the run: {0}")]
     Aborted(String),
     /// The coordinator sent something the protocol does not allow here.
@@ -75,6 +83,9 @@ pub enum SessionError {
     /// A reduced chunk did not decode.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// The TLS settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 impl From<tonic::Status> for SessionError {
@@ -83,7 +94,7 @@ impl From<tonic::Status> for SessionError {
     fn from(status: tonic::Status) -> Self {
         match std::error::Error::source(&status) {
             Some(cause) => Self::Disconnected(cause.to_string()),
-            None => Self::Stream(status),
+            None => Self::Stream(shown_message(status.message())),
         }
     }
 }
@@ -91,16 +102,26 @@ impl From<tonic::Status> for SessionError {
 /// Scheme of a coordinator reached through a Unix domain socket.
 pub const UNIX_SCHEME: &str = "unix://";
 
-/// A gRPC client for the coordinator at `address` — `http://host:port`, or
-/// `unix:///path/to/socket` on the same machine (no TCP stack, fewer
-/// copies) — with message limits large enough for gradient chunks. It
-/// pings the coordinator as `liveness` says, so a coordinator that stops
-/// answering (stopped, partitioned) fails the session instead of leaving
-/// this worker waiting for a reduced gradient forever.
-pub async fn connect(
-    address: &str,
-    liveness: &CoordinatorConfig,
-) -> Result<CoordinatorClient<Channel>, SessionError> {
+/// A channel that presents the token on every call.
+pub type Authenticated = InterceptedService<Channel, Bearer>;
+
+/// Both services of the coordinator, over one connection: the Session
+/// must come over the connection that joined.
+pub struct Clients {
+    /// `Join`.
+    pub rendezvous: RendezvousClient<Authenticated>,
+    /// `Session`.
+    pub coordinator: CoordinatorClient<Authenticated>,
+}
+
+/// gRPC clients for the coordinator at `address` — `http://host:port`,
+/// `https://host:port` (TLS as `cfg.tls` says), or `unix:///path/to/socket`
+/// on the same machine (no TCP stack, fewer copies) — presenting `token`,
+/// with message limits large enough for gradient chunks. The connection
+/// pings the coordinator as `cfg.coordinator` says, so a coordinator that
+/// stops answering (stopped, partitioned) fails the session instead of
+/// leaving this worker waiting for a reduced gradient forever.
+pub async fn connect(address: &str, cfg: &Config, token: &Token) -> Result<Clients, SessionError> {
     let invalid = |source| SessionError::Address {
         address: address.to_string(),
         source,
@@ -113,7 +134,7 @@ pub async fn connect(
         Some(path) => {
             let path = std::path::PathBuf::from(path);
             // The API wants a URI; the connector ignores it and dials the socket.
-            let endpoint = tuned(Endpoint::from_static("http://localhost"), liveness);
+            let endpoint = tuned(Endpoint::from_static("http://localhost"), &cfg.coordinator);
             let connector = tower::service_fn(move |_: tonic::transport::Uri| {
                 let path = path.clone();
                 async move {
@@ -127,10 +148,13 @@ pub async fn connect(
                 .map_err(unreachable)?
         }
         None => {
-            let endpoint = tuned(
+            let mut endpoint = tuned(
                 Endpoint::from_shared(address.to_string()).map_err(invalid)?,
-                liveness,
+                &cfg.coordinator,
             );
+            if let Some(tls) = tls::client(&cfg.tls, address)? {
+                endpoint = endpoint.tls_config(tls).map_err(invalid)?;
+            }
             endpoint
                 .tcp_nodelay(true)
                 .connect()
@@ -138,9 +162,13 @@ pub async fn connect(
                 .map_err(unreachable)?
         }
     };
-    Ok(CoordinatorClient::new(channel)
-        .max_decoding_message_size(MAX_CHUNK_BYTES)
-        .max_encoding_message_size(MAX_CHUNK_BYTES))
+    let bearer = Bearer(token.clone());
+    Ok(Clients {
+        rendezvous: RendezvousClient::with_interceptor(channel.clone(), bearer.clone()),
+        coordinator: CoordinatorClient::with_interceptor(channel, bearer)
+            .max_decoding_message_size(MAX_CHUNK_BYTES)
+            .max_encoding_message_size(MAX_CHUNK_BYTES),
+    })
 }
 
 /// Flow-control windows and frames sized for gradient streams, and HTTP/2
@@ -159,7 +187,6 @@ fn tuned(endpoint: Endpoint, liveness: &CoordinatorConfig) -> Endpoint {
 /// A join request for this build's protocol and `cfg`'s training settings.
 pub fn join_request(
     cfg: &crate::Config,
-    token: &str,
     rank: Option<usize>,
     initial_checksum: u64,
     host: String,
@@ -167,7 +194,6 @@ pub fn join_request(
     pb::JoinRequest {
         protocol_version: pb::PROTOCOL_VERSION,
         config_hash: cfg.training_hash(),
-        token: token.to_string(),
         requested_rank: rank.map_or(-1, |r| r as i32),
         initial_checksum,
         host,
@@ -176,14 +202,18 @@ pub fn join_request(
 
 /// Joins the group; returns once every worker has joined.
 pub async fn join(
-    client: &mut CoordinatorClient<Channel>,
+    clients: &mut Clients,
     request: pb::JoinRequest,
 ) -> Result<pb::JoinReply, SessionError> {
-    client
+    clients
+        .rendezvous
         .join(request)
         .await
         .map(tonic::Response::into_inner)
-        .map_err(|status| SessionError::Refused(status.message().to_string()))
+        .map_err(|status| match std::error::Error::source(&status) {
+            Some(cause) => SessionError::Disconnected(cause.to_string()),
+            None => SessionError::Refused(shown_message(status.message())),
+        })
 }
 
 /// Everything a worker does before its first step: connect to `address`,
@@ -191,19 +221,30 @@ pub async fn join(
 /// all-reduce and liveness settings of `cfg`.
 pub async fn rendezvous(
     address: &str,
+    token: &Token,
     request: pb::JoinRequest,
     cfg: &crate::Config,
 ) -> Result<(pb::JoinReply, Session, pb::Start), SessionError> {
-    let mut client = connect(address, &cfg.coordinator).await?;
-    let joined = join(&mut client, request).await?;
+    let mut clients = connect(address, cfg, token).await?;
+    let joined = join(&mut clients, request).await?;
     let (session, start) = Session::open(
-        &mut client,
+        &mut clients.coordinator,
         &joined,
         cfg.allreduce.wire,
         cfg.allreduce.chunk_bytes,
     )
     .await?;
     Ok((joined, session, start))
+}
+
+/// A reduced gradient as every replica receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reduced {
+    /// The mean over all workers.
+    pub mean: Vec<f32>,
+    /// Some worker's contribution was not finite and the policy is to skip
+    /// this optimizer step (`allreduce.nonfinite = skip`).
+    pub skip: bool,
 }
 
 /// An open session: send chunks and reports, receive reduced chunks and
@@ -221,7 +262,7 @@ pub struct Session {
 impl Session {
     /// Opens the stream, introduces this member and waits for the start signal.
     pub async fn open(
-        client: &mut CoordinatorClient<Channel>,
+        client: &mut CoordinatorClient<Authenticated>,
         joined: &pb::JoinReply,
         format: WireFormat,
         chunk_bytes: usize,
@@ -237,7 +278,15 @@ impl Session {
             generation: joined.generation,
         };
         send(&tx, worker_message::Kind::Hello(hello)).await?;
-        let inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let member = joined.member_id.parse().map_err(|_| {
+            SessionError::Protocol(format!(
+                "member id {} is not a header value",
+                shown(&joined.member_id)
+            ))
+        })?;
+        request.metadata_mut().insert(auth::MEMBER, member);
+        let inbound = client.session(request).await?.into_inner();
         let step = Arc::new(AtomicU64::new(0));
         let interval = Duration::from_millis(joined.heartbeat_interval_ms.into());
         let mut session = Self {
@@ -264,7 +313,7 @@ impl Session {
         step: u64,
         net: pb::Net,
         grads: &[f32],
-    ) -> Result<Vec<f32>, SessionError> {
+    ) -> Result<Reduced, SessionError> {
         self.step.store(step, Ordering::Relaxed);
         let chunking = Chunking::new(grads.len(), self.chunk_bytes, self.format);
         let (format, outbound) = (self.format, &self.outbound);
@@ -276,6 +325,7 @@ impl Session {
             total_elems: grads.len() as u64,
             format: wire_format(format) as i32,
             data: Default::default(),
+            skip: false,
         };
         let send = async {
             for index in 0..chunking.count() {
@@ -290,6 +340,7 @@ impl Session {
         let (inbound, control) = (&mut self.inbound, &mut self.control);
         let receive = async {
             let mut mean = vec![0.0f32; grads.len()];
+            let mut skip = false;
             let mut seen = vec![false; chunking.count()];
             let mut received = 0;
             while received < chunking.count() {
@@ -318,9 +369,10 @@ impl Session {
                 }
                 seen[index] = true;
                 received += 1;
+                skip |= chunk.skip;
                 wire::decode_into(&chunk.data, format, &mut mean[chunking.range(index)])?;
             }
-            Ok(mean)
+            Ok(Reduced { mean, skip })
         };
         let (sent, mean) = tokio::join!(send, receive);
         sent?;
@@ -356,7 +408,7 @@ impl Session {
             None => Ok(()),
             Some(Ok(pb::CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::Abort(a)),
-            })) => Err(SessionError::Aborted(a.reason)),
+            })) => Err(SessionError::Aborted(shown_message(&a.reason))),
             Some(Ok(other)) => Err(SessionError::Protocol(format!(
                 "unexpected message after finishing: {other:?}"
             ))),
@@ -379,7 +431,7 @@ async fn next(
     match inbound.next().await {
         Some(Ok(pb::CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Abort(abort)),
-        })) => Err(SessionError::Aborted(abort.reason)),
+        })) => Err(SessionError::Aborted(shown_message(&abort.reason))),
         Some(Ok(pb::CoordinatorMessage { kind: Some(kind) })) => Ok(kind),
         Some(Ok(pb::CoordinatorMessage { kind: None })) => {
             Err(SessionError::Protocol("empty message".into()))

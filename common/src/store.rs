@@ -226,6 +226,16 @@ impl Store {
         object.bytes().await.map_err(fail)
     }
 
+    /// The size of the object at `key`, without reading it.
+    pub async fn size(&self, key: &str) -> Result<u64, StoreError> {
+        let meta = self
+            .inner
+            .head(&self.path(key))
+            .await
+            .map_err(|e| self.error("inspecting", key, e))?;
+        Ok(meta.size)
+    }
+
     /// The names of the "folders" directly under `prefix`.
     pub async fn folders(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let listing = self

@@ -78,11 +78,13 @@ const MEAN_BLOCK: usize = 1024;
 
 /// The element-wise mean of `parts` (one encoded chunk per rank, in rank
 /// order), encoded in `format`: `(((p0 + p1) + p2) + …) / world` in f32,
-/// so the bits do not depend on which part arrived first.
+/// so the bits do not depend on which part arrived first. Also says whether
+/// every element of the mean is finite: a NaN or Inf in any part (or a sum
+/// that overflows) shows in the mean, so one flag checks them all.
 ///
 /// One pass over the inputs, block by block, with no intermediate vector:
 /// this runs once per chunk on the coordinator, on bytes all workers wait for.
-pub fn mean(parts: &[Bytes], format: WireFormat, world: usize) -> Result<Bytes, WireError> {
+pub fn mean(parts: &[Bytes], format: WireFormat, world: usize) -> Result<Mean, WireError> {
     let width = format.width();
     let elems = parts.first().map_or(0, |p| p.len() / width);
     for part in parts {
@@ -92,6 +94,7 @@ pub fn mean(parts: &[Bytes], format: WireFormat, world: usize) -> Result<Bytes, 
     let mut out = BytesMut::with_capacity(elems * width);
     let mut acc = [0.0f32; MEAN_BLOCK];
     let mut encoded = [0u8; MEAN_BLOCK * 4];
+    let mut finite = true;
     for start in (0..elems).step_by(MEAN_BLOCK) {
         let len = MEAN_BLOCK.min(elems - start);
         let range = start * width..(start + len) * width;
@@ -104,12 +107,40 @@ pub fn mean(parts: &[Bytes], format: WireFormat, world: usize) -> Result<Bytes, 
                 *dst += value
             })?;
         }
-        block.iter_mut().for_each(|v| *v /= n);
+        block.iter_mut().for_each(|v| {
+            *v /= n;
+            finite &= v.is_finite();
+        });
         let bytes = &mut encoded[..len * width];
         encode_into(block, format, bytes);
         out.extend_from_slice(bytes);
     }
-    Ok(out.freeze())
+    Ok(Mean {
+        bytes: out.freeze(),
+        finite,
+    })
+}
+
+/// What [`mean`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mean {
+    /// The encoded mean.
+    pub bytes: Bytes,
+    /// Whether every element of it is finite.
+    pub finite: bool,
+}
+
+/// Whether every element of one encoded part is finite (to name the rank
+/// that sent NaN or Inf once [`mean`] found one).
+pub fn finite(bytes: &[u8], format: WireFormat) -> bool {
+    match format {
+        WireFormat::F32 => bytes
+            .chunks_exact(4)
+            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        WireFormat::Bf16 => bytes
+            .chunks_exact(2)
+            .all(|b| bf16::from_bits(u16::from_le_bytes([b[0], b[1]])).is_finite()),
+    }
 }
 
 /// Decodes each element of `bytes` and folds it into `target` with `op`.
@@ -222,7 +253,7 @@ mod tests {
             .collect();
         let mut out = [f32::NAN];
         decode_into(
-            &mean(&parts, WireFormat::F32, 3).unwrap(),
+            &mean(&parts, WireFormat::F32, 3).unwrap().bytes,
             WireFormat::F32,
             &mut out,
         )
@@ -257,10 +288,33 @@ mod tests {
                 .collect();
             assert_eq!(
                 mean(&parts, format, 3).unwrap(),
-                encode(&expected, format),
+                Mean {
+                    bytes: encode(&expected, format),
+                    finite: true
+                },
                 "{format:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_nan_or_inf_in_any_part_or_an_overflow_is_flagged() {
+        for format in [WireFormat::F32, WireFormat::Bf16] {
+            let clean = encode(&[1.0, 2.0], format);
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                let poisoned = encode(&[1.0, bad], format);
+                assert!(!finite(&poisoned, format) && finite(&clean, format));
+                let parts = [clean.clone(), poisoned];
+                assert!(!mean(&parts, format, 2).unwrap().finite, "{bad} {format:?}");
+            }
+            assert!(mean(&[clean.clone(), clean], format, 2).unwrap().finite);
+        }
+        let huge = encode(&[3e38], WireFormat::F32);
+        let overflow = mean(&[huge.clone(), huge], WireFormat::F32, 2).unwrap();
+        assert!(
+            !overflow.finite,
+            "3e38 + 3e38 overflows before the division"
+        );
     }
 
     #[test]

@@ -1,26 +1,30 @@
 //! All-reduce through the coordinator, next to a raw loopback socket pump
 //! that moves the same bytes, measured like `shared/bench/gloo_allreduce.py`.
 //!
-//! `cargo bench -p coordinator --bench allreduce -- [--world 2,4,8] [--sizes 1,11.1,14.3,25.4] [--iters 10]`
+//! `cargo bench -p coordinator --bench allreduce -- [--world 2,4,8] [--models 64] [--iters 10]`
 //!
-//! For each world size W this starts a coordinator and W worker *processes*
-//! (this executable re-run as `client`). Per iteration every worker first
-//! does a one-element all-reduce as a barrier (untimed), then all-reduces S
-//! f32 elements (or bf16 on the wire); the iteration's time is the maximum
-//! over ranks, the reported figure the median over iterations after one
-//! warm-up. algbw = bytes/time, busbw = algbw·2(W−1)/W (nccl-tests),
-//! coordinator throughput = 2·W·bytes/time, the bytes its sockets carry.
-//! The raw ceiling runs the same star pattern with plain tokio sockets:
-//! each client writes S bytes, the server reads them all, then writes S
-//! bytes back to each client.
+//! For each world size W and each model (its image size; ngf = ndf = 64)
+//! this starts a coordinator and W worker *processes* (this executable
+//! re-run as `client`) that do what training does, minus the compute: per
+//! step all-reduce the discriminator's gradient, then the generator's (of
+//! the model's real sizes: DCGAN-64 has 11.1 MB and 14.3 MB of f32), then
+//! report. Each all-reduce's time is the maximum over ranks, the reported
+//! figure the median over steps after one warm-up; "step" is D + G.
+//! algbw = bytes/time, busbw = algbw·2(W−1)/W (nccl-tests), coordinator
+//! throughput = 2·W·bytes/time, the bytes its sockets carry. The raw
+//! ceiling runs the same star pattern with plain tokio sockets: each client
+//! writes S bytes, the server reads them all, then writes S bytes back to
+//! each client.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::Config;
-use common::pb::Net;
+use common::auth::Token;
+use common::pb::{self, Net};
 use common::session;
 use coordinator::Mode;
+use gancluster_tests::client::answer_checkpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
@@ -28,17 +32,22 @@ use tokio::process::Command;
 const TOKEN: &str = "bench";
 const WARMUP: usize = 1;
 
-fn config(iters: usize, format: &str) -> Config {
-    // Steps beyond what the clients run: the schedule never asks for a checkpoint.
+fn config(image_size: usize, iters: usize, format: &str, store: &str) -> Config {
+    // One step per iteration; rank 0 answers the last step's checkpoint
+    // with a stand-in in the driver's store.
     let overrides = [
-        ("train.steps", (4 * (iters + WARMUP)).to_string()),
+        ("train.steps", (iters + WARMUP).to_string()),
         ("allreduce.wire", format.to_string()),
-        ("checkpoint.store", "memory://".to_string()),
         ("checkpoint.every", "0".to_string()),
+        ("model.image_size", image_size.to_string()),
+        ("model.ngf", "64".to_string()),
+        ("model.ndf", "64".to_string()),
     ];
     // `GANCLUSTER__*` variables apply (e.g. GANCLUSTER__ALLREDUCE__CHUNK_BYTES
     // to sweep the chunk size); the settings above win over them.
-    Config::load(None, &overrides).expect("bench config")
+    let mut cfg = Config::load(None, &overrides).expect("bench config");
+    cfg.checkpoint.store = store.to_string();
+    cfg
 }
 
 fn list<T: std::str::FromStr>(args: &[String], flag: &str, default: &str) -> Vec<T> {
@@ -64,34 +73,50 @@ async fn main() {
 
 async fn drive(args: &[String]) {
     let worlds: Vec<usize> = list(args, "--world", "2,4,8");
-    let sizes: Vec<f64> = list(args, "--sizes", "1,11.1,14.3,25.4");
+    let models: Vec<usize> = list(args, "--models", "64");
     let iters: usize = list(args, "--iters", "10")[0];
     println!(
-        "| path | W | MB (f32 elems) | wire | median ms | algbw GB/s | busbw GB/s | coordinator GB/s |"
+        "| path | W | gradient | MB (f32) | wire | median ms | algbw GB/s | busbw GB/s | coordinator GB/s |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for &world in &worlds {
-        for &mb in &sizes {
-            let elems = (mb * 1e6 / 4.0).round() as usize;
-            let raw = raw_star(world, elems * 4, iters).await;
-            row("raw tcp", world, mb, "-", elems * 4, raw);
+        for &size in &models {
+            let cfg = config(size, iters, "f32", "memory://");
+            let d = cfg.model.discriminator_params() as usize;
+            let g = cfg.model.generator_params() as usize;
+            for (what, elems) in [("D", d), ("G", g), ("D+G", d + g)] {
+                let raw = raw_star(world, elems * 4, iters).await;
+                row("raw tcp", world, what, elems, 4, raw);
+            }
             for (path, unix) in [("coordinator tcp", false), ("coordinator uds", true)] {
                 for format in ["f32", "bf16"] {
                     let width = if format == "f32" { 4 } else { 2 };
-                    let ms = through_coordinator(world, elems, iters, format, unix).await;
-                    row(path, world, mb, format, elems * width, ms);
+                    let [d_ms, g_ms, step_ms] =
+                        through_coordinator(world, size, iters, format, unix).await;
+                    row(path, world, "D", d, width, d_ms);
+                    row(path, world, "G", g, width, g_ms);
+                    row(path, world, "D+G", d + g, width, step_ms);
                 }
             }
         }
     }
 }
 
-fn row(path: &str, world: usize, mb: f64, wire: &str, bytes: usize, ms: f64) {
+fn row(path: &str, world: usize, what: &str, elems: usize, width: usize, ms: f64) {
+    let bytes = elems * width;
     let algbw = bytes as f64 / (ms / 1e3) / 1e9;
     let busbw = algbw * 2.0 * (world as f64 - 1.0) / world as f64;
     let through = 2.0 * world as f64 * bytes as f64 / (ms / 1e3) / 1e9;
+    let wire = if path == "raw tcp" {
+        "-"
+    } else if width == 4 {
+        "f32"
+    } else {
+        "bf16"
+    };
+    let mb = elems as f64 * 4.0 / 1e6;
     println!(
-        "| {path} | {world} | {mb} | {wire} | {ms:.1} | {algbw:.2} | {busbw:.2} | {through:.2} |"
+        "| {path} | {world} | {what} | {mb:.1} | {wire} | {ms:.1} | {algbw:.2} | {busbw:.2} | {through:.2} |"
     );
 }
 
@@ -100,12 +125,20 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-/// Median over iterations of the slowest rank's time, in ms.
+/// Median over iterations of the slowest rank's time, in ms, from line
+/// `line` of each client's output.
 fn slowest_per_iteration(outputs: &[String]) -> f64 {
+    slowest_on_line(outputs, 0)
+}
+
+fn slowest_on_line(outputs: &[String], line: usize) -> f64 {
     let per_rank: Vec<Vec<f64>> = outputs
         .iter()
         .map(|o| {
-            o.split_whitespace()
+            o.lines()
+                .nth(line)
+                .expect("client timing line")
+                .split_whitespace()
                 .map(|v| v.parse().expect("client timing"))
                 .collect()
         })
@@ -142,21 +175,23 @@ async fn spawn_clients(world: usize, args: impl Fn(usize) -> Vec<String>) -> Vec
     outputs
 }
 
+/// Median ms of the D all-reduce, the G all-reduce and both, slowest rank per step.
 async fn through_coordinator(
     world: usize,
-    elems: usize,
+    image_size: usize,
     iters: usize,
     format: &str,
     unix: bool,
-) -> f64 {
+) -> [f64; 3] {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let mut address = format!("http://{}", listener.local_addr().expect("address"));
     let socket_dir = tempfile::tempdir().expect("socket folder");
-    let mut cfg = config(iters, format);
+    let store = format!("file://{}", socket_dir.path().join("store").display());
+    let mut cfg = config(image_size, iters, format, &store);
     cfg.output.dir = socket_dir.path().to_path_buf();
     let unix = unix.then(|| {
         let bound =
-            coordinator::run::bind_unix(&socket_dir.path().join("c.sock")).expect("unix socket");
+            coordinator::server::bind_unix(&socket_dir.path().join("c.sock")).expect("unix socket");
         address = format!("unix://{}", bound.1.display());
         bound
     });
@@ -184,9 +219,10 @@ async fn through_coordinator(
             "client",
             &address,
             &rank.to_string(),
-            &elems.to_string(),
+            &image_size.to_string(),
             &iters.to_string(),
             format,
+            &store,
         ]
         .map(String::from)
         .to_vec()
@@ -196,48 +232,69 @@ async fn through_coordinator(
         .await
         .expect("coordinator task")
         .expect("coordinator run");
-    slowest_per_iteration(&outputs)
+    [0, 1, 2].map(|line| slowest_on_line(&outputs, line))
 }
 
 async fn client(args: &[String]) {
-    let (address, rank, elems, iters, format) = (
+    let (address, rank, image_size, iters, format, store) = (
         &args[0],
-        args[1].parse::<i32>().unwrap(),
+        args[1].parse::<usize>().unwrap(),
         args[2].parse().unwrap(),
         args[3].parse().unwrap(),
         &args[4],
+        &args[5],
     );
-    let cfg = config(iters, format);
-    let request = session::join_request(&cfg, TOKEN, Some(rank as usize), 0, "bench".into());
-    let (joined, mut session, _) = session::rendezvous(address, request, &cfg)
+    let cfg = config(image_size, iters, format, store);
+    let token = Token::new(TOKEN).expect("token");
+    let request = session::join_request(&cfg, Some(rank), 0, "bench".into());
+    let (joined, mut session, _) = session::rendezvous(address, &token, request, &cfg)
         .await
         .expect("join");
-    let grads: Vec<f32> = (0..elems)
-        .map(|i| (rank as f32 + 1.0) + (i % 7) as f32)
-        .collect();
-    let expected: Vec<f32> = (0..elems)
-        .map(|i| (joined.world_size as f32 + 1.0) / 2.0 + (i % 7) as f32)
-        .collect();
-    let mut times = Vec::new();
-    for i in 0..iters + WARMUP {
-        let step = 2 * i as u64;
-        session
-            .all_reduce(step, Net::Generator, &[0.0])
-            .await
-            .expect("barrier");
+    let gradient = |elems: u64| -> (Vec<f32>, Vec<f32>) {
+        let mine = (0..elems)
+            .map(|i| (rank as f32 + 1.0) + (i % 7) as f32)
+            .collect();
+        let mean = (0..elems)
+            .map(|i| (joined.world_size as f32 + 1.0) / 2.0 + (i % 7) as f32)
+            .collect();
+        (mine, mean)
+    };
+    let (d, d_mean) = gradient(cfg.model.discriminator_params());
+    let (g, g_mean) = gradient(cfg.model.generator_params());
+    let mut times: [Vec<String>; 3] = Default::default();
+    for step in 0..(iters + WARMUP) as u64 {
         let started = Instant::now();
-        let mean = session
-            .all_reduce(step + 1, Net::Discriminator, &grads)
+        let reduced = session
+            .all_reduce(step, Net::Discriminator, &d)
             .await
-            .expect("all-reduce");
-        let ms = started.elapsed().as_secs_f64() * 1e3;
-        assert!(mean == expected, "rank {rank}: wrong mean");
-        if i >= WARMUP {
-            times.push(ms.to_string());
+            .expect("D all-reduce");
+        let d_ms = started.elapsed().as_secs_f64() * 1e3;
+        assert!(reduced.mean == d_mean, "rank {rank}: wrong D mean");
+        let reduced = session
+            .all_reduce(step, Net::Generator, &g)
+            .await
+            .expect("G all-reduce");
+        let step_ms = started.elapsed().as_secs_f64() * 1e3;
+        assert!(reduced.mean == g_mean, "rank {rank}: wrong G mean");
+        if rank == 0 {
+            answer_checkpoint(&mut session, &cfg, step).await;
+        }
+        let report = pb::StepReport {
+            step,
+            checksum: 1,
+            ..Default::default()
+        };
+        session.report(report).await.expect("report");
+        if step >= WARMUP as u64 {
+            for (column, ms) in times.iter_mut().zip([d_ms, step_ms - d_ms, step_ms]) {
+                column.push(ms.to_string());
+            }
         }
     }
     session.finish(cfg.train.steps).await.expect("finish");
-    println!("{}", times.join(" "));
+    for column in times {
+        println!("{}", column.join(" "));
+    }
 }
 
 async fn raw_star(world: usize, bytes: usize, iters: usize) -> f64 {

@@ -1,64 +1,208 @@
-//! The streaming all-reduce: chunk by chunk, in rank order.
+//! The streaming all-reduce: chunk by chunk, in rank order, one gradient
+//! at a time.
 //!
 //! Each worker streams its flat gradient in chunks. As soon as chunk `k`
 //! has arrived from all `N` workers it is summed **in rank order** (so the
 //! bits do not depend on who was faster), divided by `N`, and sent back to
 //! everyone, while later chunks may still be in flight. Reduction runs on
-//! tokio's blocking pool so it never stalls the reactor; memory holds at
-//! most one gradient's chunks per worker, because a worker cannot start the
-//! next gradient before it has the mean of the current one.
+//! tokio's blocking pool so it never stalls the reactor.
+//!
+//! Members are trusted to be workers, not to be correct. The group reduces
+//! exactly one gradient at a time, in training order (step s's
+//! discriminator, then its generator, then step s+1's discriminator…), and
+//! its shape is known in advance from the model configuration: a chunk for
+//! any other step or network, of another shape or format, with a payload
+//! that does not match its header, or sent twice, is refused and blamed on
+//! its sender. So memory holds at most one gradient's chunks per worker,
+//! whatever a member sends. A mean that is not finite (NaN, Inf, overflow)
+//! is handled as `allreduce.nonfinite` says, naming the ranks that sent it.
 //!
 //! The first reduced chunk of each step's generator gradient is preceded
 //! by the [`Schedule`]'s decision for that step (checkpoint, stop), so every
 //! worker receives it before it can finish the step.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use common::Config;
+use common::config::NonFinite;
 use common::pb::{self, coordinator_message};
-use common::wire::{self, WireError, WireFormat};
+use common::wire::{self, Chunking, WireError, WireFormat};
+use tracing::warn;
 
-use crate::peers::Peers;
+use crate::peers::{NotReading, Peers};
 use crate::schedule::Schedule;
 
-/// Identifies one chunk of one gradient.
-type Key = (u64, i32, u32);
-
-/// Contributions to one chunk so far.
-struct Slot {
-    header: pb::GradChunk,
-    parts: Vec<Option<Bytes>>,
-    arrived: usize,
+/// The size and chunking of both networks' gradients, known from the model
+/// configuration before any worker says anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Element encoding every chunk must use.
+    pub format: WireFormat,
+    /// The discriminator's gradient.
+    pub discriminator: Chunking,
+    /// The generator's gradient.
+    pub generator: Chunking,
 }
 
-/// A worker sent a chunk the reducer cannot accept.
+impl Shape {
+    /// The gradients of `cfg`'s model, chunked as `cfg.allreduce` says.
+    pub fn of(cfg: &Config) -> Self {
+        let (format, bytes) = (cfg.allreduce.wire, cfg.allreduce.chunk_bytes);
+        let chunking = |elems: u64| Chunking::new(elems as usize, bytes, format);
+        Self {
+            format,
+            discriminator: chunking(cfg.model.discriminator_params()),
+            generator: chunking(cfg.model.generator_params()),
+        }
+    }
+
+    fn of_net(&self, net: pb::Net) -> Chunking {
+        match net {
+            pb::Net::Generator => self.generator,
+            _ => self.discriminator,
+        }
+    }
+}
+
+/// A worker sent a chunk the reducer cannot accept. The sender is at fault.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ChunkError {
-    /// The format field is not one we know.
-    #[error("unknown wire format {0}")]
-    Format(i32),
+    /// Not the configured wire format.
+    #[error("sent a chunk in wire format {got} but allreduce.wire is {expected:?}")]
+    Format {
+        /// The format field as sent.
+        got: i32,
+        /// The configured format.
+        expected: WireFormat,
+    },
+    /// A chunk of another gradient than the one being reduced.
+    #[error(
+        "sent a chunk of the {net:?} gradient of step {step} while the group reduces the \
+         {expected_net:?} gradient of step {expected_step}"
+    )]
+    Unexpected {
+        /// Step as sent.
+        step: u64,
+        /// Network as sent.
+        net: pb::Net,
+        /// The step being reduced.
+        expected_step: u64,
+        /// The network being reduced.
+        expected_net: pb::Net,
+    },
+    /// A gradient for a step the run does not train.
+    #[error("sent a gradient for step {step}, but the group trains steps before {last} only")]
+    PastTheEnd {
+        /// Step as sent.
+        step: u64,
+        /// The step count the group trains to.
+        last: u64,
+    },
+    /// The header disagrees with the model's gradient.
+    #[error(
+        "declared the {net:?} gradient as {total} elements in {count} chunks, but it has \
+         {expected_total} elements in {expected_count} chunks (model and allreduce settings)"
+    )]
+    Shape {
+        /// Which network.
+        net: pb::Net,
+        /// Elements as declared.
+        total: u64,
+        /// Chunks as declared.
+        count: u32,
+        /// The model's element count.
+        expected_total: usize,
+        /// The chunk count that follows.
+        expected_count: usize,
+    },
+    /// An index outside the gradient.
+    #[error("sent chunk {index} of a gradient of {count} chunks")]
+    Index {
+        /// Index as sent.
+        index: u32,
+        /// Chunks in the gradient.
+        count: usize,
+    },
+    /// The payload does not match the header.
+    #[error("chunk {index} of step {step}: {source}")]
+    Length {
+        /// Chunk index.
+        index: u32,
+        /// Step.
+        step: u64,
+        /// Sizes.
+        source: WireError,
+    },
     /// Same rank sent the same chunk twice.
-    #[error("chunk {index} of step {step} sent twice")]
+    #[error("sent chunk {index} of step {step} twice")]
     Duplicate {
         /// Chunk index.
         index: u32,
         /// Step.
         step: u64,
     },
-    /// Ranks disagree on the gradient's shape or encoding.
-    #[error(
-        "chunk {index} of step {step} disagrees with rank 0's header (count, length or format)"
-    )]
-    Mismatch {
-        /// Chunk index.
-        index: u32,
-        /// Step.
-        step: u64,
-    },
-    /// The payload does not match the header.
+}
+
+/// Why a chunk could not be reduced.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The sender broke the protocol.
     #[error(transparent)]
-    Wire(#[from] WireError),
+    Chunk(#[from] ChunkError),
+    /// A member did not take the reduced chunk.
+    #[error(transparent)]
+    NotReading(#[from] NotReading),
+    /// The mean is not finite and the policy is to halt.
+    #[error("the {net:?} gradient of step {step} is not finite: {culprits}")]
+    NonFinite {
+        /// The step.
+        step: u64,
+        /// The network.
+        net: pb::Net,
+        /// Who sent NaN/Inf.
+        culprits: String,
+    },
+}
+
+/// The gradient being reduced and its chunks so far.
+struct Gradient {
+    step: u64,
+    net: pb::Net,
+    chunking: Chunking,
+    /// Chunks some ranks sent, by index: one part per rank.
+    slots: HashMap<u32, Vec<Option<Bytes>>>,
+    /// Chunks already reduced and broadcast.
+    done: Vec<bool>,
+    reduced: usize,
+    /// A part was not finite and the policy is to skip.
+    skip: bool,
+}
+
+impl Gradient {
+    fn new(step: u64, net: pb::Net, shape: &Shape) -> Self {
+        let chunking = shape.of_net(net);
+        Self {
+            step,
+            net,
+            chunking,
+            slots: HashMap::new(),
+            done: vec![false; chunking.count()],
+            reduced: 0,
+            skip: false,
+        }
+    }
+
+    /// The gradient the group reduces after this one.
+    fn next(&self, shape: &Shape) -> Self {
+        match self.net {
+            pb::Net::Discriminator => Self::new(self.step, pb::Net::Generator, shape),
+            _ => Self::new(self.step + 1, pb::Net::Discriminator, shape),
+        }
+    }
 }
 
 /// Collects chunks from all ranks and broadcasts each mean as it completes.
@@ -66,90 +210,218 @@ pub struct Reducer {
     world: usize,
     peers: Arc<Peers>,
     schedule: Arc<Schedule>,
-    pending: Mutex<HashMap<Key, Slot>>,
+    shape: Shape,
+    nonfinite: NonFinite,
+    current: Mutex<Gradient>,
+    skipped: AtomicU64,
 }
 
 impl Reducer {
     /// A reducer for `world` ranks answering through `peers`, announcing
-    /// `schedule`'s decisions.
-    pub fn new(world: usize, peers: Arc<Peers>, schedule: Arc<Schedule>) -> Self {
+    /// `schedule`'s decisions, expecting gradients of `shape` from
+    /// `first_step` on, treating non-finite means as `nonfinite` says.
+    pub fn new(
+        world: usize,
+        peers: Arc<Peers>,
+        schedule: Arc<Schedule>,
+        shape: Shape,
+        first_step: u64,
+        nonfinite: NonFinite,
+    ) -> Self {
         Self {
             world,
             peers,
             schedule,
-            pending: Mutex::new(HashMap::new()),
+            shape,
+            nonfinite,
+            current: Mutex::new(Gradient::new(first_step, pb::Net::Discriminator, &shape)),
+            skipped: AtomicU64::new(0),
         }
     }
 
     /// Accepts `rank`'s contribution; when it completes the chunk, reduces
     /// and broadcasts it before returning.
-    pub async fn submit(&self, rank: usize, mut chunk: pb::GradChunk) -> Result<(), ChunkError> {
-        let format = format_of(chunk.format)?;
+    pub async fn submit(&self, rank: usize, mut chunk: pb::GradChunk) -> Result<(), SubmitError> {
         let data = std::mem::take(&mut chunk.data);
-        let complete = {
-            let mut pending = self.pending.lock().expect("reducer lock");
-            let key = (chunk.step, chunk.net, chunk.index);
-            let slot = pending.entry(key).or_insert_with(|| Slot {
-                header: chunk.clone(),
-                parts: vec![None; self.world],
-                arrived: 0,
-            });
-            let h = &slot.header;
-            if (h.count, h.total_elems, h.format) != (chunk.count, chunk.total_elems, chunk.format)
-            {
-                return Err(ChunkError::Mismatch {
-                    index: chunk.index,
-                    step: chunk.step,
-                });
-            }
-            if slot.parts[rank].replace(data).is_some() {
-                return Err(ChunkError::Duplicate {
-                    index: chunk.index,
-                    step: chunk.step,
-                });
-            }
-            slot.arrived += 1;
-            (slot.arrived == self.world).then(|| pending.remove(&key).expect("slot present"))
+        let Some(parts) = self.accept(rank, &chunk, data)? else {
+            return Ok(());
         };
-        let Some(slot) = complete else { return Ok(()) };
-        let parts: Vec<Bytes> = slot
-            .parts
-            .into_iter()
-            .map(|p| p.expect("all ranks arrived"))
-            .collect();
-        let world = self.world;
-        let mean = tokio::task::spawn_blocking(move || wire::mean(&parts, format, world))
+        let (format, world) = (self.shape.format, self.world);
+        let reduce = {
+            let parts = parts.clone();
+            move || wire::mean(&parts, format, world)
+        };
+        let mean = tokio::task::spawn_blocking(reduce)
             .await
-            .expect("reduction task panicked")?;
-        let reduced = pb::GradChunk {
-            data: mean,
-            ..slot.header
+            .expect("reduction task panicked")
+            .expect("parts were checked against the shape");
+        let skip = match mean.finite {
+            true => self.current.lock().expect("reducer lock").skip,
+            false => self.non_finite(&chunk, &parts)?,
         };
-        if reduced.net == pb::Net::Generator as i32
-            && reduced.index == 0
-            && let Some(control) = self.schedule.control(reduced.step)
+        self.finish_chunk(&chunk);
+        let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
+        if net == pb::Net::Generator
+            && chunk.index == 0
+            && let Some(control) = self.schedule.control(chunk.step)
         {
             self.peers
                 .broadcast(coordinator_message::Kind::Control(control))
-                .await;
+                .await?;
         }
+        let reduced = pb::GradChunk {
+            data: mean.bytes,
+            skip,
+            ..chunk
+        };
         self.peers
             .broadcast(coordinator_message::Kind::Chunk(reduced))
-            .await;
+            .await?;
         Ok(())
     }
 
-    /// What the all-reduce is waiting for, if a chunk is in flight.
+    /// Checks `chunk` against the gradient being reduced and files its
+    /// payload; returns every rank's part when it completes the chunk.
+    fn accept(
+        &self,
+        rank: usize,
+        chunk: &pb::GradChunk,
+        data: Bytes,
+    ) -> Result<Option<Vec<Bytes>>, ChunkError> {
+        let mut current = self.current.lock().expect("reducer lock");
+        let g = &mut *current;
+        let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
+        if (chunk.step, net) != (g.step, g.net) {
+            return Err(ChunkError::Unexpected {
+                step: chunk.step,
+                net,
+                expected_step: g.step,
+                expected_net: g.net,
+            });
+        }
+        if !self.schedule.trains(chunk.step) {
+            return Err(ChunkError::PastTheEnd {
+                step: chunk.step,
+                last: self.schedule.final_step(),
+            });
+        }
+        if chunk.format != wire_format(self.shape.format) as i32 {
+            return Err(ChunkError::Format {
+                got: chunk.format,
+                expected: self.shape.format,
+            });
+        }
+        let chunking = g.chunking;
+        if chunk.total_elems != chunking.total as u64 || chunk.count as usize != chunking.count() {
+            return Err(ChunkError::Shape {
+                net,
+                total: chunk.total_elems,
+                count: chunk.count,
+                expected_total: chunking.total,
+                expected_count: chunking.count(),
+            });
+        }
+        let index = chunk.index;
+        let Some(&done) = g.done.get(index as usize) else {
+            return Err(ChunkError::Index {
+                index,
+                count: chunking.count(),
+            });
+        };
+        let elems = chunking.range(index as usize).len();
+        let expected = elems * self.shape.format.width();
+        if data.len() != expected {
+            return Err(ChunkError::Length {
+                index,
+                step: chunk.step,
+                source: WireError {
+                    bytes: data.len(),
+                    expected,
+                    elems,
+                    format: self.shape.format,
+                },
+            });
+        }
+        let world = self.world;
+        let slot = g.slots.entry(index).or_insert_with(|| vec![None; world]);
+        if done || slot[rank].is_some() {
+            return Err(ChunkError::Duplicate {
+                index,
+                step: chunk.step,
+            });
+        }
+        slot[rank] = Some(data);
+        if slot.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let parts = g.slots.remove(&index).expect("slot present");
+        g.done[index as usize] = true;
+        Ok(Some(parts.into_iter().flatten().collect()))
+    }
+
+    /// A mean with NaN or Inf in it: halts the group, or marks the gradient
+    /// skipped on every rank, naming who sent what.
+    fn non_finite(&self, chunk: &pb::GradChunk, parts: &[Bytes]) -> Result<bool, SubmitError> {
+        let ranks: Vec<usize> = (0..parts.len())
+            .filter(|&r| !wire::finite(&parts[r], self.shape.format))
+            .collect();
+        let culprits = match ranks.is_empty() {
+            true => "every part is finite but their sum overflows".to_string(),
+            false => format!("rank(s) {ranks:?} sent NaN or Inf"),
+        };
+        let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
+        if self.nonfinite == NonFinite::Halt {
+            return Err(SubmitError::NonFinite {
+                step: chunk.step,
+                net,
+                culprits,
+            });
+        }
+        let mut current = self.current.lock().expect("reducer lock");
+        if !std::mem::replace(&mut current.skip, true) {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            warn!(step = chunk.step, ?net, %culprits,
+                "a gradient is not finite: every rank skips this optimizer step (allreduce.nonfinite = skip)");
+        }
+        Ok(true)
+    }
+
+    /// Counts a reduced chunk; the last one moves the group to the next gradient.
+    fn finish_chunk(&self, chunk: &pb::GradChunk) {
+        let mut current = self.current.lock().expect("reducer lock");
+        debug_assert_eq!(current.step, chunk.step);
+        current.reduced += 1;
+        if current.reduced == current.chunking.count() {
+            *current = current.next(&self.shape);
+        }
+    }
+
+    /// Gradient updates skipped because they were not finite.
+    pub fn skipped(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
+    }
+
+    /// Steps whose both gradients are reduced: every report up to this
+    /// step (exclusive) may have been sent.
+    pub fn steps_reduced(&self) -> u64 {
+        self.current.lock().expect("reducer lock").step
+    }
+
+    /// What the all-reduce is waiting for, once some rank sent a chunk of
+    /// the current gradient.
     pub fn waiting(&self) -> Option<Waiting> {
-        let pending = self.pending.lock().expect("reducer lock");
-        let (&(step, net, index), slot) = pending.iter().min_by_key(|(key, _)| **key)?;
+        let current = self.current.lock().expect("reducer lock");
+        let index = (0..current.done.len()).find(|&i| !current.done[i])?;
+        let ranks = match current.slots.get(&(index as u32)) {
+            Some(parts) => (0..self.world).filter(|&r| parts[r].is_none()).collect(),
+            None if current.reduced > 0 || !current.slots.is_empty() => (0..self.world).collect(),
+            None => return None,
+        };
         Some(Waiting {
-            step,
-            net: pb::Net::try_from(net).unwrap_or(pb::Net::Unspecified),
-            index,
-            ranks: (0..self.world)
-                .filter(|&r| slot.parts[r].is_none())
-                .collect(),
+            step: current.step,
+            net: current.net,
+            index: index as u32,
+            ranks,
         })
     }
 }
@@ -178,50 +450,167 @@ impl std::fmt::Display for Waiting {
     }
 }
 
-fn format_of(value: i32) -> Result<WireFormat, ChunkError> {
-    match pb::WireFormat::try_from(value) {
-        Ok(pb::WireFormat::F32) => Ok(WireFormat::F32),
-        Ok(pb::WireFormat::Bf16) => Ok(WireFormat::Bf16),
-        _ => Err(ChunkError::Format(value)),
-    }
+fn wire_format(format: WireFormat) -> pb::WireFormat {
+    common::session::wire_format(format)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use common::config::ModelConfig;
 
-    fn chunk(step: u64, net: pb::Net, index: u32) -> pb::GradChunk {
+    const WORLD: usize = 3;
+
+    /// A discriminator gradient of 10 elements in chunks of 4 (4, 4, 2) and
+    /// a generator gradient of 5 (4, 1).
+    fn shape() -> Shape {
+        Shape {
+            format: WireFormat::F32,
+            discriminator: Chunking::new(10, 16, WireFormat::F32),
+            generator: Chunking::new(5, 16, WireFormat::F32),
+        }
+    }
+
+    fn reducer(policy: NonFinite) -> Reducer {
+        Reducer::new(
+            WORLD,
+            Arc::new(Peers::new(WORLD, std::time::Duration::from_secs(1))),
+            Arc::new(Schedule::new(0, 10)),
+            shape(),
+            4,
+            policy,
+        )
+    }
+
+    fn chunk(step: u64, net: pb::Net, index: u32, values: &[f32]) -> pb::GradChunk {
+        let chunking = shape().of_net(net);
         pb::GradChunk {
             step,
             net: net as i32,
             index,
-            count: 2,
-            total_elems: 2,
+            count: chunking.count() as u32,
+            total_elems: chunking.total as u64,
             format: pb::WireFormat::F32 as i32,
-            data: wire::encode(&[1.0], WireFormat::F32),
+            data: wire::encode(values, WireFormat::F32),
+            skip: false,
         }
+    }
+
+    fn d(index: u32) -> pb::GradChunk {
+        chunk(4, pb::Net::Discriminator, index, &[1.0; 4])
     }
 
     #[tokio::test]
     async fn waiting_names_the_oldest_chunk_and_who_has_not_sent_it() {
-        let reducer = Reducer::new(3, Arc::new(Peers::new(3)), Arc::new(Schedule::new(0, 10)));
-        assert_eq!(reducer.waiting(), None);
-        reducer
-            .submit(2, chunk(4, pb::Net::Generator, 0))
-            .await
-            .unwrap();
-        reducer
-            .submit(0, chunk(4, pb::Net::Discriminator, 1))
-            .await
-            .unwrap();
-        reducer
-            .submit(2, chunk(4, pb::Net::Discriminator, 1))
-            .await
-            .unwrap();
+        let reducer = reducer(NonFinite::Halt);
+        assert_eq!(reducer.waiting(), None, "nobody sent anything yet");
+        reducer.submit(2, d(1)).await.unwrap();
+        reducer.submit(0, d(0)).await.unwrap();
+        reducer.submit(2, d(0)).await.unwrap();
         let waiting = reducer.waiting().unwrap();
         assert_eq!(
             (waiting.step, waiting.net, waiting.index, waiting.ranks),
-            (4, pb::Net::Discriminator, 1, vec![1])
+            (4, pb::Net::Discriminator, 0, vec![1])
         );
+    }
+
+    #[tokio::test]
+    async fn the_group_moves_from_d_to_g_to_the_next_step_once_each_is_reduced() {
+        async fn all(reducer: &Reducer, net: pb::Net, lengths: &[usize]) {
+            for rank in 0..WORLD {
+                for (index, &len) in lengths.iter().enumerate() {
+                    let c = chunk(4, net, index as u32, &[1.0; 4][..len]);
+                    reducer.submit(rank, c).await.unwrap();
+                }
+            }
+        }
+        let reducer = reducer(NonFinite::Halt);
+        all(&reducer, pb::Net::Discriminator, &[4, 4, 2]).await;
+        assert_eq!(reducer.steps_reduced(), 4);
+        all(&reducer, pb::Net::Generator, &[4, 1]).await;
+        assert_eq!(reducer.steps_reduced(), 5, "step 4 is fully reduced");
+    }
+
+    #[tokio::test]
+    async fn chunks_of_other_gradients_shapes_or_lengths_are_blamed_on_their_sender() {
+        let reducer = reducer(NonFinite::Halt);
+        let refuse = |c: pb::GradChunk| async {
+            match reducer.submit(1, c).await {
+                Err(SubmitError::Chunk(e)) => e.to_string(),
+                other => panic!("accepted: {other:?}"),
+            }
+        };
+        let future = chunk(9, pb::Net::Discriminator, 0, &[1.0; 4]);
+        assert!(
+            refuse(future)
+                .await
+                .contains("step 9 while the group reduces")
+        );
+        let generator_early = chunk(4, pb::Net::Generator, 0, &[1.0; 4]);
+        assert!(
+            refuse(generator_early)
+                .await
+                .contains("Generator gradient of step 4")
+        );
+        let mut wrong_total = d(0);
+        wrong_total.total_elems = 1 << 40;
+        assert!(
+            refuse(wrong_total)
+                .await
+                .contains("has 10 elements in 3 chunks")
+        );
+        assert!(
+            refuse(chunk(4, pb::Net::Discriminator, 7, &[1.0; 4]))
+                .await
+                .contains("chunk 7")
+        );
+        let short = chunk(4, pb::Net::Discriminator, 0, &[1.0, 2.0]);
+        assert!(refuse(short).await.contains("holds 8 bytes, expected 16"));
+        let mut bf16 = d(0);
+        bf16.format = pb::WireFormat::Bf16 as i32;
+        assert!(refuse(bf16).await.contains("wire format"));
+        reducer.submit(1, d(0)).await.unwrap();
+        assert!(refuse(d(0)).await.contains("twice"));
+        assert_eq!(
+            reducer.waiting().unwrap().ranks,
+            vec![0, 2],
+            "nothing else was filed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_nan_halts_naming_the_rank_or_is_skipped_and_counted() {
+        let poisoned = |index| chunk(4, pb::Net::Discriminator, index, &[1.0, f32::NAN, 1.0, 1.0]);
+        let halting = reducer(NonFinite::Halt);
+        halting.submit(0, d(0)).await.unwrap();
+        halting.submit(1, poisoned(0)).await.unwrap();
+        match halting.submit(2, d(0)).await {
+            Err(SubmitError::NonFinite {
+                culprits, step: 4, ..
+            }) => {
+                assert_eq!(culprits, "rank(s) [1] sent NaN or Inf")
+            }
+            other => panic!("{other:?}"),
+        }
+        let skipping = reducer(NonFinite::Skip);
+        for rank in 0..WORLD {
+            let c = if rank == 2 { poisoned(0) } else { d(0) };
+            skipping.submit(rank, c).await.unwrap();
+        }
+        assert_eq!(skipping.skipped(), 1);
+    }
+
+    #[test]
+    fn the_shape_is_the_models_parameter_count() {
+        let cfg = Config {
+            model: ModelConfig {
+                image_size: 64,
+                ..ModelConfig::default()
+            },
+            ..Config::default()
+        };
+        let shape = Shape::of(&cfg);
+        assert_eq!(shape.discriminator.total, 2_765_568);
+        assert_eq!(shape.generator.total, 3_576_704);
     }
 }

@@ -1,12 +1,19 @@
-//! Why a run stops: each variant names the worker or step at fault and
-//! what to do about it.
+//! Why a run stops, nested by who must act: a [`GroupFailure`] lies with
+//! the workers of one generation (local mode may start a new one), the
+//! other variants with the settings, the store or the operator.
 
 use std::path::PathBuf;
+
+use common::auth::TokenError;
+use common::tls::TlsError;
 
 /// Why a coordinator run failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CoordinatorError {
+    /// The group failed through one of its workers.
+    #[error(transparent)]
+    Group(#[from] GroupFailure),
     /// Not all workers joined in time.
     #[error(
         "only {joined} of {expected} workers joined within {seconds} s (joined: {hosts}; missing ranks: {missing:?}); \
@@ -17,57 +24,12 @@ pub enum CoordinatorError {
         expected: usize,
         /// Workers that joined.
         joined: usize,
-        /// Their hosts.
+        /// Their hosts, escaped.
         hosts: String,
         /// Ranks nobody took.
         missing: Vec<usize>,
         /// The timeout.
         seconds: u64,
-    },
-    /// A worker's stream ended or failed before it finished.
-    #[error("worker rank {rank} was lost during training: {reason}")]
-    WorkerLost {
-        /// Its rank.
-        rank: usize,
-        /// What happened.
-        reason: String,
-    },
-    /// A locally launched worker process exited with an error.
-    #[error(
-        "worker rank {rank} exited with {status}; its log lines above are prefixed [rank {rank}]"
-    )]
-    WorkerExited {
-        /// Its rank.
-        rank: usize,
-        /// The exit status.
-        status: String,
-    },
-    /// No step completed within the step timeout, though every worker
-    /// still heartbeats: a training thread hangs.
-    #[error(
-        "no step completed for {seconds} s after {done} steps (coordinator.step_timeout_s): {waiting}; \
-         a worker's training is stuck (a hung GPU, a deadlock) while its process still heartbeats. \
-         Restart the run to resume from the latest checkpoint, or raise coordinator.step_timeout_s \
-         if steps are really this slow"
-    )]
-    Stalled {
-        /// The timeout.
-        seconds: u64,
-        /// Steps completed so far.
-        done: u64,
-        /// What the all-reduce waits for.
-        waiting: String,
-    },
-    /// Replicas no longer hold identical parameters.
-    #[error("{0}")]
-    Diverged(#[from] crate::reports::Divergence),
-    /// A worker broke the protocol (bad chunk, wrong step...).
-    #[error("worker rank {rank} broke the protocol: {message}")]
-    Protocol {
-        /// Its rank.
-        rank: usize,
-        /// What was wrong.
-        message: String,
     },
     /// The worker binary is not where local mode looks for it.
     #[error(
@@ -85,6 +47,12 @@ pub enum CoordinatorError {
     /// External mode needs a shared secret.
     #[error("--external needs a token: set GANCLUSTER_TOKEN for the coordinator and every worker")]
     MissingToken,
+    /// The shared secret cannot be used.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The TLS settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// The listen address could not be bound.
     #[error("cannot listen on {address}: {source} (set coordinator.listen)")]
     Listen {
@@ -170,19 +138,90 @@ pub enum CoordinatorError {
     Interrupted,
 }
 
-impl CoordinatorError {
-    /// Whether the failure lies with a worker of the group (crashed, lost,
-    /// silent, hung, diverged, broke the protocol): starting the group again
-    /// from the latest checkpoint may get past it. Settings, the store and
-    /// the operator's own interrupt are not retried.
-    pub fn is_group_failure(&self) -> bool {
-        matches!(
-            self,
-            Self::WorkerLost { .. }
-                | Self::WorkerExited { .. }
-                | Self::Stalled { .. }
-                | Self::Diverged(_)
-                | Self::Protocol { .. }
-        )
+/// A member of the group failed it. Each names the rank at fault (and
+/// the host it joined from, escaped), never another member.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GroupFailure {
+    /// A worker's stream ended, broke or fell silent before it finished.
+    #[error("worker rank {rank} was lost during training: {reason}")]
+    WorkerLost {
+        /// Its rank.
+        rank: usize,
+        /// What happened.
+        reason: String,
+    },
+    /// A locally launched worker process exited with an error.
+    #[error(
+        "worker rank {rank} exited with {status}; its log lines above are prefixed [rank {rank}]"
+    )]
+    WorkerExited {
+        /// Its rank.
+        rank: usize,
+        /// The exit status.
+        status: String,
+    },
+    /// Members joined but did not open their session in time.
+    #[error(
+        "worker rank(s) {ranks:?} joined but did not open their session within {seconds} s \
+         (coordinator.handshake_timeout_s): they crashed or lost their connection right after joining"
+    )]
+    NoSession {
+        /// The ranks without a session.
+        ranks: Vec<usize>,
+        /// The deadline.
+        seconds: u64,
+    },
+    /// No step completed within the step timeout, though every worker
+    /// still heartbeats: a training thread hangs.
+    #[error(
+        "no step completed for {seconds} s after {done} steps (coordinator.step_timeout_s): {waiting}; \
+         a worker's training is stuck (a hung GPU, a deadlock) while its process still heartbeats. \
+         Restart the run to resume from the latest checkpoint, or raise coordinator.step_timeout_s \
+         if steps are really this slow"
+    )]
+    Stalled {
+        /// The timeout.
+        seconds: u64,
+        /// Steps completed so far.
+        done: u64,
+        /// What the all-reduce waits for.
+        waiting: String,
+    },
+    /// Replicas no longer hold identical parameters.
+    #[error("{0}")]
+    Diverged(#[from] crate::reports::Divergence),
+    /// A worker broke the protocol (bad chunk, wrong step...).
+    #[error("worker rank {rank} ({host}) broke the protocol: {message}")]
+    Protocol {
+        /// Its rank.
+        rank: usize,
+        /// The host it joined from, escaped.
+        host: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// Gradients held NaN or Inf and `allreduce.nonfinite` is `halt`.
+    #[error(
+        "the {net:?} gradient of step {step} is not finite: {culprits} (allreduce.nonfinite = halt). \
+         Training has diverged or a device is faulty: lower train.lr, resume from an earlier \
+         checkpoint (--resume-from), or set allreduce.nonfinite = \"skip\" to skip such steps"
+    )]
+    NonFinite {
+        /// The step.
+        step: u64,
+        /// Which network's gradient.
+        net: common::pb::Net,
+        /// Who sent NaN/Inf, or that the sum overflowed.
+        culprits: String,
+    },
+}
+
+impl GroupFailure {
+    /// Whether starting the group again from its latest checkpoint may get
+    /// past this. A non-finite gradient comes back at the same step: the
+    /// replay is exact.
+    pub fn restartable(&self) -> bool {
+        !matches!(self, Self::NonFinite { .. })
     }
 }

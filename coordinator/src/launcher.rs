@@ -15,6 +15,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 
 use crate::CoordinatorError;
+use crate::error::GroupFailure;
 use crate::service::Event;
 
 /// The running worker processes.
@@ -102,7 +103,7 @@ async fn watch_child(
         status = child.wait() => match status {
             Ok(status) if status.success() => {}
             Ok(status) => {
-                let _ = events.send(Event::Failed(CoordinatorError::WorkerExited { rank, status: status.to_string() })).await;
+                let _ = events.send(Event::Failed(GroupFailure::WorkerExited { rank, status: status.to_string() }.into())).await;
             }
             Err(e) => {
                 let _ = events.send(Event::Failed(CoordinatorError::Spawn { rank, source: e })).await;

@@ -6,17 +6,23 @@
 //! burn and stays small.
 
 pub mod allreduce;
+pub mod auth;
+pub mod connections;
 pub mod error;
 pub mod launcher;
 pub mod peers;
 pub mod progress;
+pub mod refusals;
 pub mod rendezvous;
 pub mod reports;
 pub mod resume;
 pub mod run;
 pub mod schedule;
+pub mod server;
 pub mod service;
+pub mod supervise;
 
-pub use error::CoordinatorError;
+pub use error::{CoordinatorError, GroupFailure};
 pub use resume::ResumePolicy;
-pub use run::{Listeners, Mode, Outcome, run, run_on};
+pub use run::{Mode, Outcome, run, run_on};
+pub use server::Listeners;

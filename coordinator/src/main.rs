@@ -42,6 +42,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
+    common::tls::install_crypto();
     let cfg = cli.config.load()?;
     if cli.config.print_config {
         print!("{}", cfg.to_toml()?);
@@ -49,9 +50,12 @@ async fn main() -> anyhow::Result<()> {
     }
     anyhow::ensure!(cli.workers > 0, "--workers must be at least 1");
     let mode = if cli.external {
+        let token = cli.token.ok_or(CoordinatorError::MissingToken)?;
+        // Refused before anything binds: an empty token must never mean "open".
+        common::auth::Token::new(&token).map_err(CoordinatorError::from)?;
         Mode::External {
             workers: cli.workers,
-            token: cli.token.ok_or(CoordinatorError::MissingToken)?,
+            token,
         }
     } else {
         Mode::Local(cli.workers)

@@ -42,39 +42,99 @@ pub struct StepSummary {
     pub allreduce_ms: f64,
 }
 
-/// Collects reports until each step is complete.
+/// A report the coordinator cannot accept; its sender is at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// A report for a step whose gradients are not all reduced yet.
+    #[error(
+        "reported step {step} before its gradients were reduced (the group is at step {reduced})"
+    )]
+    Early {
+        /// Step as sent.
+        step: u64,
+        /// Steps fully reduced.
+        reduced: u64,
+    },
+    /// A second report for the same step, or one for a step already complete.
+    #[error("reported step {0} twice")]
+    Duplicate(u64),
+}
+
+/// Collects reports until each step is complete. Only steps whose
+/// gradients are reduced can be reported, so at most two steps are ever
+/// pending, whatever a member sends.
 pub struct Reports {
     world: usize,
-    pending: Mutex<BTreeMap<u64, Vec<Option<pb::StepReport>>>>,
+    state: Mutex<State>,
+}
+
+struct State {
+    pending: BTreeMap<u64, Vec<Option<pb::StepReport>>>,
+    /// The first step not yet summarised.
+    next: u64,
+    /// The last step each rank reported.
+    last: Vec<Option<u64>>,
 }
 
 impl Reports {
-    /// Reports of `world` ranks.
-    pub fn new(world: usize) -> Self {
+    /// Reports of `world` ranks, from `first_step` on.
+    pub fn new(world: usize, first_step: u64) -> Self {
         Self {
             world,
-            pending: Mutex::new(BTreeMap::new()),
+            state: Mutex::new(State {
+                pending: BTreeMap::new(),
+                next: first_step,
+                last: vec![None; world],
+            }),
         }
     }
 
-    /// Records `rank`'s report; returns the step's summary once all ranks
+    /// Records `rank`'s report, given that steps before `reduced` have all
+    /// their gradients reduced; returns the step's summary once all ranks
     /// reported it, or the divergence their checksums show.
     pub fn add(
         &self,
         rank: usize,
         report: pb::StepReport,
-    ) -> Option<Result<StepSummary, Divergence>> {
-        let mut pending = self.pending.lock().expect("reports lock");
+        reduced: u64,
+    ) -> Result<Option<Result<StepSummary, Divergence>>, ReportError> {
+        let mut state = self.state.lock().expect("reports lock");
         let step = report.step;
-        let slots = pending
-            .entry(step)
-            .or_insert_with(|| vec![None; self.world]);
-        slots[rank] = Some(report);
-        if slots.iter().any(Option::is_none) {
-            return None;
+        if step >= reduced {
+            return Err(ReportError::Early { step, reduced });
         }
-        let reports: Vec<pb::StepReport> = pending.remove(&step)?.into_iter().flatten().collect();
-        Some(summarise(step, &reports))
+        if step < state.next {
+            return Err(ReportError::Duplicate(step));
+        }
+        let world = self.world;
+        let slots = state
+            .pending
+            .entry(step)
+            .or_insert_with(|| vec![None; world]);
+        if slots[rank].is_some() {
+            return Err(ReportError::Duplicate(step));
+        }
+        slots[rank] = Some(report);
+        let complete = slots.iter().all(Option::is_some);
+        state.last[rank] = Some(step);
+        if !complete {
+            return Ok(None);
+        }
+        let reports: Vec<pb::StepReport> = state
+            .pending
+            .remove(&step)
+            .expect("slots present")
+            .into_iter()
+            .flatten()
+            .collect();
+        state.next = step + 1;
+        Ok(Some(summarise(step, &reports)))
+    }
+
+    /// The last step `rank` reported, if any.
+    pub fn last_of(&self, rank: usize) -> Option<u64> {
+        self.state.lock().expect("reports lock").last[rank]
     }
 }
 
@@ -110,19 +170,48 @@ mod tests {
 
     #[test]
     fn a_step_completes_when_every_rank_reported() {
-        let reports = Reports::new(2);
-        assert!(reports.add(1, report(0, 7)).is_none());
-        let summary = reports.add(0, report(0, 7)).unwrap().unwrap();
+        let reports = Reports::new(2, 0);
+        assert!(reports.add(1, report(0, 7), 1).unwrap().is_none());
+        let summary = reports.add(0, report(0, 7), 1).unwrap().unwrap().unwrap();
         assert_eq!((summary.step, summary.images_per_s), (0, 20.0));
+        assert_eq!(reports.last_of(1), Some(0));
     }
 
     #[test]
     fn differing_checksums_are_a_divergence_naming_the_step() {
-        let reports = Reports::new(3);
-        reports.add(0, report(4, 1));
-        reports.add(2, report(4, 1));
-        let err = reports.add(1, report(4, 2)).unwrap().unwrap_err();
+        let reports = Reports::new(3, 4);
+        reports.add(0, report(4, 1), 5).unwrap();
+        reports.add(2, report(4, 1), 5).unwrap();
+        let err = reports
+            .add(1, report(4, 2), 5)
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
         assert_eq!(err.checksums, vec![1, 2, 1]);
         assert!(err.to_string().contains("after step 4"), "{err}");
+    }
+
+    /// Reports for steps not yet trained, or sent twice, are refused: a
+    /// member cannot make the coordinator hold reports for arbitrary steps.
+    #[test]
+    fn early_and_repeated_reports_are_refused() {
+        let reports = Reports::new(2, 0);
+        let early = reports.add(0, report(9, 1), 1).unwrap_err();
+        assert!(
+            early
+                .to_string()
+                .contains("before its gradients were reduced"),
+            "{early}"
+        );
+        reports.add(0, report(0, 1), 1).unwrap();
+        assert!(matches!(
+            reports.add(0, report(0, 1), 1),
+            Err(ReportError::Duplicate(0))
+        ));
+        reports.add(1, report(0, 1), 1).unwrap();
+        assert!(matches!(
+            reports.add(1, report(0, 1), 1),
+            Err(ReportError::Duplicate(0))
+        ));
     }
 }

@@ -22,6 +22,8 @@ struct State {
     stop_requested: bool,
     stop_after: Option<u64>,
     last_checkpoint: Option<u64>,
+    /// Checkpoints asked for that rank 0 has not reported on yet.
+    unanswered: std::collections::BTreeSet<u64>,
 }
 
 impl Schedule {
@@ -54,6 +56,7 @@ impl Schedule {
         }
         if checkpoint {
             state.last_checkpoint = Some(done);
+            state.unanswered.insert(done);
         }
         (checkpoint || stop).then_some(pb::Control {
             step,
@@ -70,6 +73,28 @@ impl Schedule {
     /// Steps done when the group was told to stop early, if it was.
     pub fn stopped_after(&self) -> Option<u64> {
         self.state.lock().expect("schedule lock").stop_after
+    }
+
+    /// The step count the group trains to: `train.steps`, or where a stop
+    /// request ends it.
+    pub fn final_step(&self) -> u64 {
+        self.stopped_after().unwrap_or(self.steps)
+    }
+
+    /// Whether step `step` (0-based) is one the group trains.
+    pub fn trains(&self, step: u64) -> bool {
+        step < self.final_step()
+    }
+
+    /// Takes rank 0's report on checkpoint `step`: true when that
+    /// checkpoint was asked for and not reported on before, so a member
+    /// cannot commit a checkpoint nobody asked for, or one twice.
+    pub fn answer(&self, step: u64) -> bool {
+        self.state
+            .lock()
+            .expect("schedule lock")
+            .unanswered
+            .remove(&step)
     }
 }
 
@@ -93,6 +118,16 @@ mod tests {
         );
         assert_eq!(schedule.last_checkpoint(), Some(10));
         assert_eq!(schedule.stopped_after(), None);
+        assert!(schedule.trains(9) && !schedule.trains(10));
+    }
+
+    #[test]
+    fn only_checkpoints_asked_for_can_be_answered_and_only_once() {
+        let schedule = Schedule::new(4, 10);
+        assert!(!schedule.answer(4), "not asked for yet");
+        decisions(&schedule, 0..4);
+        assert!(!schedule.answer(3) && schedule.answer(4));
+        assert!(!schedule.answer(4), "answered already");
     }
 
     #[test]
@@ -104,5 +139,6 @@ mod tests {
         assert_eq!(decisions(&schedule, 3..4), [(3, true, true)]);
         assert_eq!(schedule.stopped_after(), Some(4));
         assert_eq!(schedule.last_checkpoint(), Some(4));
+        assert!(schedule.trains(3) && !schedule.trains(4));
     }
 }

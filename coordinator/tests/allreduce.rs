@@ -4,28 +4,33 @@
 use std::time::Duration;
 
 use common::Config;
-use common::pb::Net;
+use common::auth::Token;
+use common::pb::{self, Net};
 use common::session;
 use common::wire::{self, WireFormat};
 use coordinator::Mode;
+use gancluster_tests::client::answer_checkpoint;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::net::TcpListener;
 
 const TOKEN: &str = "test-token";
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// Gradient lengths: below, at and above the chunk size, and not multiples of it.
-const SIZES: [usize; 4] = [1, 1000, 4097, 25_001];
-/// 4096 f32 elements or 8192 bf16 elements per chunk.
-const CHUNK_BYTES: usize = 16_384;
+const STEPS: u64 = 3;
+/// 100 f32 elements or 200 bf16 elements per chunk: the tiny model's
+/// gradients (540 and 748 elements) span several chunks, the last partial.
+const CHUNK_BYTES: usize = 400;
 
 fn config(format: WireFormat) -> Config {
     let mut cfg = Config::load_with_env(
         None,
         &[
-            ("train.steps", SIZES.len().to_string()),
-            ("checkpoint.store", "memory://".to_string()),
+            ("train.steps", STEPS.to_string()),
+            ("checkpoint.every", "0".to_string()),
+            ("model.image_size", "16".to_string()),
+            ("model.nz", "8".to_string()),
+            ("model.ngf", "2".to_string()),
+            ("model.ndf", "3".to_string()),
         ],
         Some(Default::default()),
     )
@@ -54,27 +59,44 @@ fn reference(grads: &[Vec<f32>], format: WireFormat) -> Vec<f32> {
     on_the_wire(&acc, format)
 }
 
+/// One rank's gradients: per step, the discriminator's then the generator's.
+type Gradients = Vec<[Vec<f32>; 2]>;
+
 async fn worker(
     address: String,
     cfg: Config,
     rank: usize,
-    grads: Vec<Vec<f32>>,
+    grads: Gradients,
     seed: u64,
-) -> Vec<Vec<f32>> {
+) -> Gradients {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let request = session::join_request(&cfg, TOKEN, Some(rank), 7, format!("test worker {rank}"));
-    let (_, mut session, _) = session::rendezvous(&address, request, &cfg).await.unwrap();
+    let token = Token::new(TOKEN).unwrap();
+    let request = session::join_request(&cfg, Some(rank), 7, format!("test worker {rank}"));
+    let (_, mut session, _) = session::rendezvous(&address, &token, request, &cfg)
+        .await
+        .unwrap();
     let mut results = Vec::new();
-    for (step, g) in grads.iter().enumerate() {
+    for (step, [d, g]) in grads.iter().enumerate() {
+        let step = step as u64;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;
-        results.push(
-            session
-                .all_reduce(step as u64, Net::Discriminator, g)
-                .await
-                .unwrap(),
-        );
+        let d = session
+            .all_reduce(step, Net::Discriminator, d)
+            .await
+            .unwrap();
+        let g = session.all_reduce(step, Net::Generator, g).await.unwrap();
+        assert!(!d.skip && !g.skip);
+        if rank == 0 {
+            answer_checkpoint(&mut session, &cfg, step).await;
+        }
+        results.push([d.mean, g.mean]);
+        let report = pb::StepReport {
+            step,
+            checksum: 1,
+            ..Default::default()
+        };
+        session.report(report).await.unwrap();
     }
-    session.finish(grads.len() as u64).await.unwrap();
+    session.finish(STEPS).await.unwrap();
     results
 }
 
@@ -82,6 +104,7 @@ async fn check(world: usize, format: WireFormat) {
     let out = tempfile::tempdir().unwrap();
     let mut cfg = config(format);
     cfg.output.dir = out.path().to_path_buf();
+    cfg.checkpoint.store = format!("file://{}", out.path().join("store").display());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     let mode = Mode::External {
@@ -104,15 +127,20 @@ async fn check(world: usize, format: WireFormat) {
         std::future::pending,
     ));
 
+    let sizes = [
+        cfg.model.discriminator_params() as usize,
+        cfg.model.generator_params() as usize,
+    ];
     let mut rng = ChaCha8Rng::seed_from_u64(world as u64);
-    let grads: Vec<Vec<Vec<f32>>> = (0..world)
+    let grads: Vec<Gradients> = (0..world)
         .map(|_| {
-            SIZES
-                .iter()
-                .map(|&n| {
-                    (0..n)
-                        .map(|_| rng.random_range(-1e3..1e3f32) * rng.random::<f32>())
-                        .collect()
+            (0..STEPS)
+                .map(|_| {
+                    sizes.map(|n| {
+                        (0..n)
+                            .map(|_| rng.random_range(-1e3..1e3f32) * rng.random::<f32>())
+                            .collect()
+                    })
                 })
                 .collect()
         })
@@ -145,19 +173,21 @@ async fn check(world: usize, format: WireFormat) {
         .unwrap()
         .unwrap();
 
-    for (step, _) in SIZES.iter().enumerate() {
-        let per_rank: Vec<Vec<f32>> = grads.iter().map(|g| g[step].clone()).collect();
-        let expected: Vec<u32> = reference(&per_rank, format)
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
-        for result in &results {
-            let got: Vec<u32> = result[step].iter().map(|v| v.to_bits()).collect();
-            assert!(
-                got == expected,
-                "world {world} {format:?}: step {step} ({} elements) differs",
-                SIZES[step]
-            );
+    for step in 0..STEPS as usize {
+        for net in 0..2 {
+            let per_rank: Vec<Vec<f32>> = grads.iter().map(|g| g[step][net].clone()).collect();
+            let expected: Vec<u32> = reference(&per_rank, format)
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
+            for result in &results {
+                let got: Vec<u32> = result[step][net].iter().map(|v| v.to_bits()).collect();
+                assert!(
+                    got == expected,
+                    "world {world} {format:?}: step {step} net {net} ({} elements) differs",
+                    sizes[net]
+                );
+            }
         }
     }
 }

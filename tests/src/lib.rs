@@ -4,6 +4,8 @@
 //! so a hung or failing test never leaves processes behind. Output is
 //! captured on threads, so a chatty child cannot block on a full pipe.
 
+pub mod certs;
+pub mod client;
 pub mod s3;
 
 use std::io::Read;

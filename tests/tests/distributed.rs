@@ -185,7 +185,7 @@ fn an_external_worker_with_the_wrong_token_is_refused() {
         .args(TINY)
         .env("GANCLUSTER_TOKEN", "wrong");
     let done = run(&mut worker, LIMIT).assert_failure();
-    done.assert_says(&["wrong token"]);
+    done.assert_says(&["wrong or missing token"]);
 }
 
 #[test]

@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
     let pixels = vec![0.1f32; 8 * 3 * 64 * 64];
     let real = Tensor::from_data(TensorData::new(pixels, [8, 3, 64, 64]), &device);
     // One step, so both Adam states hold their moments.
-    trainer.train_step(0, real, &mut LocalReducer)?;
+    trainer.train_step(0, real, &mut LocalReducer::default())?;
     let history: Vec<LossRow> = (0..1000)
         .map(|step| LossRow {
             step,

@@ -12,6 +12,7 @@ use std::time::Instant;
 use anyhow::Context;
 use bytes::Bytes;
 use common::Config;
+use common::auth::Token;
 use common::checkpoint::{self as layout, Checkpoints};
 use common::pb;
 use common::session::{self, Session};
@@ -22,14 +23,15 @@ use tracing::info;
 use crate::backend::{self, TrainBackend};
 use crate::checkpoint::{self, Uploader};
 use crate::params;
-use crate::training::{GradientReducer, Net, Trainer};
+use crate::training::{GradientReducer, Net, Trainer, Update};
 use crate::training_loop::{self, Directive, Replica, Start, StepRecord, StepSync, Summary};
 
 /// Fault injection for tests: `GANCLUSTER_FAULT=<kind>:<rank>:<step>`
 /// makes that rank, after that step, nudge its discriminator (`diverge`,
 /// which the coordinator's checksum comparison must catch), exit abruptly
 /// (`exit`, a worker dying mid-run) or block its training thread forever
-/// while its network runtime keeps heartbeating (`hang`, a stuck GPU).
+/// while its network runtime keeps heartbeating (`hang`, a stuck GPU); or,
+/// during that step, send a NaN in its discriminator gradient (`nan`).
 /// Faults fire in the group's first generation only, so a group the
 /// coordinator restarts runs clean.
 pub const FAULT_ENV: &str = "GANCLUSTER_FAULT";
@@ -40,6 +42,7 @@ enum Fault {
     Diverge(u64),
     Exit(u64),
     Hang(u64),
+    Nan(u64),
 }
 
 /// How to reach and authenticate with the coordinator.
@@ -63,16 +66,15 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         .enable_all()
         .build()
         .context("starting the gRPC runtime")?;
+    let token = Token::new(&connection.token)?;
     let trainer = Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device);
-    let request = session::join_request(
+    let request = session::join_request(cfg, connection.rank, trainer.checksum(), hostname());
+    let (joined, session, start) = runtime.block_on(session::rendezvous(
+        &connection.address,
+        &token,
+        request,
         cfg,
-        &connection.token,
-        connection.rank,
-        trainer.checksum(),
-        hostname(),
-    );
-    let (joined, session, start) =
-        runtime.block_on(session::rendezvous(&connection.address, request, cfg))?;
+    ))?;
     let replica = Replica {
         rank: joined.rank as usize,
         world: joined.world_size as usize,
@@ -176,16 +178,29 @@ impl Remote<'_> {
 }
 
 impl GradientReducer for Remote<'_> {
-    fn reduce(&mut self, step: u64, net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>> {
-        let net = match net {
+    fn reduce(&mut self, step: u64, net: Net, mut grads: Vec<f32>) -> anyhow::Result<Update> {
+        let wire_net = match net {
             Net::Discriminator => pb::Net::Discriminator,
             Net::Generator => pb::Net::Generator,
         };
+        if self.fault == Some(Fault::Nan(step)) && net == Net::Discriminator {
+            tracing::warn!(step, "{FAULT_ENV}: sending a NaN in this rank's gradient");
+            grads[0] = f32::NAN;
+        }
         let started = Instant::now();
         let runtime = self.runtime;
-        let mean = runtime.block_on(self.session().all_reduce(step, net, &grads))?;
+        let reduced = runtime.block_on(self.session().all_reduce(step, wire_net, &grads))?;
         self.waited_ms += started.elapsed().as_secs_f64() * 1e3;
-        Ok(mean)
+        if reduced.skip {
+            tracing::warn!(
+                step,
+                ?net,
+                "skipping this optimizer step on every rank: a rank's \
+                gradient held NaN or Inf (allreduce.nonfinite = skip)"
+            );
+            return Ok(Update::Skip);
+        }
+        Ok(Update::Apply(reduced.mean))
     }
 }
 
@@ -260,12 +275,13 @@ fn fault(rank: usize, generation: u64) -> anyhow::Result<Option<Fault>> {
             "diverge" => Fault::Diverge(step),
             "exit" => Fault::Exit(step),
             "hang" => Fault::Hang(step),
+            "nan" => Fault::Nan(step),
             _ => return None,
         };
         Some((fault, r))
     };
     let (fault, r) = parse().with_context(|| {
-        format!("{FAULT_ENV}={value}: expected diverge|exit|hang:<rank>:<step>")
+        format!("{FAULT_ENV}={value}: expected diverge|exit|hang|nan:<rank>:<step>")
     })?;
     Ok((r == rank && generation == 1).then_some(fault))
 }

@@ -148,6 +148,32 @@ mod tests {
     use crate::model::{Discriminator, WeightInit};
     use common::config::ModelConfig;
 
+    /// The coordinator checks every gradient header against the counts the
+    /// configuration computes without burn; they must be the models' own.
+    #[test]
+    fn the_configurations_counts_are_the_flat_gradient_lengths() {
+        use crate::model::Generator;
+        let device = Default::default();
+        for (image_size, nz, ngf, ndf) in [(16, 8, 2, 3), (32, 100, 16, 8), (64, 100, 64, 64)] {
+            let cfg = ModelConfig {
+                image_size,
+                nz,
+                ngf,
+                ndf,
+            };
+            let mut rng = rand::SeedableRng::seed_from_u64(0);
+            let mut init = WeightInit::new(&mut rng, &device);
+            let g = Generator::<B>::new(&cfg, &mut init);
+            let d = Discriminator::<B>::new(&cfg, &mut init);
+            assert_eq!(trainable_len(&g) as u64, cfg.generator_params(), "{cfg:?}");
+            assert_eq!(
+                trainable_len(&d) as u64,
+                cfg.discriminator_params(),
+                "{cfg:?}"
+            );
+        }
+    }
+
     #[test]
     fn flatten_and_unflatten_are_inverse_and_skip_running_stats() {
         let device = Default::default();

@@ -17,7 +17,7 @@ pub fn run(cfg: &Config, eval_images: usize) -> anyhow::Result<Summary> {
         cfg,
         Replica::ALONE,
         &mut trainer,
-        &mut LocalReducer,
+        &mut LocalReducer::new(cfg.allreduce.nonfinite),
         eval_images,
         Start::default(),
     )

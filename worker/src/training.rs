@@ -15,7 +15,7 @@ use burn::record::{FullPrecisionSettings, NamedMpkBytesRecorder, Recorder};
 use burn::tensor::activation::relu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
-use common::config::{ModelConfig, TrainConfig};
+use common::config::{ModelConfig, NonFinite, TrainConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -32,18 +32,55 @@ pub enum Net {
     Generator,
 }
 
-/// Turns this replica's flat gradient into the one every replica applies.
-pub trait GradientReducer {
-    /// Returns the gradient to apply for `net` at `step`, e.g. the mean over all workers.
-    fn reduce(&mut self, step: u64, net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>>;
+/// What every replica does with a network's gradient at a step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    /// Apply this gradient (e.g. the mean over all workers) with Adam.
+    Apply(Vec<f32>),
+    /// Leave the network and its optimizer state as they are: the gradient
+    /// was not finite and `allreduce.nonfinite` is `skip`.
+    Skip,
 }
 
-/// Single-process training: the local gradient is the global one.
-pub struct LocalReducer;
+/// Turns this replica's flat gradient into the update every replica applies.
+pub trait GradientReducer {
+    /// The update for `net` at `step`, e.g. the mean over all workers.
+    fn reduce(&mut self, step: u64, net: Net, grads: Vec<f32>) -> anyhow::Result<Update>;
+}
+
+/// Single-process training: the local gradient is the global one, under
+/// the same non-finite policy the coordinator applies to a group.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalReducer {
+    nonfinite: NonFinite,
+}
+
+impl LocalReducer {
+    /// A reducer that treats a NaN or Inf in a gradient as `policy` says.
+    pub fn new(policy: NonFinite) -> Self {
+        Self { nonfinite: policy }
+    }
+}
 
 impl GradientReducer for LocalReducer {
-    fn reduce(&mut self, _step: u64, _net: Net, grads: Vec<f32>) -> anyhow::Result<Vec<f32>> {
-        Ok(grads)
+    fn reduce(&mut self, step: u64, net: Net, grads: Vec<f32>) -> anyhow::Result<Update> {
+        if grads.iter().all(|g| g.is_finite()) {
+            return Ok(Update::Apply(grads));
+        }
+        match self.nonfinite {
+            NonFinite::Halt => anyhow::bail!(
+                "the {net:?} gradient of step {step} holds NaN or Inf (allreduce.nonfinite = halt): \
+                 training has diverged; lower train.lr or resume from an earlier checkpoint"
+            ),
+            NonFinite::Skip => {
+                tracing::warn!(
+                    step,
+                    ?net,
+                    "skipping an optimizer step: its gradient holds NaN or Inf"
+                );
+                Ok(Update::Skip)
+            }
+        }
     }
 }
 
@@ -213,12 +250,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         let fake = self.generate(z); // [batch, 3, size, size], tracked for the G step
 
         let (d_grads, d_out) = self.discriminator_step(real, fake.clone().detach());
-        let d_grads = reducer.reduce(step, Net::Discriminator, d_grads)?;
-        self.apply_discriminator(&d_grads);
+        if let Update::Apply(d_grads) = reducer.reduce(step, Net::Discriminator, d_grads)? {
+            self.apply_discriminator(&d_grads);
+        }
 
         let (g_grads, g_loss) = self.generator_step(fake);
-        let g_grads = reducer.reduce(step, Net::Generator, g_grads)?;
-        self.apply_generator(&g_grads);
+        if let Update::Apply(g_grads) = reducer.reduce(step, Net::Generator, g_grads)? {
+            self.apply_generator(&g_grads);
+        }
 
         Ok(StepLosses { g_loss, ..d_out })
     }
@@ -411,7 +450,7 @@ mod tests {
             let mut t = Trainer::<B>::new(&model, &train, &device);
             (0..3)
                 .map(|step| {
-                    t.train_step(step, real_batch(&device), &mut LocalReducer)
+                    t.train_step(step, real_batch(&device), &mut LocalReducer::default())
                         .unwrap()
                 })
                 .map(|l| (l.d_loss.to_bits(), l.g_loss.to_bits()))
@@ -430,7 +469,7 @@ mod tests {
         let mut original = Trainer::<B>::new(&model, &train, &device);
         for step in 0..2 {
             original
-                .train_step(step, real_batch(&device), &mut LocalReducer)
+                .train_step(step, real_batch(&device), &mut LocalReducer::default())
                 .unwrap();
         }
         let other_seed = TrainConfig {
@@ -447,10 +486,10 @@ mod tests {
         let mut restored = restored;
         for step in 2..4 {
             let a = original
-                .train_step(step, real_batch(&device), &mut LocalReducer)
+                .train_step(step, real_batch(&device), &mut LocalReducer::default())
                 .unwrap();
             let b = restored
-                .train_step(step, real_batch(&device), &mut LocalReducer)
+                .train_step(step, real_batch(&device), &mut LocalReducer::default())
                 .unwrap();
             assert_eq!(a.d_loss.to_bits(), b.d_loss.to_bits());
         }
@@ -481,8 +520,8 @@ mod tests {
     fn reducer_output_is_what_gets_applied() {
         struct Scale(f32);
         impl GradientReducer for Scale {
-            fn reduce(&mut self, _: u64, _: Net, g: Vec<f32>) -> anyhow::Result<Vec<f32>> {
-                Ok(g.into_iter().map(|x| x * self.0).collect())
+            fn reduce(&mut self, _: u64, _: Net, g: Vec<f32>) -> anyhow::Result<Update> {
+                Ok(Update::Apply(g.into_iter().map(|x| x * self.0).collect()))
             }
         }
         let device = Default::default();
@@ -495,9 +534,9 @@ mod tests {
         };
         let local = {
             let mut t = Trainer::<B>::new(&model, &train, &device);
-            t.train_step(0, real_batch(&device), &mut LocalReducer)
+            t.train_step(0, real_batch(&device), &mut LocalReducer::default())
                 .unwrap();
-            t.train_step(0, real_batch(&device), &mut LocalReducer)
+            t.train_step(0, real_batch(&device), &mut LocalReducer::default())
                 .unwrap()
                 .d_loss
         };

@@ -44,7 +44,11 @@ fn short_training_lowers_swd_against_held_out_faces() {
     for step in 0..STEPS {
         let batch = loader.next_batch().unwrap();
         trainer
-            .train_step(step, to_tensor(batch, SIZE, &device), &mut LocalReducer)
+            .train_step(
+                step,
+                to_tensor(batch, SIZE, &device),
+                &mut LocalReducer::default(),
+            )
             .unwrap();
     }
     let trained = swd_against_held_out(&trainer, &cfg, EVAL_IMAGES).unwrap();

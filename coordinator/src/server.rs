@@ -1,0 +1,235 @@
+//! Serving one generation's gRPC: where (TCP, plus a Unix socket in local
+//! mode), how (TLS, limits, keepalive, the token check), and a shutdown
+//! that is bounded whatever the peers do.
+//!
+//! tonic's graceful shutdown waits for every connection to close on its
+//! own, which a frozen worker, a client that never reads or a health
+//! checker holding a socket would never do. Here the servers stop
+//! accepting and say goodbye, then wait at most `coordinator.shutdown_grace_s`;
+//! whatever is still connected is cut, and the log says who.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Config;
+use common::auth::Token;
+use common::config::{
+    CONNECTION_WINDOW_BYTES, MAX_CHUNK_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
+};
+use common::pb::coordinator_server::CoordinatorServer;
+use common::pb::rendezvous_server::RendezvousServer;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tracing::{info, warn};
+
+use crate::CoordinatorError;
+use crate::auth::Authenticator;
+use crate::connections::Gate;
+use crate::refusals::Refusals;
+use crate::service::{Group, RendezvousService, SessionService};
+
+/// Largest Join message: a join request is a few hundred bytes, and only
+/// an authenticated member's Session may carry large gradient chunks.
+pub const JOIN_MESSAGE_BYTES: usize = 16 << 10;
+
+/// HTTP/2 streams one connection may have open at once: a worker needs two
+/// (Join, then Session).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 8;
+
+/// How long cut connections get to notice before the coordinator moves on.
+const CUT_WAIT: Duration = Duration::from_secs(2);
+
+/// The Unix socket's name inside the output folder.
+pub const SOCKET_FILE: &str = "coordinator.sock";
+
+/// Where the coordinator serves gRPC.
+pub struct Listeners {
+    /// Always: `coordinator.listen`, for workers on other machines.
+    pub tcp: TcpListener,
+    /// Local mode: a Unix domain socket the local workers use instead,
+    /// which skips the TCP stack.
+    pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Listeners {
+    /// Binds `coordinator.listen`, plus `<output.dir>/coordinator.sock` when `unix`.
+    pub async fn bind(cfg: &Config, unix: bool) -> Result<Self, CoordinatorError> {
+        let listen = &cfg.coordinator.listen;
+        let tcp = TcpListener::bind(listen)
+            .await
+            .map_err(|source| CoordinatorError::Listen {
+                address: listen.clone(),
+                source,
+            })?;
+        let unix = match unix {
+            true => Some(bind_unix(&cfg.output.dir.join(SOCKET_FILE))?),
+            false => None,
+        };
+        Ok(Self { tcp, unix })
+    }
+}
+
+/// Binds a Unix socket at `path`, replacing a stale one from an earlier run.
+pub fn bind_unix(path: &Path) -> Result<(UnixListener, PathBuf), CoordinatorError> {
+    let fail = |source| CoordinatorError::Listen {
+        address: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(fail(e));
+    }
+    Ok((UnixListener::bind(path).map_err(fail)?, path.to_path_buf()))
+}
+
+/// The running servers of one generation.
+pub struct Servers {
+    tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    stop: watch::Sender<bool>,
+    gate: Arc<Gate>,
+    socket: Option<PathBuf>,
+    grace: Duration,
+}
+
+impl Servers {
+    /// Serves `group` on `listeners` as `cfg` says, admitting callers that
+    /// present `token`. Returns the servers and the address local workers
+    /// dial (the Unix socket when there is one, else the TCP address).
+    pub fn start(
+        listeners: Listeners,
+        cfg: &Config,
+        group: Arc<Group>,
+        token: Token,
+        refusals: Arc<Refusals>,
+    ) -> Result<(Self, String), CoordinatorError> {
+        let co = &cfg.coordinator;
+        let gate = Gate::new(
+            co.max_connections,
+            Duration::from_secs(co.handshake_timeout_s),
+            refusals.clone(),
+        );
+        let auth = Authenticator::new(token, refusals);
+        let join = InterceptedService::new(
+            RendezvousServer::new(RendezvousService::new(group.clone()))
+                .max_decoding_message_size(JOIN_MESSAGE_BYTES),
+            auth.clone(),
+        );
+        let session = InterceptedService::new(
+            CoordinatorServer::new(SessionService::new(group))
+                .max_decoding_message_size(MAX_CHUNK_BYTES)
+                .max_encoding_message_size(MAX_CHUNK_BYTES),
+            auth,
+        );
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let address = listeners
+            .tcp
+            .local_addr()
+            .map_err(|source| CoordinatorError::Listen {
+                address: co.listen.clone(),
+                source,
+            })?;
+        let tls = common::tls::server(&cfg.tls)?;
+        if tls.is_none() && !address.ip().is_loopback() {
+            warn!(%address, "serving without TLS on a non-loopback address: the token and gradients \
+                cross the network in clear (set tls.server_cert and tls.server_key)");
+        }
+        let mut tcp_server = builder(cfg);
+        if let Some(tls) = tls {
+            tcp_server = tcp_server.tls_config(tls)?;
+        }
+        // Set on each accepted socket: the builder's own nodelay applies only to
+        // listeners it binds itself. Without it small chunks wait on Nagle.
+        let tcp = gate.guard(TcpIncoming::from(listeners.tcp).with_nodelay(Some(true)));
+        let mut tasks = vec![tokio::spawn(
+            tcp_server
+                .add_service(join.clone())
+                .add_service(session.clone())
+                .serve_with_incoming_shutdown(tcp, until_stopped(stopped.clone())),
+        )];
+        let scheme = if cfg.tls.serves() { "https" } else { "http" };
+        info!(%address, tls = cfg.tls.serves(), "coordinator listening");
+        let mut local = format!("{scheme}://{address}");
+        let socket = listeners.unix.map(|(unix, path)| {
+            let unix = gate.guard(UnixListenerStream::new(unix));
+            tasks.push(tokio::spawn(
+                builder(cfg)
+                    .add_service(join)
+                    .add_service(session)
+                    .serve_with_incoming_shutdown(unix, until_stopped(stopped)),
+            ));
+            info!(socket = %path.display(), "local workers connect through a Unix socket");
+            local = format!("{}{}", common::session::UNIX_SCHEME, path.display());
+            path
+        });
+        let servers = Self {
+            tasks,
+            stop,
+            gate,
+            socket,
+            grace: Duration::from_secs(co.shutdown_grace_s),
+        };
+        Ok((servers, local))
+    }
+
+    /// Stops accepting, lets members hang up for the grace period, then
+    /// cuts every connection still open, naming who it cut.
+    pub async fn shutdown(self) -> Result<(), CoordinatorError> {
+        self.stop.send_replace(true);
+        let mut all = Box::pin(futures::future::join_all(self.tasks));
+        let results = match tokio::time::timeout(self.grace, &mut all).await {
+            Ok(results) => Some(results),
+            Err(_) => {
+                let peers = self.gate.peers();
+                warn!(
+                    open = peers.len(),
+                    peers = ?&peers[..peers.len().min(16)],
+                    grace_s = self.grace.as_secs(),
+                    "closing connections still open after the shutdown grace period \
+                     (coordinator.shutdown_grace_s)"
+                );
+                self.gate.cut();
+                tokio::time::timeout(CUT_WAIT, &mut all).await.ok()
+            }
+        };
+        if let Some(path) = &self.socket {
+            // Nothing listens on it any more; a stale file would only confuse.
+            let _ = std::fs::remove_file(path);
+        }
+        let Some(results) = results else {
+            warn!("the gRPC servers did not stop after their connections were cut; leaving them");
+            return Ok(());
+        };
+        for result in results {
+            if let Ok(Err(e)) = result {
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A gRPC server with flow-control windows sized for gradient streams,
+/// bounded streams per connection, and keepalive pings that find peers
+/// which vanished without closing their sockets.
+fn builder(cfg: &Config) -> tonic::transport::Server {
+    let co = &cfg.coordinator;
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(co.heartbeat_interval_s)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(co.heartbeat_timeout_s)))
+}
