@@ -20,8 +20,9 @@ check-cuda:
 
 # Images/s of one DCGAN iteration on the CPU backend next to PyTorch's CPU anchor.
 bench-step:
-    cargo bench -p worker --bench step -- 64 64 64 4
-    cargo bench -p worker --bench step -- 32 16 64 10
+    cargo build --release -p worker
+    target/release/worker bench --image-size 64 --ngf 64 --ndf 64 --batch-size 64 --iters 4 --warmup 2
+    target/release/worker bench --image-size 32 --ngf 16 --ndf 16 --batch-size 64 --iters 10 --warmup 2
     python3 ../shared/bench/dcgan_torch_step.py 64 64 4 2 cpu 64
     python3 ../shared/bench/dcgan_torch_step.py 32 16 10 2 cpu 64
 
@@ -34,3 +35,15 @@ bench-allreduce:
 # Checkpoint write/read time (local S3 server and file://) and training stall
 bench-checkpoint:
     cargo bench -p worker --bench checkpoint -- 5
+
+# What a lent GPU machine runs: build .gpu/ here (CUDA + CPU release builds).
+gpu-build:
+    scripts/gpu-build.sh
+
+# The GPU check rehearsed on this machine's CPU build at tiny sizes.
+gpu-rehearse:
+    cargo build --release -p worker -p coordinator
+    mkdir -p target/gpu-rehearsal/bin target/gpu-rehearsal/cpu
+    cp target/release/worker target/release/coordinator target/gpu-rehearsal/bin/
+    cp target/release/worker target/gpu-rehearsal/cpu/
+    OUT=target/gpu-rehearsal/out GPU_BIN=target/gpu-rehearsal scripts/gpu-check.sh --cpu

@@ -59,6 +59,133 @@ pub type TrainBackend = Autodiff<Inner>;
 /// The device of the selected backend.
 pub type Device = burn::tensor::Device<Inner>;
 
+/// An amount of memory and what it counts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Memory {
+    /// Bytes.
+    pub bytes: u64,
+    /// `device_reserved` (the GPU memory pool's reservation) or `peak_rss`
+    /// (the CPU process's resident high-water mark, tensors and all).
+    pub kind: &'static str,
+}
+
+impl Memory {
+    /// In MiB.
+    pub fn mb(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64
+    }
+}
+
+/// Tracks the most memory the backend held, sampled between steps.
+pub struct MemoryWatch {
+    peak: Option<Memory>,
+    #[cfg(feature = "cuda")]
+    device: Device,
+}
+
+impl MemoryWatch {
+    /// Watches `device`.
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+    pub fn new(device: &Device) -> Self {
+        Self {
+            peak: None,
+            #[cfg(feature = "cuda")]
+            device: device.clone(),
+        }
+    }
+
+    /// Takes one sample.
+    pub fn sample(&mut self) {
+        if let Some(now) = self.current()
+            && self.peak.is_none_or(|p| now.bytes > p.bytes)
+        {
+            self.peak = Some(now);
+        }
+    }
+
+    /// The largest sample, if the backend tells.
+    pub fn peak(&self) -> Option<Memory> {
+        self.peak
+    }
+
+    #[cfg(feature = "cuda")]
+    fn current(&self) -> Option<Memory> {
+        use cubecl::Runtime;
+        let client = cubecl::cuda::CudaRuntime::client(&self.device);
+        let usage = client.memory_usage().ok()?;
+        Some(Memory {
+            bytes: usage.bytes_reserved,
+            kind: "device_reserved",
+        })
+    }
+
+    /// The kernel's high-water mark is already a peak: sampling keeps it.
+    #[cfg(not(feature = "cuda"))]
+    fn current(&self) -> Option<Memory> {
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(Memory {
+            bytes: kb * 1024,
+            kind: "peak_rss",
+        })
+    }
+}
+
+/// What the backend computes on, for benchmark lines: the GPU's name, or
+/// the CPU model.
+pub fn device_name() -> String {
+    #[cfg(feature = "cuda")]
+    return cuda_device_name().unwrap_or_else(|e| format!("unknown CUDA device ({e})"));
+    #[cfg(not(feature = "cuda"))]
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// Device 0's name from the driver API (`cuDeviceGetName`), which the
+/// process has loaded anyway.
+#[cfg(feature = "cuda")]
+fn cuda_device_name() -> Result<String, String> {
+    use std::ffi::{CStr, c_char, c_int, c_uint};
+    type Init = unsafe extern "C" fn(c_uint) -> c_int;
+    type Get = unsafe extern "C" fn(*mut c_int, c_int) -> c_int;
+    type Name = unsafe extern "C" fn(*mut c_char, c_int, c_int) -> c_int;
+    // SAFETY: libcuda's documented entry points with their C signatures;
+    // the name buffer outlives the call and its length is passed along.
+    unsafe {
+        let lib = libloading::Library::new("libcuda.so.1").map_err(|e| e.to_string())?;
+        let init: libloading::Symbol<Init> = lib.get(b"cuInit").map_err(|e| e.to_string())?;
+        let get: libloading::Symbol<Get> = lib.get(b"cuDeviceGet").map_err(|e| e.to_string())?;
+        let name: libloading::Symbol<Name> =
+            lib.get(b"cuDeviceGetName").map_err(|e| e.to_string())?;
+        let mut device = 0;
+        let mut buffer = [0 as c_char; 256];
+        match (init(0), get(&mut device, 0)) {
+            (0, 0) => {}
+            codes => return Err(format!("driver error codes {codes:?}")),
+        }
+        match name(buffer.as_mut_ptr(), buffer.len() as c_int, device) {
+            0 => Ok(CStr::from_ptr(buffer.as_ptr())
+                .to_string_lossy()
+                .into_owned()),
+            code => Err(format!("cuDeviceGetName returned {code}")),
+        }
+    }
+}
+
 /// The device to train on, after checking it can actually be used.
 ///
 /// burn's CUDA runtime panics on a background thread when `libcuda` is

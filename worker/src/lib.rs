@@ -3,6 +3,8 @@
 //! data-parallel group.
 
 pub mod backend;
+pub mod bench;
+pub mod check_backend;
 pub mod checkpoint;
 pub mod data;
 pub mod distributed;

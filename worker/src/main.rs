@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use common::cli::ConfigArgs;
 use common::logging::{self, LogFormat};
+use worker::bench::{self, BenchArgs};
+use worker::check_backend::{Comparison, Trajectory};
 use worker::data::{ImageSource, synthetic};
 use worker::{distributed, standalone, swd};
 
@@ -37,6 +39,11 @@ enum Command {
         #[arg(long, default_value_t = 42)]
         seed: u64,
     },
+    /// Time the training step on this build's backend; prints a RESULT line.
+    Bench(BenchArgs),
+    /// Train K steps standalone and print the loss trajectory and parameter
+    /// checksum; with --against, compare with another build's run.
+    CheckBackend(Box<CheckArgs>),
     /// Sliced Wasserstein Distance (ProGAN) between two image folders.
     Swd {
         /// First folder (e.g. generated images).
@@ -82,6 +89,16 @@ struct TrainArgs {
     config: ConfigArgs,
 }
 
+#[derive(Args)]
+struct CheckArgs {
+    /// Output folder of another build's `check-backend` run with the same
+    /// flags: compare with it and fail beyond the documented tolerance.
+    #[arg(long)]
+    against: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(cli.log_format);
@@ -93,6 +110,21 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(count, root = %out.display(), "wrote synthetic CelebA-layout data set");
             Ok(())
         }
+        Command::Bench(args) => {
+            let result = bench::run(&args)?;
+            let libraries = bench::gpu_libraries();
+            println!(
+                "LIBS {}",
+                if libraries.is_empty() {
+                    "none".into()
+                } else {
+                    libraries.join(" ")
+                }
+            );
+            println!("{result}");
+            Ok(())
+        }
+        Command::CheckBackend(args) => check_backend(*args),
         Command::Swd {
             a,
             b,
@@ -139,6 +171,26 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(swd) = summary.swd {
         tracing::info!(%swd, "SWD x1e3 against held-out images");
     }
+    Ok(())
+}
+
+fn check_backend(args: CheckArgs) -> anyhow::Result<()> {
+    let cfg = args.config.load()?;
+    standalone::run(&cfg, 0)?;
+    let mine = Trajectory::read(&cfg.output.dir)?;
+    for line in mine.lines() {
+        println!("{line}");
+    }
+    let Some(other) = args.against else {
+        return Ok(());
+    };
+    let comparison = Comparison::of(&mine, &Trajectory::read(&other)?)?;
+    println!("{comparison}");
+    anyhow::ensure!(
+        comparison.passes(),
+        "this build's training differs from {}'s beyond the tolerance",
+        other.display()
+    );
     Ok(())
 }
 
