@@ -146,6 +146,20 @@ pub enum CheckpointError {
     },
 }
 
+impl CheckpointError {
+    /// Whether the checkpoint is verifiably not in the store (as opposed to
+    /// the store not answering).
+    pub fn is_absent(&self) -> bool {
+        match self {
+            Self::Store(e) => {
+                e.is_not_found() || e.failure() == Some(crate::store::Failure::NoBucket)
+            }
+            Self::Manifest { .. } | Self::Absent { .. } | Self::Corrupt { .. } => true,
+            _ => false,
+        }
+    }
+}
+
 /// A verified checkpoint: every object matched its manifest entry.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {

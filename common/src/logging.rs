@@ -45,3 +45,14 @@ pub fn init(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
     }
 }
+
+/// Says why the process is about to fail, once: a plain `Error:` line
+/// (causes the message already says are left out) for people, an `ERROR`
+/// event for log collectors.
+pub fn failure(format: LogFormat, error: &(dyn std::error::Error + 'static)) {
+    let message = crate::report::render(error);
+    match format {
+        LogFormat::Human => eprintln!("Error: {message}"),
+        LogFormat::Json => tracing::error!(error = %message, "failed"),
+    }
+}

@@ -33,6 +33,9 @@ use crate::wire::{self, Chunking, WireError, WireFormat};
 /// Messages a worker may have queued towards the coordinator.
 const OUTBOUND_QUEUE: usize = 16;
 
+/// How long a failing worker waits for the coordinator to take its reason.
+pub const FAREWELL: Duration = Duration::from_secs(5);
+
 /// What can end a worker's conversation with the coordinator.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -59,8 +62,13 @@ pub enum SessionError {
         source: tonic::transport::Error,
     },
     /// The coordinator refused this worker at join (token, version, config).
-    #[error("the coordinator refused this worker: {0}")]
-    Refused(String),
+    #[error("the coordinator refused this worker: {message}")]
+    Refused {
+        /// The status code: why, in one word.
+        code: tonic::Code,
+        /// The coordinator's message, escaped.
+        message: String,
+    },
     /// The coordinator answered a call with an error.
     #[error("the coordinator stream failed: {0}")]
     Stream(String),
@@ -86,6 +94,25 @@ pub enum SessionError {
     /// The TLS settings cannot be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+}
+
+impl SessionError {
+    /// Whether running this worker again cannot help: the coordinator
+    /// refused it for its token, protocol or configuration, or its TLS
+    /// settings are unusable. A taken rank or a lost connection may clear.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Refused { code, .. } => matches!(
+                code,
+                tonic::Code::Unauthenticated
+                    | tonic::Code::FailedPrecondition
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::PermissionDenied
+            ),
+            Self::Address { .. } | Self::Tls(_) => true,
+            _ => false,
+        }
+    }
 }
 
 impl From<tonic::Status> for SessionError {
@@ -212,7 +239,10 @@ pub async fn join(
         .map(tonic::Response::into_inner)
         .map_err(|status| match std::error::Error::source(&status) {
             Some(cause) => SessionError::Disconnected(cause.to_string()),
-            None => SessionError::Refused(shown_message(status.message())),
+            None => SessionError::Refused {
+                code: status.code(),
+                message: shown_message(status.message()),
+            },
         })
 }
 
@@ -414,6 +444,26 @@ impl Session {
             ))),
             Some(Err(status)) => Err(status.into()),
         }
+    }
+
+    /// Tells the coordinator this worker cannot go on and why, then waits
+    /// (at most [`FAREWELL`]) for it to end the session, so the message is
+    /// delivered before the process exits.
+    pub async fn fail(mut self, reason: String, permanent: bool) {
+        let failure = pb::Failure { reason, permanent };
+        if self
+            .send(worker_message::Kind::Failure(failure))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        drop(self.heartbeat);
+        drop(self.outbound);
+        let _ = tokio::time::timeout(FAREWELL, async {
+            while let Some(Ok(_)) = self.inbound.next().await {}
+        })
+        .await;
     }
 
     async fn send(&self, kind: worker_message::Kind) -> Result<(), SessionError> {

@@ -14,11 +14,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
+use object_store::ClientOptions;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{BackoffConfig, ObjectStore, ObjectStoreExt, RetryConfig, WriteMultipart};
+use object_store::{
+    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, RetryConfig, UpdateVersion,
+    WriteMultipart,
+};
 
 use crate::config::CheckpointConfig;
 
@@ -34,6 +38,8 @@ const PARTS_IN_FLIGHT: usize = 4;
 const INIT_BACKOFF: Duration = Duration::from_millis(500);
 /// Longest wait between two retries.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long the start-up check waits for the store, without retrying.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A store operation that failed, naming the store and the key.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +54,7 @@ pub enum StoreError {
         reason: String,
     },
     /// The store answered a request with an error (after retries).
-    #[error("{operation} `{key}` in {store}: {message}{hint}")]
+    #[error("{operation} `{key}` in {store}: {kind}: {message}")]
     Request {
         /// Bucket and endpoint, or folder.
         store: String,
@@ -56,25 +62,121 @@ pub enum StoreError {
         operation: &'static str,
         /// The key, relative to the store's root.
         key: String,
-        /// The store's error, with any credential scrubbed out.
+        /// The store's error and its causes, with any credential scrubbed out.
         message: String,
-        /// What to do about it, when we can tell.
-        hint: &'static str,
-        /// The object does not exist.
-        not_found: bool,
+        /// What kind of failure it is, and what to do about it.
+        kind: Failure,
     },
+}
+
+/// What kind of failure a store request met, read off the error and its
+/// causes, so the message says what to fix and a start-up check knows
+/// which failures waiting cannot cure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Failure {
+    /// The object does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The server refused the credentials.
+    #[error(
+        "the server refused the credentials: check checkpoint.s3.access_key_id and \
+         checkpoint.s3.secret_access_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    )]
+    Credentials,
+    /// The bucket does not exist.
+    #[error("the bucket does not exist: create it or fix checkpoint.store")]
+    NoBucket,
+    /// Nothing listens at the endpoint.
+    #[error(
+        "connection refused: nothing listens at checkpoint.s3.endpoint's host and port \
+         (is the server running, and is the port right?)"
+    )]
+    Refused,
+    /// The endpoint's host name does not resolve.
+    #[error("the endpoint's host name does not resolve: check checkpoint.s3.endpoint")]
+    Dns,
+    /// TLS failed: a plain-HTTP server dialled with https://, or an untrusted certificate.
+    #[error(
+        "the TLS handshake failed: if the server speaks plain HTTP, write http:// in \
+         checkpoint.s3.endpoint and set checkpoint.s3.allow_http = true; otherwise its \
+         certificate is not trusted by this machine"
+    )]
+    Tls,
+    /// The endpoint did not answer in time.
+    #[error("the endpoint did not answer in time")]
+    Timeout,
+    /// Anything else.
+    #[error("request failed")]
+    Other,
+}
+
+impl Failure {
+    /// Reads the kind of failure off an error and the text of its causes.
+    fn of(err: &object_store::Error, text: &str) -> Self {
+        let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+        // Connection failures first: their text holds the URL, whose port
+        // may well contain "403".
+        if matches!(err, object_store::Error::NotFound { .. }) {
+            Self::NotFound
+        } else if has(&["Connection refused", "ConnectionRefused"]) {
+            Self::Refused
+        } else if has(&[
+            "dns error",
+            "failed to lookup address",
+            "Name or service not known",
+        ]) {
+            Self::Dns
+        } else if has(&[
+            "InvalidContentType",
+            "CorruptMessage",
+            "InvalidCertificate",
+            "tls handshake",
+        ]) {
+            Self::Tls
+        } else if has(&["timed out", "deadline has elapsed"]) {
+            Self::Timeout
+        } else if has(&["NoSuchBucket"]) {
+            Self::NoBucket
+        } else if has(&[
+            "403 Forbidden",
+            "AccessDenied",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+        ]) {
+            Self::Credentials
+        } else {
+            Self::Other
+        }
+    }
+
+    /// Whether waiting or retrying cannot cure it: wrong credentials, a
+    /// missing bucket, an unknown host, a TLS mismatch.
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            Self::Credentials | Self::NoBucket | Self::Dns | Self::Tls
+        )
+    }
 }
 
 impl StoreError {
     /// Whether the failure was a missing object (rather than a broken store).
     pub fn is_not_found(&self) -> bool {
-        matches!(
-            self,
-            Self::Request {
-                not_found: true,
-                ..
-            }
-        )
+        self.failure() == Some(Failure::NotFound)
+    }
+
+    /// The kind of a failed request.
+    pub fn failure(&self) -> Option<Failure> {
+        match self {
+            Self::Request { kind, .. } => Some(*kind),
+            Self::Url { .. } => None,
+        }
+    }
+
+    /// Whether running again cannot get past it.
+    pub fn is_permanent(&self) -> bool {
+        self.failure().is_none_or(Failure::is_permanent)
     }
 }
 
@@ -82,9 +184,27 @@ impl StoreError {
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
+    /// The same store without retries, for the start-up check: a
+    /// misconfiguration must fail in seconds, not after minutes of backoff.
+    probe: Arc<dyn ObjectStore>,
     root: Path,
     description: String,
     secret: Option<String>,
+    /// The folder of a `file://` store.
+    folder: Option<std::path::PathBuf>,
+}
+
+/// The version of an object a conditional write must find.
+#[derive(Debug, Clone)]
+pub struct Version(UpdateVersion);
+
+/// What a conditional write requires of the object it replaces.
+#[derive(Debug, Clone)]
+pub enum Conditional {
+    /// There is none yet.
+    Absent,
+    /// It is still this version.
+    Matches(Version),
 }
 
 impl fmt::Debug for Store {
@@ -113,6 +233,13 @@ impl Store {
                 return Err(bad("no bucket: write s3://bucket/prefix".into()));
             }
             let s3 = &cfg.s3;
+            if s3.endpoint.starts_with("http://") && !s3.allow_http {
+                return Err(bad(format!(
+                    "checkpoint.s3.endpoint {} is plain http:// but checkpoint.s3.allow_http is \
+                     false: set it to true for a plain-HTTP server, or use https://",
+                    s3.endpoint
+                )));
+            }
             let mut builder = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
                 .with_region(&s3.region)
@@ -141,16 +268,35 @@ impl Store {
                 false => Some(s3.secret_access_key.expose().to_string()),
                 true => std::env::var("AWS_SECRET_ACCESS_KEY").ok(),
             };
-            let inner = builder.build().map_err(|e| bad(e.to_string()))?;
+            let probe = builder
+                .clone()
+                .with_retry(RetryConfig {
+                    max_retries: 0,
+                    retry_timeout: PROBE_TIMEOUT,
+                    ..RetryConfig::default()
+                })
+                .with_client_options(
+                    ClientOptions::new()
+                        .with_allow_http(s3.allow_http)
+                        .with_connect_timeout(PROBE_TIMEOUT)
+                        .with_timeout(PROBE_TIMEOUT),
+                )
+                .build()
+                .map_err(|e| bad(crate::report::render(&e)))?;
+            let inner = builder
+                .build()
+                .map_err(|e| bad(crate::report::render(&e)))?;
             let endpoint = match s3.endpoint.as_str() {
                 "" => "AWS".to_string(),
                 e => e.to_string(),
             };
             return Ok(Self {
                 inner: Arc::new(inner),
+                probe: Arc::new(probe),
                 root: Path::from(prefix),
                 description: format!("s3://{bucket}/{prefix} at {endpoint}"),
                 secret: secret.filter(|s| !s.is_empty()),
+                folder: None,
             });
         }
         if let Some(folder) = url.strip_prefix("file://") {
@@ -161,22 +307,29 @@ impl Store {
             }
             std::fs::create_dir_all(folder)
                 .map_err(|e| bad(format!("creating folder {folder}: {e}")))?;
-            let inner = LocalFileSystem::new_with_prefix(folder)
-                .map_err(|e| bad(e.to_string()))?
-                .with_automatic_cleanup(true);
+            let inner: Arc<dyn ObjectStore> = Arc::new(
+                LocalFileSystem::new_with_prefix(folder)
+                    .map_err(|e| bad(e.to_string()))?
+                    .with_automatic_cleanup(true),
+            );
             return Ok(Self {
-                inner: Arc::new(inner),
+                probe: inner.clone(),
+                inner,
                 root: Path::default(),
                 description: format!("folder {folder}"),
                 secret: None,
+                folder: Some(folder.into()),
             });
         }
         if url.starts_with("memory://") {
+            let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
             return Ok(Self {
-                inner: Arc::new(InMemory::new()),
+                probe: inner.clone(),
+                inner,
                 root: Path::default(),
                 description: "memory store".into(),
                 secret: None,
+                folder: None,
             });
         }
         Err(bad("expected s3://, file:// or memory://".into()))
@@ -186,7 +339,7 @@ impl Store {
     /// misconfigured run fails before training rather than at its first
     /// checkpoint.
     pub async fn check(&self) -> Result<(), StoreError> {
-        self.inner
+        self.probe
             .list_with_delimiter(Some(&self.root))
             .await
             .map(|_| ())
@@ -224,6 +377,69 @@ impl Store {
         let fail = |e| self.error("reading", key, e);
         let object = self.inner.get(&self.path(key)).await.map_err(fail)?;
         object.bytes().await.map_err(fail)
+    }
+
+    /// The folder of a `file://` store, where locks are the kernel's.
+    pub fn local_folder(&self) -> Option<&std::path::Path> {
+        self.folder.as_deref()
+    }
+
+    /// Whether leases are kept as objects written with conditional PUTs
+    /// (S3 and memory stores; a folder is locked by the kernel instead).
+    pub fn leases(&self) -> bool {
+        self.folder.is_none()
+    }
+
+    /// Writes `data` at `key` only if the object is as `condition` says:
+    /// `Ok(Err(()))` when it is not (another writer got there first).
+    pub async fn put_if(
+        &self,
+        key: &str,
+        data: Bytes,
+        condition: Conditional,
+    ) -> Result<Result<Version, ()>, StoreError> {
+        let mode = match condition {
+            Conditional::Absent => PutMode::Create,
+            Conditional::Matches(Version(version)) => PutMode::Update(version),
+        };
+        let options = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        match self
+            .inner
+            .put_opts(&self.path(key), data.into(), options)
+            .await
+        {
+            Ok(result) => Ok(Ok(Version(UpdateVersion {
+                e_tag: result.e_tag,
+                version: result.version,
+            }))),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(Err(())),
+            Err(e) => Err(self.error("conditionally writing", key, e)),
+        }
+    }
+
+    /// Reads the object at `key` and the version a conditional write can name.
+    pub async fn get_versioned(&self, key: &str) -> Result<(Bytes, Version), StoreError> {
+        let fail = |e| self.error("reading", key, e);
+        let object = self.inner.get(&self.path(key)).await.map_err(fail)?;
+        let version = Version(UpdateVersion {
+            e_tag: object.meta.e_tag.clone(),
+            version: object.meta.version.clone(),
+        });
+        Ok((object.bytes().await.map_err(fail)?, version))
+    }
+
+    /// Deletes the object at `key`.
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner
+            .delete(&self.path(key))
+            .await
+            .map_err(|e| self.error("deleting", key, e))
     }
 
     /// The size of the object at `key`, without reading it.
@@ -273,34 +489,17 @@ impl Store {
     }
 
     fn error(&self, operation: &'static str, key: &str, err: object_store::Error) -> StoreError {
-        let not_found = matches!(err, object_store::Error::NotFound { .. });
-        let mut message = err.to_string();
+        // The kind is often only in a cause (an io::Error three levels down).
+        let mut message = crate::report::render(&err).replace("\n  caused by: ", ": ");
         if let Some(secret) = &self.secret {
             message = message.replace(secret.as_str(), "***");
         }
-        let refused = [
-            "403",
-            "Forbidden",
-            "InvalidAccessKeyId",
-            "SignatureDoesNotMatch",
-        ]
-        .iter()
-        .any(|needle| message.contains(needle));
-        let hint = if refused {
-            "; the server refused the credentials: check checkpoint.s3.access_key_id and \
-             checkpoint.s3.secret_access_key (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
-        } else if message.contains("NoSuchBucket") {
-            "; the bucket does not exist: create it or fix checkpoint.store"
-        } else {
-            ""
-        };
         StoreError::Request {
             store: self.description.clone(),
             operation,
             key: key.to_string(),
+            kind: Failure::of(&err, &message),
             message,
-            hint,
-            not_found,
         }
     }
 }

@@ -46,7 +46,11 @@ impl fmt::Display for Untrusted<'_> {
         let mut chars = self.text.chars();
         f.write_str("\"")?;
         for c in chars.by_ref().take(self.limit) {
-            write!(f, "{}", c.escape_debug())?;
+            // Apostrophes are harmless inside the double quotes we add.
+            match c {
+                '\'' => f.write_str("'")?,
+                c => write!(f, "{}", c.escape_debug())?,
+            }
         }
         f.write_str("\"")?;
         if chars.next().is_some() {
@@ -97,6 +101,16 @@ mod tests {
         assert!(
             shown.ends_with(&format!("({} bytes in all)", long.len())),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn readable_text_stays_readable() {
+        assert_eq!(shown("CelebA's naïve"), "\"CelebA's naïve\"");
+        assert_eq!(
+            shown("a\u{202e}b"),
+            "\"a\\u{202e}b\"",
+            "a bidi override is escaped"
         );
     }
 

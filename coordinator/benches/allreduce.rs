@@ -190,9 +190,8 @@ async fn through_coordinator(
     let mut cfg = config(image_size, iters, format, &store);
     cfg.output.dir = socket_dir.path().to_path_buf();
     let unix = unix.then(|| {
-        let bound =
-            coordinator::server::bind_unix(&socket_dir.path().join("c.sock")).expect("unix socket");
-        address = format!("unix://{}", bound.1.display());
+        let bound = coordinator::server::LocalSocket::bind(socket_dir.path()).expect("unix socket");
+        address = format!("unix://{}", bound.path.display());
         bound
     });
     let listeners = coordinator::Listeners {
@@ -212,6 +211,7 @@ async fn through_coordinator(
         mode,
         plan,
         1,
+        None,
         std::future::pending,
     ));
     let outputs = spawn_clients(world, |rank| {

@@ -61,8 +61,19 @@ pub enum CoordinatorError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The local workers' Unix socket could not be created.
+    #[error(
+        "cannot create the local workers' socket {path}: {source} (it goes in output.dir, \
+         --out: check that the folder can be created and written)"
+    )]
+    Socket {
+        /// The socket's path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// Saving the effective configuration for the workers failed.
-    #[error("writing {path}: {source}")]
+    #[error("writing {path} (in output.dir, --out): {source}")]
     Output {
         /// The file.
         path: PathBuf,
@@ -133,9 +144,35 @@ pub enum CoordinatorError {
         /// What a rerun resumes from.
         committed: String,
     },
+    /// Another coordinator holds the output folder or the run.
+    #[error(transparent)]
+    Lease(#[from] common::lease::LeaseError),
+    /// The run's lease was lost mid-run: another coordinator may be writing it.
+    #[error("stopped without writing anything more: {0}")]
+    LeaseLost(String),
     /// Stopped by a signal before training finished.
     #[error("interrupted before training finished")]
     Interrupted,
+}
+
+impl CoordinatorError {
+    /// Whether running the coordinator again cannot get past this: the
+    /// settings, the credentials, the run's checkpoints or a worker's own
+    /// configuration or data are wrong. A supervisor should not retry.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::Group(failure) => !failure.restartable(),
+            Self::Store(common::checkpoint::CheckpointError::Store(store)) => store.is_permanent(),
+            Self::MissingToken
+            | Self::Token(_)
+            | Self::Tls(_)
+            | Self::WorkerBinary(_)
+            | Self::RunExists { .. }
+            | Self::ResumeFrom { .. }
+            | Self::DifferentRun { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// A member of the group failed it. Each names the rank at fault (and
@@ -151,15 +188,29 @@ pub enum GroupFailure {
         /// What happened.
         reason: String,
     },
+    /// A worker said why it cannot go on.
+    #[error("worker rank {rank} ({host}) failed: {reason}")]
+    WorkerFailed {
+        /// Its rank.
+        rank: usize,
+        /// The host it joined from, escaped.
+        host: String,
+        /// Its own message, escaped.
+        reason: String,
+        /// Whether a restart would meet the same failure.
+        permanent: bool,
+    },
     /// A locally launched worker process exited with an error.
-    #[error(
-        "worker rank {rank} exited with {status}; its log lines above are prefixed [rank {rank}]"
-    )]
+    #[error("worker rank {rank} exited with {status}: {last_words}")]
     WorkerExited {
         /// Its rank.
         rank: usize,
         /// The exit status.
         status: String,
+        /// Its last error line, or where to look for it.
+        last_words: String,
+        /// It exited with the "cannot be fixed by running again" status.
+        permanent: bool,
     },
     /// Members joined but did not open their session in time.
     #[error(
@@ -222,6 +273,12 @@ impl GroupFailure {
     /// past this. A non-finite gradient comes back at the same step: the
     /// replay is exact.
     pub fn restartable(&self) -> bool {
-        !matches!(self, Self::NonFinite { .. })
+        match self {
+            Self::NonFinite { .. } => false,
+            Self::WorkerFailed { permanent, .. } | Self::WorkerExited { permanent, .. } => {
+                !permanent
+            }
+            _ => true,
+        }
     }
 }

@@ -9,10 +9,14 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use common::untrusted::shown_message;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::CoordinatorError;
 use crate::error::GroupFailure;
@@ -72,11 +76,18 @@ impl Launcher {
                 .process_group(0)
                 .spawn()
                 .map_err(|source| CoordinatorError::Spawn { rank, source })?;
-            forward(child.stdout.take(), rank);
-            forward(child.stderr.take(), rank);
+            let last_words = LastWords::default();
+            let output = [
+                forward(child.stdout.take(), rank, None),
+                forward(child.stderr.take(), rank, Some(last_words.clone())),
+            ];
             watchers.push(tokio::spawn(watch_child(
-                child,
-                rank,
+                Watched {
+                    child,
+                    rank,
+                    output,
+                    last_words,
+                },
                 stop.subscribe(),
                 events.clone(),
             )));
@@ -93,37 +104,125 @@ impl Launcher {
     }
 }
 
-async fn watch_child(
-    mut child: Child,
+/// How long a child's pipes may take to drain once it exited or was killed,
+/// so its last lines (often the reason it failed) are not lost.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// The last `Error:` report a child printed, with its cause lines.
+#[derive(Clone, Default)]
+struct LastWords(Arc<Mutex<Option<String>>>);
+
+impl LastWords {
+    /// Keeps `line` if it starts an error report or continues one.
+    fn hear(&self, line: &str) {
+        let mut words = self.0.lock().expect("last words lock");
+        if line.starts_with("Error: ") {
+            *words = Some(line.to_string());
+        } else if let Some(words) = words.as_mut()
+            && line.starts_with("  caused by: ")
+        {
+            words.push(' ');
+            words.push_str(line.trim_start());
+        }
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().expect("last words lock").clone()
+    }
+}
+
+/// A child and what it says.
+struct Watched {
+    child: Child,
     rank: usize,
+    output: [Option<JoinHandle<()>>; 2],
+    last_words: LastWords,
+}
+
+impl Watched {
+    /// Waits (bounded) until everything the child wrote has been forwarded.
+    async fn drained(&mut self) {
+        for forwarder in self.output.iter_mut().filter_map(Option::take) {
+            let _ = tokio::time::timeout(DRAIN, forwarder).await;
+        }
+    }
+}
+
+async fn watch_child(
+    mut watched: Watched,
     mut stop: watch::Receiver<bool>,
     events: mpsc::Sender<Event>,
 ) {
+    let rank = watched.rank;
     tokio::select! {
-        status = child.wait() => match status {
-            Ok(status) if status.success() => {}
+        status = watched.child.wait() => match status {
+            Ok(status) if status.success() => watched.drained().await,
             Ok(status) => {
-                let _ = events.send(Event::Failed(GroupFailure::WorkerExited { rank, status: status.to_string() }.into())).await;
+                watched.drained().await;
+                let permanent = status.code() == Some(i32::from(common::report::CONFIG));
+                let last_words = watched.last_words.get().map_or_else(
+                    || format!("its log lines above are prefixed [rank {rank}]"),
+                    |words| shown_message(&words),
+                );
+                let failure = GroupFailure::WorkerExited {
+                    rank,
+                    status: status.to_string(),
+                    last_words,
+                    permanent,
+                };
+                let _ = events.send(Event::Failed(failure.into())).await;
             }
             Err(e) => {
                 let _ = events.send(Event::Failed(CoordinatorError::Spawn { rank, source: e })).await;
             }
         },
         _ = async { stop.wait_for(|stop| *stop).await.map(|_| ()) } => {
-            let _ = child.kill().await;
+            let _ = watched.child.kill().await;
+            watched.drained().await;
         }
     }
 }
 
-/// Copies a child's output to our stderr, one `[rank r]`-prefixed line at a time.
-fn forward(pipe: Option<impl AsyncRead + Unpin + Send + 'static>, rank: usize) {
-    let Some(pipe) = pipe else { return };
-    tokio::spawn(async move {
+/// Copies a child's output to our stderr, one `[rank r]`-prefixed line at
+/// a time, remembering its last error report when `last_words` is given.
+fn forward(
+    pipe: Option<impl AsyncRead + Unpin + Send + 'static>,
+    rank: usize,
+    last_words: Option<LastWords>,
+) -> Option<JoinHandle<()>> {
+    let pipe = pipe?;
+    Some(tokio::spawn(async move {
         let mut lines = BufReader::new(pipe).lines();
         while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(words) = &last_words {
+                words.hear(&line);
+            }
             // Forwarding child output is the launcher's job, as torchrun's
             // `[rank0]:` prefixes are: write whole lines so ranks never interleave mid-line.
             let _ = writeln!(std::io::stderr().lock(), "[rank {rank}] {line}");
         }
-    });
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_error_report_and_its_causes_are_kept() {
+        let words = LastWords::default();
+        for line in [
+            "2026-11-27 INFO joined",
+            "Error: an earlier one",
+            "Error: training failed",
+            "  caused by: no images in /data",
+            "some trailing line",
+        ] {
+            words.hear(line);
+        }
+        assert_eq!(
+            words.get().as_deref(),
+            Some("Error: training failed caused by: no images in /data")
+        );
+    }
 }

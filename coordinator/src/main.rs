@@ -1,10 +1,14 @@
 //! `coordinator`: trains with N local worker processes, or waits for N
 //! external workers (Kubernetes), and all-reduces their gradients.
 
+use std::process::ExitCode;
+
 use anyhow::Context;
 use clap::Parser;
+use common::ConfigError;
 use common::cli::ConfigArgs;
 use common::logging::{self, LogFormat};
+use common::report;
 use coordinator::{CoordinatorError, Mode, ResumePolicy};
 
 #[derive(Parser)]
@@ -31,6 +35,11 @@ struct Cli {
     /// With --fresh: delete the run's existing checkpoints.
     #[arg(long, requires = "fresh")]
     force: bool,
+    /// Take the run's lease over even if another coordinator holds it (it
+    /// died and its lease has not expired yet). The other one stops at its
+    /// next renewal.
+    #[arg(long)]
+    break_lease: bool,
     /// `human` lines or one `json` object per line.
     #[arg(long, default_value = "human")]
     log_format: LogFormat,
@@ -39,10 +48,36 @@ struct Cli {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let format = cli.log_format;
+    logging::init(format);
     common::tls::install_crypto();
+    match train(cli).await {
+        Ok(()) => ExitCode::from(report::SUCCESS),
+        Err(err) => {
+            logging::failure(format, err.as_ref());
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+/// [`report::CONFIG`] for what running again cannot fix, [`report::FAILURE`] otherwise.
+fn exit_code(err: &anyhow::Error) -> u8 {
+    let permanent = report::caused_by::<ConfigError>(err.as_ref())
+        || err.chain().any(|cause| {
+            cause
+                .downcast_ref::<CoordinatorError>()
+                .is_some_and(CoordinatorError::is_permanent)
+        });
+    if permanent {
+        report::CONFIG
+    } else {
+        report::FAILURE
+    }
+}
+
+async fn train(cli: Cli) -> anyhow::Result<()> {
     let cfg = cli.config.load()?;
     if cli.config.print_config {
         print!("{}", cfg.to_toml()?);
@@ -65,10 +100,15 @@ async fn main() -> anyhow::Result<()> {
         (None, true) => ResumePolicy::Fresh { force: cli.force },
         (None, false) => ResumePolicy::Latest,
     };
-    coordinator::run(cfg, mode, policy, shutdown_signal)
-        .await
-        .context("training failed")?;
-    Ok(())
+    match coordinator::run(cfg, mode, policy, cli.break_lease, shutdown_signal).await {
+        // Nothing was asked that is not already done: a Job restarted
+        // after success must stay successful.
+        Err(done @ CoordinatorError::AlreadyDone { .. }) => {
+            tracing::info!("{done}");
+            Ok(())
+        }
+        outcome => outcome.map(|_| ()).context("training failed"),
+    }
 }
 
 /// Ctrl-C or SIGTERM (Kubernetes eviction).

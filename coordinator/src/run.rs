@@ -3,10 +3,13 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use common::Config;
 use common::auth::Token;
-use common::checkpoint::Checkpoints;
+use common::checkpoint::{CheckpointError, Checkpoints};
+use common::lease::{FileLock, Lease};
+use common::store::Store;
 use tokio::sync::mpsc;
 
 use crate::CoordinatorError;
@@ -72,11 +75,35 @@ const EVENT_QUEUE: usize = 1024;
 /// that fails through one of its workers is started again from the latest
 /// checkpoint, up to `coordinator.max_restarts` times, as torchrun does,
 /// unless a stop was asked for. (On Kubernetes the pods' restart policy
-/// plays that part.)
+/// plays that part.) The output folder is locked and the run leased in its
+/// store for the whole run; `break_lease` takes over a lease another
+/// coordinator holds.
 pub async fn run<S>(
     cfg: Config,
     mode: Mode,
     policy: ResumePolicy,
+    break_lease: bool,
+    mut shutdown: impl FnMut() -> S,
+) -> Result<Outcome, CoordinatorError>
+where
+    S: Future<Output = ()>,
+{
+    let _folder = FileLock::output(&cfg.output.dir)?;
+    let store = Store::open(&cfg.checkpoint).map_err(CheckpointError::from)?;
+    store.check().await.map_err(CheckpointError::from)?;
+    let ttl = Duration::from_secs(cfg.checkpoint.lease_s);
+    let lease = Lease::acquire(&store, &cfg.checkpoint.run, ttl, break_lease).await?;
+    let outcome = generations(cfg, mode, policy, &lease, &mut shutdown).await;
+    lease.release().await;
+    outcome
+}
+
+/// The generations of one run: the first, and the restarts local mode makes.
+async fn generations<S>(
+    cfg: Config,
+    mode: Mode,
+    policy: ResumePolicy,
+    lease: &Lease,
     mut shutdown: impl FnMut() -> S,
 ) -> Result<Outcome, CoordinatorError>
 where
@@ -109,6 +136,7 @@ where
             mode.clone(),
             plan,
             generation,
+            Some(lease),
             &mut watched_shutdown,
         )
         .await;
@@ -143,6 +171,7 @@ pub async fn run_on<S>(
     mode: Mode,
     (checkpoints, start): (Checkpoints, resume::StartPoint),
     generation: u64,
+    lease: Option<&Lease>,
     shutdown: impl FnMut() -> S,
 ) -> Result<Outcome, CoordinatorError>
 where
@@ -208,6 +237,7 @@ where
         checkpoints: &checkpoints,
         workers,
         first_step,
+        lease,
     };
     let outcome = watch.supervise(events, shutdown).await;
     if let Err(err) = &outcome {

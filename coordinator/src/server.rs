@@ -47,17 +47,32 @@ const CUT_WAIT: Duration = Duration::from_secs(2);
 /// The Unix socket's name inside the output folder.
 pub const SOCKET_FILE: &str = "coordinator.sock";
 
+/// Longest Unix socket path the kernel takes (`sun_path` is 108 bytes
+/// with its terminating NUL); longer output folders get a short private one.
+const MAX_SOCKET_PATH: usize = 100;
+
 /// Where the coordinator serves gRPC.
 pub struct Listeners {
     /// Always: `coordinator.listen`, for workers on other machines.
     pub tcp: TcpListener,
     /// Local mode: a Unix domain socket the local workers use instead,
     /// which skips the TCP stack.
-    pub unix: Option<(UnixListener, PathBuf)>,
+    pub unix: Option<LocalSocket>,
+}
+
+/// A bound Unix socket and the private folder it may live in.
+pub struct LocalSocket {
+    /// The listener.
+    pub listener: UnixListener,
+    /// Its path.
+    pub path: PathBuf,
+    /// A short folder of its own, removed when the socket goes, when the
+    /// output folder's path was too long for a socket.
+    _folder: Option<tempfile::TempDir>,
 }
 
 impl Listeners {
-    /// Binds `coordinator.listen`, plus `<output.dir>/coordinator.sock` when `unix`.
+    /// Binds `coordinator.listen`, plus the local workers' socket when `unix`.
     pub async fn bind(cfg: &Config, unix: bool) -> Result<Self, CoordinatorError> {
         let listen = &cfg.coordinator.listen;
         let tcp = TcpListener::bind(listen)
@@ -67,28 +82,58 @@ impl Listeners {
                 source,
             })?;
         let unix = match unix {
-            true => Some(bind_unix(&cfg.output.dir.join(SOCKET_FILE))?),
+            true => Some(LocalSocket::bind(&cfg.output.dir)?),
             false => None,
         };
         Ok(Self { tcp, unix })
     }
 }
 
-/// Binds a Unix socket at `path`, replacing a stale one from an earlier run.
-pub fn bind_unix(path: &Path) -> Result<(UnixListener, PathBuf), CoordinatorError> {
-    let fail = |source| CoordinatorError::Listen {
-        address: path.display().to_string(),
-        source,
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(fail)?;
+impl LocalSocket {
+    /// Binds `<output>/coordinator.sock`, or, when that path is too long for
+    /// a Unix socket, `coordinator.sock` in a fresh private folder under the
+    /// system's temporary folder.
+    pub fn bind(output: &Path) -> Result<Self, CoordinatorError> {
+        let path = output.join(SOCKET_FILE);
+        if path.as_os_str().len() <= MAX_SOCKET_PATH {
+            return Self::bind_at(path, None);
+        }
+        let folder = tempfile::Builder::new()
+            .prefix("gancluster-")
+            .tempdir()
+            .map_err(|source| CoordinatorError::Socket {
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        tracing::info!(output = %output.display(), socket = %folder.path().display(),
+            "the output folder's path is too long for a Unix socket: using a private short one");
+        Self::bind_at(folder.path().join(SOCKET_FILE), Some(folder))
     }
-    if let Err(e) = std::fs::remove_file(path)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        return Err(fail(e));
+
+    /// Binds a Unix socket at `path`, replacing a stale one from an earlier run.
+    pub fn bind_at(
+        path: PathBuf,
+        folder: Option<tempfile::TempDir>,
+    ) -> Result<Self, CoordinatorError> {
+        let fail = |source| CoordinatorError::Socket {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(fail)?;
+        }
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            return Err(fail(e));
+        }
+        let listener = UnixListener::bind(&path).map_err(fail)?;
+        Ok(Self {
+            listener,
+            path,
+            _folder: folder,
+        })
     }
-    Ok((UnixListener::bind(path).map_err(fail)?, path.to_path_buf()))
 }
 
 /// The running servers of one generation.
@@ -96,7 +141,8 @@ pub struct Servers {
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     stop: watch::Sender<bool>,
     gate: Arc<Gate>,
-    socket: Option<PathBuf>,
+    /// The local socket and the private folder it may live in.
+    socket: Option<(PathBuf, Option<tempfile::TempDir>)>,
     grace: Duration,
 }
 
@@ -161,8 +207,13 @@ impl Servers {
         let scheme = if cfg.tls.serves() { "https" } else { "http" };
         info!(%address, tls = cfg.tls.serves(), "coordinator listening");
         let mut local = format!("{scheme}://{address}");
-        let socket = listeners.unix.map(|(unix, path)| {
-            let unix = gate.guard(UnixListenerStream::new(unix));
+        let socket = listeners.unix.map(|socket| {
+            let LocalSocket {
+                listener,
+                path,
+                _folder: folder,
+            } = socket;
+            let unix = gate.guard(UnixListenerStream::new(listener));
             tasks.push(tokio::spawn(
                 builder(cfg)
                     .add_service(join)
@@ -171,7 +222,7 @@ impl Servers {
             ));
             info!(socket = %path.display(), "local workers connect through a Unix socket");
             local = format!("{}{}", common::session::UNIX_SCHEME, path.display());
-            path
+            (path, folder)
         });
         let servers = Self {
             tasks,
@@ -203,7 +254,7 @@ impl Servers {
                 tokio::time::timeout(CUT_WAIT, &mut all).await.ok()
             }
         };
-        if let Some(path) = &self.socket {
+        if let Some((path, _folder)) = &self.socket {
             // Nothing listens on it any more; a stale file would only confuse.
             let _ = std::fs::remove_file(path);
         }

@@ -357,6 +357,15 @@ impl Member {
             worker_message::Kind::Hello(_) => {
                 return Err(group.protocol(rank, "sent Hello twice"));
             }
+            worker_message::Kind::Failure(failure) => {
+                return Err(GroupFailure::WorkerFailed {
+                    rank,
+                    host: group.rendezvous.host_of(rank),
+                    reason: shown_message(&failure.reason),
+                    permanent: failure.permanent,
+                }
+                .into());
+            }
         }
         Ok(())
     }
@@ -371,6 +380,7 @@ fn name(kind: &worker_message::Kind) -> &'static str {
         worker_message::Kind::CheckpointWritten(_) => "CheckpointWritten",
         worker_message::Kind::StopRequest(_) => "a stop request",
         worker_message::Kind::Heartbeat(_) => "a heartbeat",
+        worker_message::Kind::Failure(_) => "a failure",
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::Config;
 use common::checkpoint::{self, Checkpoints};
+use common::lease::Lease;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep};
 use tracing::info;
@@ -172,6 +173,9 @@ pub struct Supervision<'a> {
     pub workers: usize,
     /// The step training starts at.
     pub first_step: u64,
+    /// The run's lease, when the run holds one: losing it ends the run at
+    /// once, without writing anything more.
+    pub lease: Option<&'a Lease>,
 }
 
 impl Supervision<'_> {
@@ -190,7 +194,13 @@ impl Supervision<'_> {
         let join_deadline = sleep(join_timeout);
         let clock = sleep(step_timeout);
         let signal = shutdown();
-        tokio::pin!(join_deadline, clock, signal);
+        let lease_lost = async {
+            match self.lease {
+                Some(lease) => lease.lost().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(join_deadline, clock, signal, lease_lost);
         let mut life = Lifecycle::new(workers, self.first_step);
         let progress = Progress::new(cfg.train.steps, cfg.train.log_every, self.first_step);
         loop {
@@ -241,6 +251,9 @@ impl Supervision<'_> {
                 _ = &mut clock, if matches!(phase, Phase::Opening | Phase::Training) => {
                     return Err(self.overdue(&life, handshake, step_timeout));
                 }
+                reason = &mut lease_lost => {
+                    return Err(CoordinatorError::LeaseLost(reason));
+                }
                 _ = &mut signal => {
                     if !group.rendezvous.is_formed() || !self.schedule.request_stop() {
                         return Err(CoordinatorError::Interrupted);
@@ -250,6 +263,34 @@ impl Supervision<'_> {
                     signal.set(shutdown());
                 }
             }
+        }
+    }
+
+    /// The checkpoint a rerun would resume from, named only once the store
+    /// confirms it is still there (the store itself may be what failed).
+    async fn newest_readable(&self, committed: Option<u64>) -> String {
+        let step = match committed {
+            Some(step) => step,
+            None => match self.checkpoints.latest().await {
+                Ok(Some(name)) => match checkpoint::parse_name(&name) {
+                    Some(step) => step,
+                    None => {
+                        return format!(
+                            "unknown (`latest` holds {})",
+                            common::untrusted::shown(&name)
+                        );
+                    }
+                },
+                Ok(None) => return "none".into(),
+                Err(e) => return format!("unknown (reading `latest` failed: {e})"),
+            },
+        };
+        let name = checkpoint::name(step);
+        match self.checkpoints.confirm(step).await {
+            Ok(()) => name,
+            Err(e) if e.is_absent() => format!("none that can still be read ({name} is gone: {e})"),
+            // Unreachable is not gone: name it, and say it could not be checked.
+            Err(e) => format!("{name} (not confirmed now: {e})"),
         }
     }
 
@@ -311,13 +352,7 @@ impl Supervision<'_> {
                 Some((s, reason)) if *s == step => reason.clone(),
                 _ => "rank 0 finished without reporting it".into(),
             };
-            let newest = match committed {
-                Some(step) => checkpoint::name(step),
-                None => match self.checkpoints.latest().await {
-                    Ok(latest) => latest.unwrap_or_else(|| "none".into()),
-                    Err(e) => format!("unknown (reading `latest` failed: {e})"),
-                },
-            };
+            let newest = self.newest_readable(committed).await;
             return Err(CoordinatorError::FinalCheckpoint {
                 step,
                 reason,

@@ -124,6 +124,7 @@ async fn check(world: usize, format: WireFormat) {
         mode,
         plan,
         1,
+        None,
         std::future::pending,
     ));
 

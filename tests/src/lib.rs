@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod client;
+pub mod moto;
 pub mod s3;
 
 use std::io::Read;

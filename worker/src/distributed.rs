@@ -15,13 +15,15 @@ use common::Config;
 use common::auth::Token;
 use common::checkpoint::{self as layout, Checkpoints};
 use common::pb;
-use common::session::{self, Session};
+use common::report;
+use common::session::{self, Session, SessionError};
 use common::store::Store;
 use tokio::runtime::Runtime;
 use tracing::info;
 
 use crate::backend::{self, TrainBackend};
 use crate::checkpoint::{self, Uploader};
+use crate::failure;
 use crate::params;
 use crate::training::{GradientReducer, Net, Trainer, Update};
 use crate::training_loop::{self, Directive, Replica, Start, StepRecord, StepSync, Summary};
@@ -87,27 +89,70 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         "joined"
     );
     let mut trainer = trainer.for_rank(replica.rank);
-    let checkpoints = Checkpoints::new(Store::open(&cfg.checkpoint)?, &cfg.checkpoint.run);
-    let begin = resume(&runtime, &checkpoints, &start, &mut trainer)?;
     let on_sigterm = runtime.spawn(forward_sigterm(session.notifier()));
     let mut remote = Remote {
         runtime: &runtime,
         session: Some(session),
         waited_ms: 0.0,
-        fault: fault(replica.rank, joined.generation)?,
-        uploader: Uploader::new(checkpoints),
+        fault: None,
+        uploader: None,
     };
-    let summary =
-        training_loop::train(cfg, replica, &mut trainer, &mut remote, eval_images, begin)?;
-    // The last checkpoint must be in the store (and reported) before this
-    // worker says it is done; no other task may hold the stream open then.
-    remote.uploader.wait(&runtime);
+    let trained = train_replica(
+        cfg,
+        &runtime,
+        &start,
+        replica,
+        joined.generation,
+        &mut trainer,
+        &mut remote,
+        eval_images,
+    );
     on_sigterm.abort();
     let session = remote
         .session
         .take()
         .expect("the session lives until the end");
-    runtime.block_on(session.finish(summary.steps))?;
+    match trained {
+        Ok(summary) => {
+            runtime.block_on(session.finish(summary.steps))?;
+            Ok(summary)
+        }
+        Err(err) => {
+            // The coordinator ends the group with this worker's own words;
+            // when it already ended it (or the connection is gone), there
+            // is nobody to tell.
+            if !report::caused_by::<SessionError>(err.as_ref()) {
+                let reason = report::render(err.as_ref());
+                let permanent = failure::is_permanent(&err);
+                runtime.block_on(session.fail(reason, permanent));
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Everything a replica does between joining and saying it finished.
+#[allow(clippy::too_many_arguments)]
+fn train_replica(
+    cfg: &Config,
+    runtime: &Runtime,
+    start: &pb::Start,
+    replica: Replica,
+    generation: u64,
+    trainer: &mut Trainer<TrainBackend>,
+    remote: &mut Remote<'_>,
+    eval_images: usize,
+) -> anyhow::Result<Summary> {
+    let checkpoints = Checkpoints::new(Store::open(&cfg.checkpoint)?, &cfg.checkpoint.run);
+    let begin = resume(runtime, &checkpoints, start, trainer)?;
+    remote.fault = fault(replica.rank, generation)?;
+    remote.uploader = Some(Uploader::new(checkpoints));
+    let summary = training_loop::train(cfg, replica, trainer, remote, eval_images, begin)?;
+    // The last checkpoint must be in the store (and reported) before this
+    // worker says it is done; no other task may hold the stream open then.
+    if let Some(uploader) = remote.uploader.as_mut() {
+        uploader.wait(runtime);
+    }
     Ok(summary)
 }
 
@@ -166,7 +211,7 @@ struct Remote<'a> {
     session: Option<Session>,
     waited_ms: f64,
     fault: Option<Fault>,
-    uploader: Uploader,
+    uploader: Option<Uploader>,
 }
 
 impl Remote<'_> {
@@ -251,6 +296,8 @@ impl StepSync for Remote<'_> {
         let notifier = self.session().notifier();
         let runtime = self.runtime;
         self.uploader
+            .as_mut()
+            .expect("an uploader exists once training started")
             .start(runtime, steps, objects, move |step, outcome| async move {
                 // A closed session means the run is over; the coordinator reports why.
                 let _ = notifier.checkpoint_written(step, outcome).await;

@@ -4,7 +4,7 @@ use anyhow::Context;
 use burn::tensor::backend::AutodiffBackend;
 use common::config::{Config, Split};
 
-use crate::data::ImageSource;
+use crate::data::{DataError, ImageSource};
 use crate::swd::{SwdReport, sliced_wasserstein};
 use crate::training::Trainer;
 
@@ -29,18 +29,26 @@ pub fn swd_against_held_out<B: AutodiffBackend>(
 
 /// The first `count` validation images, preprocessed as for training.
 pub fn held_out_images(cfg: &Config, count: usize) -> anyhow::Result<Vec<f32>> {
+    let source = held_out(cfg, count)?;
+    Ok(source.first_pixels(count, cfg.model.image_size as u32)?)
+}
+
+/// The held-out split, checked to hold at least `count` images. Training
+/// calls this before step 0, so a missing or small split is found before
+/// hours of training, not after.
+pub fn held_out(cfg: &Config, count: usize) -> Result<ImageSource, DataError> {
     let mut data = cfg.data.clone();
     data.split = Split::Val;
     if data.source == "synthetic" {
         data.synthetic_size = data.synthetic_size.max(count * 10);
     }
-    let source =
-        ImageSource::open(&data, cfg.train.seed).context("opening the held-out split for SWD")?;
-    anyhow::ensure!(
-        source.len() >= count,
-        "SWD wants {count} held-out images but {} has {}",
-        source.name(),
-        source.len()
-    );
-    Ok(source.first_pixels(count, cfg.model.image_size as u32)?)
+    let source = ImageSource::open(&data, cfg.train.seed)?;
+    if source.len() < count {
+        return Err(DataError::HeldOut {
+            source_name: source.name(),
+            images: source.len(),
+            wanted: count,
+        });
+    }
+    Ok(source)
 }

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod distributed;
 pub mod eval;
+pub mod failure;
 pub mod model;
 pub mod output;
 pub mod params;

@@ -3,11 +3,13 @@
 //! SWD between image folders.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use common::cli::ConfigArgs;
 use common::logging::{self, LogFormat};
+use common::report;
 use worker::bench::{self, BenchArgs};
 use worker::check_backend::{Comparison, Trajectory};
 use worker::data::{ImageSource, synthetic};
@@ -33,7 +35,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
         /// Number of images.
-        #[arg(long, default_value_t = 10_000)]
+        #[arg(long, default_value_t = 10_000, value_parser = bounded(1, 10_000_000))]
         count: usize,
         /// Generator seed.
         #[arg(long, default_value_t = 42)]
@@ -51,10 +53,10 @@ enum Command {
         /// Second folder (e.g. real images; a CelebA root uses all splits).
         b: PathBuf,
         /// Images are resized and center-cropped to this size first.
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = bounded(16, 1024))]
         image_size: usize,
-        /// Images taken from each folder (the first N by name).
-        #[arg(long, default_value_t = 1024)]
+        /// Images taken from each folder (the first N readable ones by name).
+        #[arg(long, default_value_t = 1024, value_parser = bounded(1, 100_000))]
         count: usize,
         /// Seed of patch positions and projection directions.
         #[arg(long, default_value_t = 0)]
@@ -83,7 +85,7 @@ struct TrainArgs {
     )]
     token: String,
     /// After training, SWD against this many held-out images (0: skip).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = bounded(0, 100_000))]
     eval_images: usize,
     #[command(flatten)]
     config: ConfigArgs,
@@ -99,9 +101,25 @@ struct CheckArgs {
     config: ConfigArgs,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    let format = cli.log_format;
+    logging::init(format);
+    common::tls::install_crypto();
+    match run(cli) {
+        Ok(()) => ExitCode::from(report::SUCCESS),
+        Err(err) => {
+            logging::failure(format, err.as_ref());
+            let code = match worker::failure::is_permanent(&err) {
+                true => report::CONFIG,
+                false => report::FAILURE,
+            };
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train(*args),
         Command::Synth { out, count, seed } => {
@@ -143,6 +161,11 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// A whole number from `low` to `high`, checked as the flag is parsed.
+fn bounded(low: u64, high: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(low..=high)
+}
+
 fn train(args: TrainArgs) -> anyhow::Result<()> {
     let cfg = args.config.load()?;
     if args.config.print_config {
@@ -150,7 +173,10 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let summary = match args.coordinator {
-        None => standalone::run(&cfg, args.eval_images)?,
+        None => {
+            standalone::refuse_checkpoint_flags(&args.config)?;
+            standalone::run(&cfg, args.eval_images)?
+        }
         Some(address) => {
             let connection = distributed::Connection {
                 address,

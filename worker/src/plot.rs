@@ -14,6 +14,9 @@ use crate::output::LossRow;
 
 const WIDTH: u32 = 800;
 const HEIGHT: u32 = 480;
+/// Width of the legend column right of the chart: beside the curves, it
+/// can never hide them.
+const LEGEND: u32 = 90;
 const FONT: &str = "sans-serif";
 static FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 
@@ -33,13 +36,14 @@ pub fn loss_png(rows: &[LossRow]) -> Result<Vec<u8>, PlotError> {
     let mut pixels = vec![255u8; (WIDTH * HEIGHT * 3) as usize];
     {
         let root = BitMapBackend::with_buffer(&mut pixels, (WIDTH, HEIGHT)).into_drawing_area();
+        let (plot, legend) = root.split_horizontally(WIDTH - LEGEND);
         let finite = |v: f32| v.is_finite().then_some(v);
         let losses = rows
             .iter()
             .flat_map(|r| [finite(r.d_loss), finite(r.g_loss)]);
         let top = losses.flatten().fold(1.0f32, f32::max) * 1.05;
         let last = rows.last().map_or(1, |r| r.step + 1).max(1);
-        let mut chart = ChartBuilder::on(&root)
+        let mut chart = ChartBuilder::on(&plot)
             .caption("DCGAN losses", (FONT, 22))
             .margin(12)
             .x_label_area_size(36)
@@ -53,26 +57,31 @@ pub fn loss_png(rows: &[LossRow]) -> Result<Vec<u8>, PlotError> {
             .label_style((FONT, 13))
             .draw()
             .map_err(|e| fail(&e))?;
-        for (label, color, value) in [
-            ("D", RED, (|r: &LossRow| r.d_loss) as fn(&LossRow) -> f32),
-            ("G", BLUE, |r: &LossRow| r.g_loss),
-        ] {
+        for (row, (label, color, value)) in [
+            (
+                "D loss",
+                RED,
+                (|r: &LossRow| r.d_loss) as fn(&LossRow) -> f32,
+            ),
+            ("G loss", BLUE, |r: &LossRow| r.g_loss),
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let points = rows
                 .iter()
                 .filter_map(|r| finite(value(r)).map(|v| (r.step, v)));
             chart
                 .draw_series(LineSeries::new(points, color))
-                .map_err(|e| fail(&e))?
-                .label(label)
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+                .map_err(|e| fail(&e))?;
+            let y = 60 + 24 * row as i32;
+            legend
+                .draw(&PathElement::new([(4, y), (22, y)], color.stroke_width(2)))
+                .map_err(|e| fail(&e))?;
+            legend
+                .draw(&Text::new(label, (28, y - 7), (FONT, 13)))
+                .map_err(|e| fail(&e))?;
         }
-        chart
-            .configure_series_labels()
-            .label_font((FONT, 13))
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| fail(&e))?;
         root.present().map_err(|e| fail(&e))?;
     }
     let image = RgbImage::from_raw(WIDTH, HEIGHT, pixels).expect("buffer sized for the image");
@@ -103,10 +112,19 @@ mod tests {
         let png = loss_png(&rows).unwrap();
         let image = image::load_from_memory(&png).unwrap().to_rgb8();
         assert_eq!(image.dimensions(), (WIDTH, HEIGHT));
-        let has = |rgb: [u8; 3]| image.pixels().any(|p| p.0 == rgb);
+        let has = |rgb: [u8; 3], columns: std::ops::Range<u32>| {
+            image
+                .enumerate_pixels()
+                .any(|(x, _, p)| columns.contains(&x) && p.0 == rgb)
+        };
+        let (chart, legend) = (0..WIDTH - LEGEND, WIDTH - LEGEND..WIDTH);
         assert!(
-            has([255, 0, 0]) && has([0, 0, 255]),
+            has([255, 0, 0], chart.clone()) && has([0, 0, 255], chart),
             "both curves are drawn"
+        );
+        assert!(
+            has([255, 0, 0], legend.clone()) && has([0, 0, 255], legend),
+            "the legend is drawn beside the chart, where it covers no curve"
         );
     }
 }

@@ -3,11 +3,33 @@
 //! It is the distributed loop with a [`LocalReducer`] in place of the
 //! all-reduce, so what works here works per replica there.
 
-use common::Config;
+use common::cli::ConfigArgs;
+use common::{Config, ConfigError};
 
 use crate::backend::{self, TrainBackend};
 use crate::training::{LocalReducer, Trainer};
 use crate::training_loop::{self, Replica, Start, Summary};
+
+/// Standalone training keeps no checkpoints and has no coordinator to
+/// restart: a checkpoint or restart flag would be silently ignored, so it
+/// is refused. (The same keys in a shared configuration file are fine: they
+/// serve the coordinator.)
+pub fn refuse_checkpoint_flags(args: &ConfigArgs) -> Result<(), ConfigError> {
+    let given = [
+        ("--store", args.store.is_some()),
+        ("--run", args.run.is_some()),
+        ("--checkpoint-every", args.checkpoint_every.is_some()),
+        ("--max-restarts", args.max_restarts.is_some()),
+    ];
+    match given.iter().find(|(_, set)| *set) {
+        None => Ok(()),
+        Some((flag, _)) => Err(ConfigError::Flag {
+            flag,
+            reason: "has no effect with --standalone, which keeps no checkpoints and has no \
+                     coordinator to restart it: run `coordinator --workers 1` with the same flags",
+        }),
+    }
+}
 
 /// Trains `cfg` alone and writes its artifacts; see [`training_loop::train`].
 pub fn run(cfg: &Config, eval_images: usize) -> anyhow::Result<Summary> {

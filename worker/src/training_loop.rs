@@ -155,6 +155,10 @@ pub fn train(
         None
     };
     let source = ImageSource::open(&cfg.data, cfg.train.seed)?;
+    if writes && eval_images > 0 {
+        eval::held_out(cfg, eval_images)
+            .context("checking the held-out split for --eval-images")?;
+    }
     info!(data = %source.name(), images = source.len(), backend = backend::NAME, rank = replica.rank,
         world = replica.world, first_step = start.first_step, "starting training");
     let sampler = ShardSampler::new(source.len(), replica.world, replica.rank, cfg.train.seed);

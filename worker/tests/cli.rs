@@ -179,3 +179,128 @@ fn swd_command_compares_two_folders() {
         done.stdout
     );
 }
+
+/// A tiny PNG of 1,000,000 × 1 pixels passes the decoder's size limit but
+/// would make a 64-pixel resize allocate gigabytes: it is refused from its
+/// header and skipped like any unreadable image, and so is a JPEG cut short.
+#[test]
+fn extreme_shapes_and_truncated_jpegs_are_refused_before_allocation() {
+    let data = celeba(40);
+    let images = data.path().join("img_align_celeba");
+    let strip = image::GrayImage::new(1_000_000, 1);
+    strip.save(images.join("000001.png")).unwrap();
+    let whole = std::fs::read(images.join("000002.jpg")).unwrap();
+    std::fs::write(images.join("000002.jpg"), &whole[..whole.len() / 2]).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let done = train(data.path(), out.path(), 4, &["--split", "all"]);
+    let done = done.assert_success();
+    assert!(
+        done.stderr.contains("000001.png") && done.stderr.contains("1000000×1 pixels: at most 4:1"),
+        "{}",
+        done.stderr
+    );
+    assert!(
+        done.stderr.contains("000002.jpg") && done.stderr.contains("truncated JPEG"),
+        "{}",
+        done.stderr
+    );
+}
+
+/// A partition file that names files the folder does not have says so,
+/// instead of "no images in"; a UTF-8 byte-order mark does not hide the
+/// first entry.
+#[test]
+fn partition_files_naming_missing_images_or_starting_with_a_bom_are_read_right() {
+    let data = celeba(20);
+    let partition = data.path().join("list_eval_partition.txt");
+    std::fs::write(&partition, "nope-1.jpg 0\nnope-2.jpg 0\n").unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let done = train(data.path(), out.path(), 1, &["--split", "train"]).assert_failure();
+    assert!(
+        done.stderr
+            .contains("lists 2 images for data.split = train, but none of them is in")
+            && done.stderr.contains("nope-"),
+        "{}",
+        done.stderr
+    );
+    // Exactly one batch of 8: losing the first name to the mark leaves too few.
+    let names: Vec<String> = (1..=8).map(|i| format!("{i:06}.jpg 0")).collect();
+    std::fs::write(&partition, format!("\u{feff}{}\n", names.join("\n"))).unwrap();
+    train(data.path(), out.path(), 1, &["--split", "train"]).assert_success();
+}
+
+/// `--eval-images` against a split that is missing is refused before the
+/// first step, not discovered after training.
+#[test]
+fn eval_images_against_a_missing_split_fail_before_training() {
+    let data = celeba(20);
+    std::fs::remove_file(data.path().join("list_eval_partition.txt")).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let done = train(
+        data.path(),
+        out.path(),
+        50,
+        &["--split", "all", "--eval-images", "8"],
+    );
+    let done = done.assert_failure();
+    assert!(
+        done.stderr
+            .contains("checking the held-out split for --eval-images")
+            && done.stderr.contains("list_eval_partition.txt"),
+        "{}",
+        done.stderr
+    );
+    let rows = std::fs::read_to_string(out.path().join("losses.csv")).unwrap_or_default();
+    assert!(rows.lines().count() <= 1, "it trained first:\n{rows}");
+}
+
+/// `worker swd` skips an unreadable image as training does.
+#[test]
+fn swd_skips_unreadable_images() {
+    let (a, b) = (celeba(12), celeba(12));
+    std::fs::write(a.path().join("img_align_celeba/000003.jpg"), b"garbage").unwrap();
+    let done = run(
+        worker()
+            .args(["swd", "--image-size", "16", "--count", "8"])
+            .arg(a.path())
+            .arg(b.path()),
+        LIMIT,
+    )
+    .assert_success();
+    assert!(
+        done.stdout.contains("mean") && done.stderr.contains("000003.jpg"),
+        "{}",
+        done.stderr
+    );
+}
+
+/// Checkpoint flags do nothing in standalone training: refused, not ignored.
+/// The error is said once, and the exit status says running again will not
+/// help (78, sysexits' EX_CONFIG).
+#[test]
+fn standalone_refuses_checkpoint_flags_once_with_the_config_status() {
+    let data = celeba(20);
+    let out = tempfile::tempdir().unwrap();
+    let done = train(data.path(), out.path(), 2, &["--store", "s3://bucket/runs"]).assert_failure();
+    assert_eq!(done.status.code(), Some(78), "{}", done.stderr);
+    assert_eq!(
+        done.stderr
+            .matches("has no effect with --standalone")
+            .count(),
+        1,
+        "{}",
+        done.stderr
+    );
+}
+
+/// Out-of-range flags are refused by the parser, before anything allocates.
+#[test]
+fn sizes_out_of_range_are_refused_at_the_flag() {
+    for args in [
+        vec!["swd", "--image-size", "65536", "a", "b"],
+        vec!["synth", "--out", "x", "--count", "1000000000000"],
+    ] {
+        let done = run(worker().args(&args), LIMIT).assert_failure();
+        assert!(done.stderr.contains("not in"), "{args:?}: {}", done.stderr);
+    }
+}

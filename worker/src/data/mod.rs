@@ -77,6 +77,37 @@ pub enum DataError {
         /// How many of the shard's files failed.
         unreadable: usize,
     },
+    /// The partition file names images none of which is in the folder.
+    #[error(
+        "{partition} lists {listed} images for data.split = {split}, but none of them is in \
+         {folder} (the first missing: {example:?}): point data.source at the CelebA root that \
+         holds both, or use --split all"
+    )]
+    PartitionMismatch {
+        /// The partition file.
+        partition: PathBuf,
+        /// The requested split.
+        split: String,
+        /// Images it lists for the split.
+        listed: usize,
+        /// The image folder searched.
+        folder: PathBuf,
+        /// One listed name that is missing.
+        example: String,
+    },
+    /// The held-out split is too small for the SWD evaluation asked for.
+    #[error(
+        "--eval-images {wanted} needs that many held-out images, but {source_name} has {images}: \
+         lower --eval-images or use a larger validation split"
+    )]
+    HeldOut {
+        /// The held-out data set.
+        source_name: String,
+        /// Images in it.
+        images: usize,
+        /// Images asked for.
+        wanted: usize,
+    },
     /// The shard is too small for even one batch.
     #[error(
         "{source_name} has {images} images: too few for one batch of {batch} on each of \

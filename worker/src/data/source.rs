@@ -82,6 +82,29 @@ impl ImageSource {
                 p.file_name()
                     .is_some_and(|n| keep.contains(&n.to_string_lossy().into_owned()))
             });
+            if paths.len() < keep.len() {
+                let example = keep
+                    .iter()
+                    .find(|name| !images_dir.join(name).is_file())
+                    .cloned()
+                    .unwrap_or_default();
+                if paths.is_empty() {
+                    return Err(DataError::PartitionMismatch {
+                        partition,
+                        split: format!("{split:?}").to_lowercase(),
+                        listed: keep.len(),
+                        folder: images_dir,
+                        example,
+                    });
+                }
+                tracing::warn!(
+                    partition = %partition.display(),
+                    listed = keep.len(),
+                    found = paths.len(),
+                    example = %common::untrusted::shown(&example),
+                    "the partition file lists images that are not in the folder; training on those found"
+                );
+            }
         }
         if paths.is_empty() {
             return Err(DataError::Empty {
@@ -115,13 +138,30 @@ impl ImageSource {
         }
     }
 
-    /// The first `count` images (or all, if fewer), preprocessed as for
-    /// training: CHW floats in [−1, 1], `size`×`size`.
+    /// The first `count` readable images (or all, if fewer), preprocessed
+    /// as for training: CHW floats in [−1, 1], `size`×`size`. An image that
+    /// does not decode is reported and skipped, as training does.
     pub fn first_pixels(&self, count: usize, size: u32) -> Result<Vec<f32>, DataError> {
-        let count = count.min(self.len());
-        let mut pixels = Vec::with_capacity(count * 3 * (size * size) as usize);
-        for index in 0..count {
-            super::preprocess::append_chw(&self.load(index)?, size, &mut pixels);
+        let plane = 3 * (size * size) as usize;
+        let mut pixels = Vec::with_capacity(count.min(self.len()) * plane);
+        let mut unreadable = 0;
+        for index in 0..self.len() {
+            if pixels.len() == count * plane {
+                break;
+            }
+            match self.load(index) {
+                Ok(image) => super::preprocess::append_chw(&image, size, &mut pixels),
+                Err(error) => {
+                    unreadable += 1;
+                    tracing::warn!(%error, "skipping an unreadable image");
+                }
+            }
+        }
+        if pixels.is_empty() && unreadable > 0 {
+            return Err(DataError::NothingReadable {
+                source_name: self.name(),
+                unreadable,
+            });
         }
         Ok(pixels)
     }
@@ -140,17 +180,57 @@ impl ImageSource {
     }
 }
 
+/// Longest side of an image accepted for decoding.
+pub const MAX_SIDE: u32 = 16_384;
+/// Most elongated image accepted: longer side at most this many times the
+/// shorter (CelebA's crops are 1.22:1). Resizing the shorter side of a
+/// 1,000,000×1 strip to 64 would allocate gigabytes; it is refused from
+/// its header, before anything is decoded or allocated.
+pub const MAX_ASPECT: u32 = 4;
+/// Memory one image may take while decoding.
+const MAX_DECODE_BYTES: u64 = 256 << 20;
+
 fn decode(path: &Path) -> Result<DynamicImage, DataError> {
     let fail = |message: String| DataError::Image {
         path: path.to_path_buf(),
         message,
     };
-    image::ImageReader::open(path)
-        .map_err(|e| fail(e.to_string()))?
+    let bytes = fs::read(path).map_err(|e| fail(e.to_string()))?;
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(&bytes))
         .with_guessed_format()
-        .map_err(|e| fail(e.to_string()))?
-        .decode()
-        .map_err(|e| fail(e.to_string()))
+        .map_err(|e| fail(e.to_string()))?;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
+    let format = reader.format();
+    let decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
+    let (width, height) = image::ImageDecoder::dimensions(&decoder);
+    let (short, long) = (width.min(height), width.max(height));
+    if short == 0 || u64::from(long) > u64::from(MAX_ASPECT) * u64::from(short) {
+        return Err(fail(format!(
+            "{width}×{height} pixels: at most {MAX_ASPECT}:1 between the sides is accepted \
+             (this is not a photo the crop to a square could use)"
+        )));
+    }
+    if long > MAX_SIDE {
+        return Err(fail(format!(
+            "{width}×{height} pixels: at most {MAX_SIDE} on a side is accepted"
+        )));
+    }
+    if format == Some(image::ImageFormat::Jpeg) && !ends_with_jpeg_eoi(&bytes) {
+        return Err(fail(
+            "truncated JPEG: the file ends before its end-of-image marker".into(),
+        ));
+    }
+    DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))
+}
+
+/// Whether a JPEG file ends with its end-of-image marker (FF D9), allowing
+/// a little trailing padding. A JPEG cut short still decodes, as an image
+/// whose lower part is grey: training on it would be training on garbage.
+fn ends_with_jpeg_eoi(bytes: &[u8]) -> bool {
+    let tail = &bytes[bytes.len().saturating_sub(32)..];
+    tail.windows(2).any(|w| w == [0xFF, 0xD9])
 }
 
 fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
@@ -188,6 +268,8 @@ fn read_partition(
         source,
     })?;
     let mut keep = std::collections::HashSet::new();
+    // A UTF-8 byte-order mark (editors on Windows) is not part of the first name.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     for (n, line) in text
         .lines()
         .enumerate()

@@ -2,25 +2,55 @@
 //!
 //! Raw input comes from three layers, later ones winning: a TOML file, the
 //! `GANCLUSTER__SECTION__KEY` environment variables, and CLI flags (passed
-//! in as `section.key = value` overrides). The result is checked once,
-//! before anything runs, and every error names the key that is wrong, so a
-//! typo never silently falls back to a default.
+//! in as `section.key = value` overrides), with types kept
+//! ([`load`](self::load)). The result is checked once, against a range for
+//! every key ([`validate`](self::validate)), before anything runs, and every
+//! error names the key that is wrong, so a typo never silently falls back to
+//! a default.
 
-use std::path::{Path, PathBuf};
+mod load;
+mod validate;
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// Environment variable prefix; `GANCLUSTER__TRAIN__STEPS=10` sets `train.steps`.
-pub const ENV_PREFIX: &str = "GANCLUSTER";
+pub use load::ENV_PREFIX;
 
 /// Everything wrong with a configuration, each naming what to fix.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// The file, an environment variable or a flag could not be read or parsed.
-    #[error("configuration: {0} (keys are documented in the README's configuration section)")]
-    Load(#[from] config::ConfigError),
-    /// A key parsed but holds a value training cannot use.
+    /// The configuration file cannot be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration file is not TOML.
+    #[error("the configuration file {path} is not valid TOML: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        message: String,
+    },
+    /// A key that does not exist, or a value of the wrong type.
+    #[error(
+        "configuration key `{key}` (from {origin}): {message} \
+         (every key is in the README's configuration table)"
+    )]
+    Type {
+        /// The dotted key, e.g. `train.steps`.
+        key: String,
+        /// The file, variable or flag that set it.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A key holds a value training cannot use.
     #[error("configuration key `{key}` = {value}: {expected}")]
     Invalid {
         /// The dotted key, e.g. `model.image_size`.
@@ -28,11 +58,19 @@ pub enum ConfigError {
         /// The rejected value as written.
         value: String,
         /// What would be accepted.
-        expected: &'static str,
+        expected: String,
+    },
+    /// A flag that makes no sense where it was given.
+    #[error("{flag}: {reason}")]
+    Flag {
+        /// The flag.
+        flag: &'static str,
+        /// Why it cannot be used here.
+        reason: &'static str,
     },
     /// The effective configuration could not be rendered back to TOML.
     #[error("rendering the configuration as TOML: {0}")]
-    Render(#[from] toml::ser::Error),
+    Render(toml::ser::Error),
 }
 
 /// The complete, validated configuration of a run.
@@ -307,6 +345,10 @@ pub struct CheckpointConfig {
     pub every: u64,
     /// Checkpoints kept; older ones are deleted after each commit.
     pub keep: usize,
+    /// Seconds a coordinator's lease on the run lasts unless renewed (it
+    /// renews every third of it): how long a run whose coordinator died
+    /// stays locked for another one.
+    pub lease_s: u64,
     /// S3 connection settings (ignored by other stores).
     pub s3: S3Config,
 }
@@ -318,6 +360,7 @@ impl Default for CheckpointConfig {
             run: "default".into(),
             every: 500,
             keep: 3,
+            lease_s: 60,
             s3: S3Config::default(),
         }
     }
@@ -477,194 +520,6 @@ impl Config {
         .map(|(k, v)| (k.to_string(), v))
         .collect()
     }
-
-    /// Loads defaults ← `file` ← `GANCLUSTER__*` environment ← `overrides`,
-    /// then validates the result.
-    pub fn load(file: Option<&Path>, overrides: &[(&str, String)]) -> Result<Self, ConfigError> {
-        Self::load_with_env(file, overrides, None)
-    }
-
-    /// As [`Config::load`] with an explicit environment, so tests do not
-    /// have to mutate the process environment.
-    pub fn load_with_env(
-        file: Option<&Path>,
-        overrides: &[(&str, String)],
-        env: Option<config::Map<String, String>>,
-    ) -> Result<Self, ConfigError> {
-        let mut builder = config::Config::builder();
-        if let Some(path) = file {
-            builder = builder.add_source(config::File::from(path).required(true));
-        }
-        let environment = config::Environment::with_prefix(ENV_PREFIX)
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .source(env);
-        builder = builder.add_source(environment);
-        for (key, value) in overrides {
-            builder = builder.set_override(*key, value.as_str())?;
-        }
-        let raw: Config = builder.build()?.try_deserialize()?;
-        raw.validate()?;
-        Ok(raw)
-    }
-
-    /// The configuration as TOML, for `--print-config` and for saving next
-    /// to a run's artifacts.
-    pub fn to_toml(&self) -> Result<String, ConfigError> {
-        Ok(toml::to_string_pretty(self)?)
-    }
-
-    /// Checks every key's value; [`Config::load`] already did.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let m = &self.model;
-        check(
-            "model.image_size",
-            m.image_size,
-            [16, 32, 64, 128].contains(&m.image_size),
-            "one of 16, 32, 64, 128",
-        )?;
-        check("model.nz", m.nz, m.nz > 0, "a positive integer")?;
-        check("model.ngf", m.ngf, m.ngf > 0, "a positive integer")?;
-        check("model.ndf", m.ndf, m.ndf > 0, "a positive integer")?;
-        let t = &self.train;
-        check("train.steps", t.steps, t.steps > 0, "a positive integer")?;
-        check(
-            "train.batch_size",
-            t.batch_size,
-            t.batch_size > 0,
-            "a positive integer",
-        )?;
-        check(
-            "train.lr",
-            t.lr,
-            t.lr > 0.0 && t.lr.is_finite(),
-            "a positive number",
-        )?;
-        check(
-            "train.beta1",
-            t.beta1,
-            (0.0..1.0).contains(&t.beta1),
-            "in [0, 1)",
-        )?;
-        check(
-            "train.beta2",
-            t.beta2,
-            (0.0..1.0).contains(&t.beta2),
-            "in [0, 1)",
-        )?;
-        check(
-            "train.log_every",
-            t.log_every,
-            t.log_every > 0,
-            "a positive integer",
-        )?;
-        let d = &self.data;
-        check(
-            "data.source",
-            &d.source,
-            !d.source.trim().is_empty(),
-            "`synthetic` or a folder of images",
-        )?;
-        check(
-            "data.synthetic_size",
-            d.synthetic_size,
-            d.synthetic_size > 0,
-            "a positive integer",
-        )?;
-        check(
-            "data.prefetch",
-            d.prefetch,
-            d.prefetch > 0,
-            "a positive integer",
-        )?;
-        let c = &self.checkpoint;
-        check(
-            "checkpoint.store",
-            &c.store,
-            ["s3://", "file://", "memory://"]
-                .iter()
-                .any(|scheme| c.store.starts_with(scheme)),
-            "a URL starting with s3://, file:// or memory://",
-        )?;
-        check(
-            "checkpoint.run",
-            &c.run,
-            !c.run.is_empty()
-                && c.run
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.".contains(ch)),
-            "a non-empty id of letters, digits, `-`, `_` and `.`",
-        )?;
-        check("checkpoint.keep", c.keep, c.keep > 0, "a positive integer")?;
-        let co = &self.coordinator;
-        check(
-            "coordinator.heartbeat_interval_s",
-            co.heartbeat_interval_s,
-            co.heartbeat_interval_s > 0,
-            "a positive integer",
-        )?;
-        check(
-            "coordinator.heartbeat_timeout_s",
-            co.heartbeat_timeout_s,
-            co.heartbeat_timeout_s >= 2 * co.heartbeat_interval_s,
-            "at least twice coordinator.heartbeat_interval_s, so one late heartbeat is not a loss",
-        )?;
-        check(
-            "coordinator.step_timeout_s",
-            co.step_timeout_s,
-            co.step_timeout_s > 0,
-            "a positive integer, longer than the slowest step",
-        )?;
-        check(
-            "coordinator.max_connections",
-            co.max_connections,
-            co.max_connections > 0,
-            "a positive integer (at least the number of workers)",
-        )?;
-        check(
-            "coordinator.handshake_timeout_s",
-            co.handshake_timeout_s,
-            co.handshake_timeout_s > 0,
-            "a positive integer",
-        )?;
-        let tls = &self.tls;
-        check(
-            "tls.server_key",
-            &tls.server_key,
-            tls.server_cert.is_some() == tls.server_key.is_some(),
-            "set together with tls.server_cert (both or neither)",
-        )?;
-        check(
-            "tls.client_key",
-            &tls.client_key,
-            tls.client_cert.is_some() == tls.client_key.is_some(),
-            "set together with tls.client_cert (both or neither)",
-        )?;
-        check(
-            "tls.client_ca",
-            &tls.client_ca,
-            tls.client_ca.is_none() || tls.serves(),
-            "only with tls.server_cert and tls.server_key: mutual TLS needs TLS",
-        )
-    }
-}
-
-fn check<T: std::fmt::Debug>(
-    key: &'static str,
-    value: T,
-    ok: bool,
-    expected: &'static str,
-) -> Result<(), ConfigError> {
-    if ok {
-        Ok(())
-    } else {
-        Err(ConfigError::Invalid {
-            key,
-            value: format!("{value:?}"),
-            expected,
-        })
-    }
 }
 
 #[cfg(test)]
@@ -672,7 +527,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn env(pairs: &[(&str, &str)]) -> Option<config::Map<String, String>> {
+    fn env(pairs: &[(&str, &str)]) -> Option<std::collections::HashMap<String, String>> {
         Some(
             pairs
                 .iter()
@@ -793,6 +648,85 @@ mod tests {
         .to_string();
         assert!(
             err.contains("coordinator.heartbeat_timeout_s") && err.contains("twice"),
+            "{err}"
+        );
+    }
+
+    /// Types are kept: nothing is rounded, truncated or read as a boolean.
+    #[test]
+    fn values_of_the_wrong_type_are_refused_not_coerced() {
+        for (text, key) in [
+            ("[train]\nsteps = 1.5\n", "train.steps"),
+            ("[model]\nimage_size = 32.4\n", "model.image_size"),
+            ("[model]\nimage_size = true\n", "model.image_size"),
+            (
+                "[checkpoint.s3]\nallow_http = \"yes\"\n",
+                "checkpoint.s3.allow_http",
+            ),
+            (
+                "[checkpoint.s3]\nallow_http = 1\n",
+                "checkpoint.s3.allow_http",
+            ),
+        ] {
+            let file = toml_file(text);
+            let err = Config::load_with_env(Some(file.path()), &[], env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("`{key}`")) && err.contains("invalid type"),
+                "{text}: {err}"
+            );
+        }
+        for (variable, value) in [
+            ("GANCLUSTER__TRAIN__STEPS", "1.5"),
+            ("GANCLUSTER__CHECKPOINT__S3__ALLOW_HTTP", "yes"),
+            ("GANCLUSTER__CHECKPOINT__S3__ALLOW_HTTP", "1"),
+        ] {
+            let err = Config::load_with_env(None, &[], env(&[(variable, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(&format!("from {variable}")), "{err}");
+        }
+        let digits =
+            Config::load_with_env(None, &[], env(&[("GANCLUSTER__CHECKPOINT__RUN", "2024")]));
+        assert_eq!(
+            digits.unwrap().checkpoint.run,
+            "2024",
+            "a text key keeps digits as text"
+        );
+    }
+
+    /// Every size has a bound, checked at load time.
+    #[test]
+    fn out_of_range_values_are_refused_naming_the_range() {
+        for (key, value, says) in [
+            ("allreduce.chunk_bytes", "0", "from 1024"),
+            ("data.prefetch", "1000000000000", "from 1 to 64"),
+            ("data.synthetic_size", "1000000000000", "from 1 to 10000000"),
+            ("coordinator.join_timeout_s", "0", "from 1 to 86400"),
+            ("checkpoint.run", "..", "not starting with `.`"),
+            ("train.batch_size", "0", "from 1 to 65536"),
+            (
+                "checkpoint.s3.endpoint",
+                "http://minio:9000",
+                "plain http://",
+            ),
+        ] {
+            let err = Config::load_with_env(None, &[(key, value.into())], env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(says), "{key} = {value}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_toml_is_located() {
+        let file = toml_file("[train\nsteps = 3\n");
+        let err = Config::load_with_env(Some(file.path()), &[], env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is not valid TOML") && err.contains("line 1"),
             "{err}"
         );
     }
