@@ -28,9 +28,9 @@ bench-step:
 
 # All-reduce through the coordinator vs a raw loopback socket pump, then PyTorch gloo.
 bench-allreduce:
-    cargo bench -p coordinator --bench allreduce -- --world 2,4,8 --sizes 1,11.1,14.3,25.4 --iters 10
-    python3 ../shared/bench/gloo_allreduce.py --world 2,4,8 --sizes 1,11.1,14.3,25.4
-    python3 ../shared/bench/gloo_allreduce.py --world 2,4,8 --sizes 1,11.1,14.3,25.4 --bf16
+    cargo bench -p coordinator --bench allreduce -- --world 2,4,8 --models 64 --iters 10
+    python3 ../shared/bench/gloo_allreduce.py --world 2,4,8 --sizes 11.1,14.3,25.4
+    python3 ../shared/bench/gloo_allreduce.py --world 2,4,8 --sizes 11.1,14.3,25.4 --bf16
 
 # Checkpoint write/read time (local S3 server and file://) and training stall
 bench-checkpoint:
@@ -43,7 +43,8 @@ gpu-build:
 # The GPU check rehearsed on this machine's CPU build at tiny sizes.
 gpu-rehearse:
     cargo build --release -p worker -p coordinator
-    mkdir -p target/gpu-rehearsal/bin target/gpu-rehearsal/cpu
+    rm -rf target/gpu-rehearsal && mkdir -p target/gpu-rehearsal/bin target/gpu-rehearsal/cpu
     cp target/release/worker target/release/coordinator target/gpu-rehearsal/bin/
     cp target/release/worker target/gpu-rehearsal/cpu/
+    xz -1 -T0 target/gpu-rehearsal/bin/* target/gpu-rehearsal/cpu/*
     OUT=target/gpu-rehearsal/out GPU_BIN=target/gpu-rehearsal scripts/gpu-check.sh --cpu

@@ -4,15 +4,16 @@
 #
 #   scripts/gpu-build.sh            # here, before asking for device time
 #
-# .gpu/bin/worker       release worker with --features cuda (stripped)
-# .gpu/bin/coordinator  release coordinator, beside the CUDA worker it launches
-# .gpu/cpu/worker       release CPU worker of the same commit (backend comparison)
+# .gpu/bin/worker.xz       release worker with --features cuda (stripped, xz)
+# .gpu/bin/coordinator.xz  release coordinator, beside the CUDA worker it launches
+# .gpu/cpu/worker.xz       release CPU worker of the same commit (backend comparison)
 # .gpu/dcgan_torch_step.py  PyTorch's anchor, from ../shared/bench/
 # .gpu/gpu-check.sh     the check itself (scripts/gpu-check.sh)
 #
-# Time on this 2-core machine (2026-11-27): the CUDA release build from a
-# cold target/ took about 24 min; with target/ warm, a rebuild after a change
-# to our crates takes 1-3 min. See scripts/README.md.
+# Time on this 2-core machine (2026-11-27): from a cold target/, the CUDA and
+# CPU release builds together took 33.5 min (2013 s, with another build
+# competing part of the time); with target/ warm, a rebuild after a change
+# to our crates takes minutes. See scripts/README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GPU=.gpu
@@ -31,6 +32,9 @@ cargo build --release -p worker -p coordinator
 cp target/release/worker "$GPU/cpu/worker"
 cp target/release/coordinator "$GPU/bin/coordinator"
 strip "$GPU/bin/worker" "$GPU/cpu/worker" "$GPU/bin/coordinator"
+# Stripped, the three binaries are about 80 MiB, over what a run may carry:
+# xz brings them to about a quarter; gpu-check.sh unpacks them on the device.
+xz -9 -T0 "$GPU/bin/worker" "$GPU/cpu/worker" "$GPU/bin/coordinator"
 cp "$ANCHOR" "$GPU/"
 cp scripts/gpu-check.sh "$GPU/"
 

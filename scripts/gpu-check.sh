@@ -7,8 +7,9 @@
 # Binaries come from the folder this script sits in (scripts/gpu-build.sh puts
 # it in .gpu/ with them) or from GPU_BIN: GPU_BIN/bin/{coordinator,worker} (the
 # worker under test, CUDA on the device) and GPU_BIN/cpu/worker (the CPU build
-# of the same commit, for the backend comparison). GPU_BIN/dcgan_torch_step.py
-# is PyTorch's anchor.
+# of the same commit, for the backend comparison), each possibly xz-compressed
+# (name.xz), as gpu-build.sh ships them. GPU_BIN/dcgan_torch_step.py is
+# PyTorch's anchor.
 #
 # Writes at most 8 files under $OUT and prints a short table last:
 #   gpu-check.log        every command and its output
@@ -40,9 +41,24 @@ TABLE=$OUT/table.md
 : >"$LOG"; : >"$RESULTS"
 export RUST_LOG=info
 
-COORDINATOR=$BIN/bin/coordinator
-WORKER=$BIN/bin/worker
-CPU_WORKER=$BIN/cpu/worker
+# Unpacks name.xz into $WORK (xz, or Python's lzma where xz is missing).
+RUN=$BIN
+if [ -e "$BIN/bin/worker.xz" ]; then
+  RUN=$WORK/unpacked
+  mkdir -p "$RUN/bin" "$RUN/cpu"
+  for f in bin/coordinator bin/worker cpu/worker; do
+    if command -v xz >/dev/null; then
+      xz -dc "$BIN/$f.xz" >"$RUN/$f"
+    else
+      python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' \
+        "$BIN/$f.xz" >"$RUN/$f"
+    fi || { echo "cannot unpack $BIN/$f.xz" >&2; exit 2; }
+    chmod +x "$RUN/$f"
+  done
+fi
+COORDINATOR=$RUN/bin/coordinator
+WORKER=$RUN/bin/worker
+CPU_WORKER=$RUN/cpu/worker
 for f in "$COORDINATOR" "$WORKER" "$CPU_WORKER"; do
   [ -x "$f" ] || { echo "missing $f: run scripts/gpu-build.sh first (or set GPU_BIN)" >&2; exit 2; }
 done
