@@ -273,6 +273,39 @@ impl Checkpoints {
         Ok(())
     }
 
+    /// The [`TrainingState`] of checkpoint `step`, verified against its
+    /// manifest, without downloading the rest.
+    pub async fn read_state(&self, step: u64) -> Result<TrainingState, CheckpointError> {
+        let manifest = self.manifest(step).await?;
+        let entry = manifest
+            .objects
+            .iter()
+            .find(|e| e.name == STATE)
+            .ok_or_else(|| CheckpointError::Missing {
+                checkpoint: name(step),
+                object: STATE.into(),
+            })?;
+        let data = self
+            .store
+            .get(&format!("{}/{STATE}", self.folder(step)))
+            .await?;
+        let actual = hash(data.clone()).await;
+        if actual != entry.sha256 || data.len() as u64 != entry.size {
+            return Err(CheckpointError::Corrupt {
+                checkpoint: name(step),
+                object: STATE.into(),
+                expected: entry.sha256.clone(),
+                actual,
+                expected_size: entry.size,
+                actual_size: data.len() as u64,
+            });
+        }
+        serde_json::from_slice(&data).map_err(|e| CheckpointError::State {
+            checkpoint: name(step),
+            reason: e.to_string(),
+        })
+    }
+
     /// The manifest of checkpoint `step`, which must describe that step.
     async fn manifest(&self, step: u64) -> Result<Manifest, CheckpointError> {
         let checkpoint = name(step);

@@ -206,12 +206,15 @@ async fn through_coordinator(
         .await
         .expect("plan");
     let server = tokio::spawn(coordinator::run_on(
-        listeners,
-        cfg,
-        mode,
-        plan,
-        1,
-        None,
+        coordinator::Generation {
+            listeners,
+            cfg,
+            mode,
+            plan,
+            number: 1,
+            lease: None,
+            options: coordinator::Options::default(),
+        },
         std::future::pending,
     ));
     let outputs = spawn_clients(world, |rank| {

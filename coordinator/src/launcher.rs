@@ -1,10 +1,11 @@
 //! Local mode: start the worker processes, label their output, watch them.
 //!
 //! Like torchrun, the coordinator runs `N` copies of the `worker` binary
-//! that sits next to its own executable, prefixes each line they print with
-//! `[rank r]`, and turns a crashed worker into a run failure. Children are
-//! killed when the launcher is dropped, so a failing coordinator leaves
-//! nothing running.
+//! that sits next to its own executable, writes every line they print to
+//! `<output.dir>/logs/rank-N.log`, echoes the ones that matter `[rank
+//! r]`-prefixed ([`crate::display`]), and turns a crashed worker into a run
+//! failure. Children are killed when the launcher is dropped, so a failing
+//! coordinator leaves nothing running.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::CoordinatorError;
+use crate::display::{self, Echo};
 use crate::error::GroupFailure;
 use crate::service::Event;
 
@@ -39,34 +41,58 @@ pub fn worker_binary() -> Result<PathBuf, CoordinatorError> {
     }
 }
 
+/// What the local workers are started with.
+pub struct Spec<'a> {
+    /// How many.
+    pub workers: usize,
+    /// The coordinator's address for them (its Unix socket).
+    pub address: &'a str,
+    /// The run's token.
+    pub token: &'a str,
+    /// The effective configuration file they read.
+    pub config: &'a Path,
+    /// Environment variables holding secrets (never in the config file).
+    pub secrets: &'a [(&'a str, &'a str)],
+    /// More `worker train` flags (e.g. `--eval-images N`).
+    pub args: &'a [String],
+    /// The run's output folder: each rank logs to `logs/rank-N.log` in it.
+    pub output: &'a Path,
+    /// Which of their lines reach the coordinator's terminal.
+    pub echo: &'a Echo,
+}
+
 impl Launcher {
-    /// Starts `workers` processes training with `config` against the
-    /// coordinator at `address`, with `secrets` in their environment (the
-    /// config file never holds them); failures arrive on `events`.
-    pub fn spawn(
-        workers: usize,
-        address: &str,
-        token: &str,
-        config: &Path,
-        secrets: &[(&str, &str)],
-        events: mpsc::Sender<Event>,
-    ) -> Result<Self, CoordinatorError> {
+    /// Starts the workers `spec` describes; failures arrive on `events`.
+    pub fn spawn(spec: &Spec<'_>, events: mpsc::Sender<Event>) -> Result<Self, CoordinatorError> {
         let binary = worker_binary()?;
         let (stop, _) = watch::channel(false);
-        let mut watchers = Vec::with_capacity(workers);
-        for rank in 0..workers {
+        let mut watchers = Vec::with_capacity(spec.workers);
+        for rank in 0..spec.workers {
+            let log_name = format!("rank-{rank}.log");
+            let log = display::log_file(spec.output, &log_name).map_err(|source| {
+                CoordinatorError::Output {
+                    path: display::logs_dir(spec.output).join(&log_name),
+                    source,
+                }
+            })?;
+            let sink = Sink {
+                rank,
+                file: Arc::new(Mutex::new(log)),
+                echo: spec.echo.clone(),
+            };
             let mut child = Command::new(&binary)
                 .args([
                     "train",
                     "--coordinator",
-                    address,
+                    spec.address,
                     "--rank",
                     &rank.to_string(),
                     "--config",
                 ])
-                .arg(config)
-                .env("GANCLUSTER_TOKEN", token)
-                .envs(secrets.iter().copied())
+                .arg(spec.config)
+                .args(spec.args)
+                .env("GANCLUSTER_TOKEN", spec.token)
+                .envs(spec.secrets.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -78,8 +104,8 @@ impl Launcher {
                 .map_err(|source| CoordinatorError::Spawn { rank, source })?;
             let last_words = LastWords::default();
             let output = [
-                forward(child.stdout.take(), rank, None),
-                forward(child.stderr.take(), rank, Some(last_words.clone())),
+                forward(child.stdout.take(), sink.clone(), None),
+                forward(child.stderr.take(), sink, Some(last_words.clone())),
             ];
             watchers.push(tokio::spawn(watch_child(
                 Watched {
@@ -183,11 +209,31 @@ async fn watch_child(
     }
 }
 
-/// Copies a child's output to our stderr, one `[rank r]`-prefixed line at
-/// a time, remembering its last error report when `last_words` is given.
+/// Where one rank's lines go: all to its log file, some to the terminal.
+#[derive(Clone)]
+struct Sink {
+    rank: usize,
+    file: Arc<Mutex<std::fs::File>>,
+    echo: Echo,
+}
+
+impl Sink {
+    fn line(&self, line: &str) {
+        // A full disk must not stop training; the terminal still gets the line.
+        let _ = writeln!(self.file.lock().expect("log file lock"), "{line}");
+        if self.echo.echoes(self.rank, line) {
+            // Whole lines, `[rank r]`-prefixed as torchrun's: ranks never
+            // interleave mid-line, and the progress display stays below them.
+            let _ = display::write_stderr(format!("[rank {}] {line}\n", self.rank).as_bytes());
+        }
+    }
+}
+
+/// Copies a child's output line by line into `sink`, remembering its last
+/// error report when `last_words` is given.
 fn forward(
     pipe: Option<impl AsyncRead + Unpin + Send + 'static>,
-    rank: usize,
+    sink: Sink,
     last_words: Option<LastWords>,
 ) -> Option<JoinHandle<()>> {
     let pipe = pipe?;
@@ -197,9 +243,7 @@ fn forward(
             if let Some(words) = &last_words {
                 words.hear(&line);
             }
-            // Forwarding child output is the launcher's job, as torchrun's
-            // `[rank0]:` prefixes are: write whole lines so ranks never interleave mid-line.
-            let _ = writeln!(std::io::stderr().lock(), "[rank {rank}] {line}");
+            sink.line(&line);
         }
     }))
 }

@@ -8,6 +8,7 @@
 pub mod allreduce;
 pub mod auth;
 pub mod connections;
+pub mod display;
 pub mod error;
 pub mod launcher;
 pub mod peers;
@@ -20,9 +21,10 @@ pub mod run;
 pub mod schedule;
 pub mod server;
 pub mod service;
+pub mod summary;
 pub mod supervise;
 
 pub use error::{CoordinatorError, GroupFailure};
 pub use resume::ResumePolicy;
-pub use run::{Mode, Outcome, run, run_on};
+pub use run::{Generation, Mode, Options, Outcome, Report, run, run_on};
 pub use server::Listeners;

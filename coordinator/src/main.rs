@@ -1,7 +1,9 @@
 //! `coordinator`: trains with N local worker processes, or waits for N
 //! external workers (Kubernetes), and all-reduces their gradients.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
@@ -9,7 +11,8 @@ use common::ConfigError;
 use common::cli::ConfigArgs;
 use common::logging::{self, LogFormat};
 use common::report;
-use coordinator::{CoordinatorError, Mode, ResumePolicy};
+use coordinator::display::{self, Echo, Verbosity};
+use coordinator::{CoordinatorError, Mode, Options, ResumePolicy, summary};
 
 #[derive(Parser)]
 #[command(
@@ -43,6 +46,21 @@ struct Cli {
     /// `human` lines or one `json` object per line.
     #[arg(long, default_value = "human")]
     log_format: LogFormat,
+    /// Echo every worker line on the terminal too (they always go to
+    /// <output.dir>/logs/rank-N.log).
+    #[arg(short, long, conflicts_with = "quiet")]
+    verbose: bool,
+    /// Only errors and the final summary: no progress display, no worker
+    /// lines but errors.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Echo only these ranks' lines (comma-separated), e.g. --echo-ranks 0.
+    #[arg(long, value_delimiter = ',')]
+    echo_ranks: Option<Vec<usize>>,
+    /// Local mode: rank 0 measures SWD against this many held-out images
+    /// at each checkpoint and at the end (0: not measured).
+    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100_000))]
+    eval_images: usize,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -51,7 +69,6 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format;
-    logging::init(format);
     common::tls::install_crypto();
     match train(cli).await {
         Ok(()) => ExitCode::from(report::SUCCESS),
@@ -78,11 +95,38 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 async fn train(cli: Cli) -> anyhow::Result<()> {
+    let started = Instant::now();
     let cfg = cli.config.load()?;
     if cli.config.print_config {
         print!("{}", cfg.to_toml()?);
         return Ok(());
     }
+    let verbosity = match (cli.verbose, cli.quiet) {
+        (true, _) => Verbosity::Verbose,
+        (_, true) => Verbosity::Quiet,
+        _ => Verbosity::Normal,
+    };
+    let echo = Echo {
+        terminal: cli.log_format == LogFormat::Human && std::io::stderr().is_terminal(),
+        verbosity,
+        ranks: cli.echo_ranks,
+    };
+    let default_level = if verbosity == Verbosity::Quiet {
+        "warn"
+    } else {
+        "info"
+    };
+    let log = display::log_file(&cfg.output.dir, "coordinator.log").with_context(|| {
+        format!(
+            "creating {} (output.dir, --out)",
+            display::logs_dir(&cfg.output.dir).display()
+        )
+    })?;
+    logging::init_with(cli.log_format, default_level, display::Screen, Some(log));
+    tracing::info!(
+        logs = %display::logs_dir(&cfg.output.dir).display(),
+        "every line of the coordinator and of each rank is in logs/coordinator.log and logs/rank-N.log"
+    );
     anyhow::ensure!(cli.workers > 0, "--workers must be at least 1");
     let mode = if cli.external {
         let token = cli.token.ok_or(CoordinatorError::MissingToken)?;
@@ -100,14 +144,27 @@ async fn train(cli: Cli) -> anyhow::Result<()> {
         (None, true) => ResumePolicy::Fresh { force: cli.force },
         (None, false) => ResumePolicy::Latest,
     };
-    match coordinator::run(cfg, mode, policy, cli.break_lease, shutdown_signal).await {
+    let options = Options {
+        echo,
+        eval_images: cli.eval_images,
+        break_lease: cli.break_lease,
+    };
+    match coordinator::run(cfg.clone(), mode, policy, &options, shutdown_signal).await {
+        Ok(report) => {
+            let text = summary::summary(&report, &cfg, started.elapsed());
+            match cli.log_format {
+                LogFormat::Human => eprintln!("{text}"),
+                LogFormat::Json => tracing::info!(summary = %text, "summary"),
+            }
+            Ok(())
+        }
         // Nothing was asked that is not already done: a Job restarted
         // after success must stay successful.
         Err(done @ CoordinatorError::AlreadyDone { .. }) => {
             tracing::info!("{done}");
             Ok(())
         }
-        outcome => outcome.map(|_| ()).context("training failed"),
+        Err(err) => Err(err).context("training failed"),
     }
 }
 

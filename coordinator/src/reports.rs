@@ -36,6 +36,10 @@ pub struct StepSummary {
     pub d_loss: f32,
     /// Rank 0's generator loss.
     pub g_loss: f32,
+    /// Rank 0's mean D(x) on real images.
+    pub d_real: f32,
+    /// Rank 0's mean D(G(z)) on fakes.
+    pub d_fake: f32,
     /// Images per second over all ranks.
     pub images_per_s: f64,
     /// The slowest rank's all-reduce wait.
@@ -149,6 +153,8 @@ fn summarise(step: u64, reports: &[pb::StepReport]) -> Result<StepSummary, Diver
         epoch: first.epoch,
         d_loss: first.d_loss,
         g_loss: first.g_loss,
+        d_real: first.d_real,
+        d_fake: first.d_fake,
         images_per_s: reports.iter().map(|r| r.images_per_s).sum(),
         allreduce_ms: reports.iter().map(|r| r.allreduce_ms).fold(0.0, f64::max),
     })

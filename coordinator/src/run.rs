@@ -1,4 +1,5 @@
-//! One coordinator run: serve, (maybe) launch, supervise, stop.
+//! One coordinator run: lock it, serve, (maybe) launch, supervise, restart
+//! local groups that fail, stop.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,8 +14,10 @@ use common::store::Store;
 use tokio::sync::mpsc;
 
 use crate::CoordinatorError;
-use crate::launcher::Launcher;
+use crate::display::Echo;
+use crate::launcher::{self, Launcher};
 use crate::refusals::Refusals;
+use crate::reports::StepSummary;
 use crate::resume::{self, ResumePolicy};
 use crate::schedule::Schedule;
 use crate::server::{Listeners, Servers};
@@ -60,6 +63,36 @@ pub enum Outcome {
     },
 }
 
+/// What a run that ended well reports: the summary a person reads.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Group throughput over the last generation's steps (mean img/s).
+    pub images_per_s: f64,
+    /// The last step's summary.
+    pub last: Option<StepSummary>,
+    /// Times the group was started again.
+    pub restarts: u64,
+    /// Optimizer steps skipped for non-finite gradients.
+    pub skipped: u64,
+    /// The final checkpoint, once the store confirmed it.
+    pub checkpoint: Option<String>,
+    /// SWD of the final checkpoint, when rank 0 measured it.
+    pub swd: Option<f64>,
+}
+
+/// How a run is shown and launched, beyond its configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// What reaches the terminal.
+    pub echo: Echo,
+    /// Local mode: rank 0 measures SWD against this many held-out images.
+    pub eval_images: usize,
+    /// Take the run's lease over from another coordinator.
+    pub break_lease: bool,
+}
+
 /// Environment variable that hands the S3 secret to local workers, which
 /// read everything else from the saved config (that never contains it).
 const SECRET_ENV: &str = "GANCLUSTER__CHECKPOINT__S3__SECRET_ACCESS_KEY";
@@ -76,15 +109,15 @@ const EVENT_QUEUE: usize = 1024;
 /// checkpoint, up to `coordinator.max_restarts` times, as torchrun does,
 /// unless a stop was asked for. (On Kubernetes the pods' restart policy
 /// plays that part.) The output folder is locked and the run leased in its
-/// store for the whole run; `break_lease` takes over a lease another
-/// coordinator holds.
+/// store for the whole run; `options.break_lease` takes over a lease
+/// another coordinator holds.
 pub async fn run<S>(
     cfg: Config,
     mode: Mode,
     policy: ResumePolicy,
-    break_lease: bool,
+    options: &Options,
     mut shutdown: impl FnMut() -> S,
-) -> Result<Outcome, CoordinatorError>
+) -> Result<Report, CoordinatorError>
 where
     S: Future<Output = ()>,
 {
@@ -92,10 +125,10 @@ where
     let store = Store::open(&cfg.checkpoint).map_err(CheckpointError::from)?;
     store.check().await.map_err(CheckpointError::from)?;
     let ttl = Duration::from_secs(cfg.checkpoint.lease_s);
-    let lease = Lease::acquire(&store, &cfg.checkpoint.run, ttl, break_lease).await?;
-    let outcome = generations(cfg, mode, policy, &lease, &mut shutdown).await;
+    let lease = Lease::acquire(&store, &cfg.checkpoint.run, ttl, options.break_lease).await?;
+    let report = generations(cfg, mode, policy, &lease, options, &mut shutdown).await;
     lease.release().await;
-    outcome
+    report
 }
 
 /// The generations of one run: the first, and the restarts local mode makes.
@@ -104,8 +137,9 @@ async fn generations<S>(
     mode: Mode,
     policy: ResumePolicy,
     lease: &Lease,
+    options: &Options,
     mut shutdown: impl FnMut() -> S,
-) -> Result<Outcome, CoordinatorError>
+) -> Result<Report, CoordinatorError>
 where
     S: Future<Output = ()>,
 {
@@ -131,12 +165,15 @@ where
         let plan = resume::plan(&cfg, &policy, mode.workers()).await?;
         let listeners = Listeners::bind(&cfg, local).await?;
         let outcome = run_on(
-            listeners,
-            cfg.clone(),
-            mode.clone(),
-            plan,
-            generation,
-            Some(lease),
+            Generation {
+                listeners,
+                cfg: cfg.clone(),
+                mode: mode.clone(),
+                plan,
+                number: generation,
+                lease: Some(lease),
+                options: options.clone(),
+            },
             &mut watched_shutdown,
         )
         .await;
@@ -157,26 +194,51 @@ where
                 policy = ResumePolicy::Latest;
                 generation += 1;
             }
-            other => return other,
+            other => {
+                return other.map(|report| Report {
+                    restarts: generation - 1,
+                    ..report
+                });
+            }
         }
     }
 }
 
-/// One generation of [`run`], on already bound listeners (tests and
-/// benchmarks bind port 0 first) and an already planned start
-/// ([`resume::plan`]); it does not restart.
+/// What one generation is started with.
+pub struct Generation<'a> {
+    /// Where it serves (tests and benchmarks bind port 0 first).
+    pub listeners: Listeners,
+    /// The run's configuration.
+    pub cfg: Config,
+    /// Where its workers come from.
+    pub mode: Mode,
+    /// Where it starts ([`resume::plan`]).
+    pub plan: (Checkpoints, resume::StartPoint),
+    /// 1, 2… as the group restarts.
+    pub number: u64,
+    /// The run's lease, if it holds one.
+    pub lease: Option<&'a Lease>,
+    /// Display and launch options.
+    pub options: Options,
+}
+
+/// One generation of [`run`]; it does not restart.
 pub async fn run_on<S>(
-    listeners: Listeners,
-    cfg: Config,
-    mode: Mode,
-    (checkpoints, start): (Checkpoints, resume::StartPoint),
-    generation: u64,
-    lease: Option<&Lease>,
+    generation: Generation<'_>,
     shutdown: impl FnMut() -> S,
-) -> Result<Outcome, CoordinatorError>
+) -> Result<Report, CoordinatorError>
 where
     S: Future<Output = ()>,
 {
+    let Generation {
+        listeners,
+        cfg,
+        mode,
+        plan: (checkpoints, start),
+        number: generation,
+        lease,
+        options,
+    } = generation;
     let workers = mode.workers();
     let secret = match &mode {
         Mode::Local(_) => format!("{:032x}", rand::random::<u128>()),
@@ -219,14 +281,21 @@ where
                 true => vec![],
                 false => vec![(SECRET_ENV, s3_secret)],
             };
-            Some(Launcher::spawn(
-                n,
-                &local_address,
-                &secret,
-                &config_path,
-                &secrets,
-                events_tx,
-            )?)
+            let args = match options.eval_images {
+                0 => vec![],
+                n => vec!["--eval-images".to_string(), n.to_string()],
+            };
+            let spec = launcher::Spec {
+                workers: n,
+                address: &local_address,
+                token: &secret,
+                config: &config_path,
+                secrets: &secrets,
+                args: &args,
+                output: &cfg.output.dir,
+                echo: &options.echo,
+            };
+            Some(Launcher::spawn(&spec, events_tx)?)
         }
         Mode::External { .. } => None,
     };
@@ -238,6 +307,7 @@ where
         workers,
         first_step,
         lease,
+        echo: &options.echo,
     };
     let outcome = watch.supervise(events, shutdown).await;
     if let Err(err) = &outcome {

@@ -16,9 +16,11 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep};
 use tracing::info;
 
+use crate::display::Echo;
 use crate::error::{CoordinatorError, GroupFailure};
 use crate::progress::Progress;
-use crate::run::Outcome;
+use crate::reports::StepSummary;
+use crate::run::{Outcome, Report};
 use crate::schedule::Schedule;
 use crate::service::{Event, Group};
 
@@ -54,6 +56,8 @@ pub enum Next {
 pub struct Lifecycle {
     phase: Phase,
     done: u64,
+    last: Option<StepSummary>,
+    throughput: (f64, u64),
     finished: Vec<bool>,
     committed: Option<u64>,
     failed_checkpoint: Option<(u64, String)>,
@@ -65,6 +69,8 @@ impl Lifecycle {
         Self {
             phase: Phase::Forming,
             done: first_step,
+            last: None,
+            throughput: (0.0, 0),
             finished: vec![false; workers],
             committed: None,
             failed_checkpoint: None,
@@ -97,6 +103,9 @@ impl Lifecycle {
             }
             Event::StepDone(summary) => {
                 self.done = summary.step + 1;
+                self.throughput.0 += summary.images_per_s;
+                self.throughput.1 += 1;
+                self.last = Some(summary);
                 if self.done >= final_step {
                     self.phase = Phase::Finishing;
                 }
@@ -148,6 +157,17 @@ impl Lifecycle {
         self.failed_checkpoint = Some((step, reason));
     }
 
+    /// The last step's summary.
+    pub fn last(&self) -> Option<&StepSummary> {
+        self.last.as_ref()
+    }
+
+    /// Mean group throughput over the steps this generation trained.
+    pub fn images_per_s(&self) -> f64 {
+        let (sum, steps) = self.throughput;
+        if steps == 0 { 0.0 } else { sum / steps as f64 }
+    }
+
     /// The newest checkpoint committed in this generation.
     pub fn committed(&self) -> Option<u64> {
         self.committed
@@ -176,6 +196,8 @@ pub struct Supervision<'a> {
     /// The run's lease, when the run holds one: losing it ends the run at
     /// once, without writing anything more.
     pub lease: Option<&'a Lease>,
+    /// What reaches the terminal.
+    pub echo: &'a Echo,
 }
 
 impl Supervision<'_> {
@@ -185,7 +207,7 @@ impl Supervision<'_> {
         &self,
         mut events: mpsc::Receiver<Event>,
         mut shutdown: impl FnMut() -> S,
-    ) -> Result<Outcome, CoordinatorError> {
+    ) -> Result<Report, CoordinatorError> {
         let (cfg, group, workers) = (self.cfg, self.group, self.workers);
         let co = &cfg.coordinator;
         let join_timeout = Duration::from_secs(co.join_timeout_s);
@@ -202,7 +224,13 @@ impl Supervision<'_> {
         };
         tokio::pin!(join_deadline, clock, signal, lease_lost);
         let mut life = Lifecycle::new(workers, self.first_step);
-        let progress = Progress::new(cfg.train.steps, cfg.train.log_every, self.first_step);
+        let progress = Progress::new(
+            cfg.train.steps,
+            cfg.train.log_every,
+            self.first_step,
+            workers,
+            self.echo,
+        );
         loop {
             let phase = life.phase();
             tokio::select! {
@@ -223,7 +251,10 @@ impl Supervision<'_> {
                     match life.on(event, self.schedule.final_step()) {
                         Next::Continue => {}
                         Next::Commit(step) => match self.commit(step).await {
-                            Ok(()) => life.checkpoint_committed(step),
+                            Ok(()) => {
+                                life.checkpoint_committed(step);
+                                progress.checkpoint(checkpoint::name(step));
+                            }
                             Err(reason) => life.checkpoint_failed(step, reason),
                         },
                         Next::Conclude => {
@@ -344,7 +375,7 @@ impl Supervision<'_> {
     }
 
     /// Success only when the last checkpoint asked for is in the store.
-    async fn outcome(&self, life: &Lifecycle) -> Result<Outcome, CoordinatorError> {
+    async fn outcome(&self, life: &Lifecycle) -> Result<Report, CoordinatorError> {
         let committed = life.committed();
         let wanted = self.schedule.last_checkpoint();
         if let Some(step) = wanted.filter(|w| Some(*w) != committed) {
@@ -366,21 +397,40 @@ impl Supervision<'_> {
                 "optimizer steps were skipped for non-finite gradients"
             );
         }
-        match self.schedule.stopped_after() {
+        let outcome = match self.schedule.stopped_after() {
             Some(steps) => {
                 info!(
                     steps,
                     "stopped on request after checkpointing; run the same command to resume"
                 );
-                Ok(Outcome::Stopped { steps })
+                Outcome::Stopped { steps }
             }
             None => {
                 info!(steps = self.cfg.train.steps, "training finished");
-                Ok(Outcome::Finished {
+                Outcome::Finished {
                     steps: self.cfg.train.steps,
-                })
+                }
             }
-        }
+        };
+        let swd = match committed {
+            Some(step) => match self.checkpoints.read_state(step).await {
+                Ok(state) => state.swd,
+                Err(error) => {
+                    tracing::warn!(%error, "could not read the final checkpoint's state for the summary");
+                    None
+                }
+            },
+            None => None,
+        };
+        Ok(Report {
+            outcome,
+            images_per_s: life.images_per_s(),
+            last: life.last().cloned(),
+            restarts: 0,
+            skipped,
+            checkpoint: committed.map(|step| self.checkpoints.location(step)),
+            swd,
+        })
     }
 }
 
@@ -395,6 +445,8 @@ mod tests {
             epoch: 0,
             d_loss: 1.0,
             g_loss: 1.0,
+            d_real: 0.5,
+            d_fake: 0.5,
             images_per_s: 1.0,
             allreduce_ms: 1.0,
         })

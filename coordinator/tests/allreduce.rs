@@ -119,12 +119,15 @@ async fn check(world: usize, format: WireFormat) {
         .await
         .unwrap();
     let server = tokio::spawn(coordinator::run_on(
-        listeners,
-        cfg.clone(),
-        mode,
-        plan,
-        1,
-        None,
+        coordinator::Generation {
+            listeners,
+            cfg: cfg.clone(),
+            mode,
+            plan,
+            number: 1,
+            lease: None,
+            options: coordinator::Options::default(),
+        },
         std::future::pending,
     ));
 

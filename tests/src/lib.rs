@@ -7,6 +7,7 @@
 pub mod certs;
 pub mod client;
 pub mod moto;
+pub mod pty;
 pub mod s3;
 
 use std::io::Read;

@@ -279,6 +279,8 @@ impl StepSync for Remote<'_> {
             epoch: record.epoch,
             d_loss: record.losses.d_loss,
             g_loss: record.losses.g_loss,
+            d_real: record.losses.d_real,
+            d_fake: record.losses.d_fake,
             images_per_s: record.images_per_s,
             checksum,
             allreduce_ms: std::mem::take(&mut self.waited_ms),

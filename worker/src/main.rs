@@ -189,7 +189,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     tracing::info!(
         d_loss = summary.last.d_loss,
         g_loss = summary.last.g_loss,
-        images_per_s = format!("{:.1}", summary.images_per_s),
+        images_per_s = summary.images_per_s,
         skipped = summary.skipped,
         out = %cfg.output.dir.display(),
         "training finished"

@@ -28,6 +28,8 @@ use crate::training::{GradientReducer, LocalReducer, StepLosses, Trainer};
 pub const SAMPLES_PNG: &str = "samples.png";
 /// Per-step losses.
 pub const LOSSES_CSV: &str = "losses.csv";
+/// The loss curves of the whole run.
+pub const LOSS_PNG: &str = "loss.png";
 /// The effective configuration the run used.
 pub const CONFIG_TOML: &str = "config.toml";
 /// Final trainable parameters, G's then D's, as little-endian f32.
@@ -206,7 +208,7 @@ pub fn train(
                 g_loss = losses.g_loss,
                 d_real = losses.d_real,
                 d_fake = losses.d_fake,
-                images_per_s = format!("{:.1}", record.images_per_s),
+                images_per_s = record.images_per_s,
                 "step"
             );
         }
@@ -243,7 +245,7 @@ pub fn train(
         );
     }
     let swd = if writes {
-        write_results(trainer, out, size, cfg.train.seed)?;
+        write_results(trainer, out, size, cfg.train.seed, &history)?;
         match swd {
             Some((step, report)) if step == done => Some(report),
             _ => (eval_images > 0)
@@ -275,7 +277,11 @@ fn write_results(
     out: &Path,
     size: usize,
     seed: u64,
+    history: &[LossRow],
 ) -> anyhow::Result<()> {
+    let plot_path = out.join(LOSS_PNG);
+    std::fs::write(&plot_path, crate::plot::loss_png(history)?)
+        .with_context(|| format!("writing {}", plot_path.display()))?;
     let grid = trainer.sample_pixels(GRID_IMAGES, seed)?;
     let grid_path = out.join(SAMPLES_PNG);
     output::write_grid(&grid_path, &grid, size as u32)
