@@ -9,8 +9,9 @@ use crate::swd::{SwdReport, sliced_wasserstein};
 use crate::training::Trainer;
 
 /// Seed of the patch positions and projection directions, fixed so that
-/// two evaluations of one run are comparable.
-const SWD_SEED: u64 = 0x5744;
+/// two evaluations of one run are comparable (`worker swd --seed 22340`
+/// measures another trainer's images the same way).
+pub const SWD_SEED: u64 = 0x5744;
 /// Seed of the evaluation noise, distinct from the sample grid's.
 const EVAL_NOISE_SEED: u64 = 0xE7A1;
 
@@ -23,8 +24,18 @@ pub fn swd_against_held_out<B: AutodiffBackend>(
 ) -> anyhow::Result<SwdReport> {
     let size = cfg.model.image_size;
     let real = held_out_images(cfg, count)?;
-    let fake = trainer.sample_pixels(count, EVAL_NOISE_SEED)?;
+    let fake = quantized(trainer.sample_pixels(count, EVAL_NOISE_SEED)?);
     sliced_wasserstein(&fake, &real, size, SWD_SEED).context("computing SWD")
+}
+
+/// Generated pixels as the 8-bit images a user saves (and another trainer's
+/// PNGs are): real images went through 8 bits too, so both sides of the
+/// distance are measured alike.
+fn quantized(pixels: Vec<f32>) -> Vec<f32> {
+    pixels
+        .into_iter()
+        .map(|v| ((v + 1.0) * 127.5).round().clamp(0.0, 255.0) / 127.5 - 1.0)
+        .collect()
 }
 
 /// The first `count` validation images, preprocessed as for training.

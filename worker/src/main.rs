@@ -46,6 +46,9 @@ enum Command {
     /// Train K steps standalone and print the loss trajectory and parameter
     /// checksum; with --against, compare with another build's run.
     CheckBackend(Box<CheckArgs>),
+    /// Train a few steps and write the parity tapes for
+    /// scripts/parity/dcgan_parity.py; with --against, compare with its tape.
+    Parity(Box<ParityArgs>),
     /// Sliced Wasserstein Distance (ProGAN) between two image folders.
     Swd {
         /// First folder (e.g. generated images).
@@ -87,6 +90,21 @@ struct TrainArgs {
     /// After training, SWD against this many held-out images (0: skip).
     #[arg(long, default_value_t = 0, value_parser = bounded(0, 100_000))]
     eval_images: usize,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Args)]
+struct ParityArgs {
+    /// Folder for the `inputs` and `ours` tapes.
+    #[arg(long)]
+    tapes: PathBuf,
+    /// Steps to train (the comparison looks at steps 1, 2 and 10).
+    #[arg(long, default_value_t = 10, value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(10..=1000))]
+    parity_steps: u64,
+    /// Folder holding the reference `torch` tape: compare with it.
+    #[arg(long)]
+    against: Option<PathBuf>,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -143,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckBackend(args) => check_backend(*args),
+        Command::Parity(args) => parity(*args),
         Command::Swd {
             a,
             b,
@@ -197,6 +216,36 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(swd) = summary.swd {
         tracing::info!(%swd, "SWD x1e3 against held-out images");
     }
+    Ok(())
+}
+
+fn parity(args: ParityArgs) -> anyhow::Result<()> {
+    let cfg = args.config.load()?;
+    let (inputs, ours) = worker::parity::record(&cfg, args.parity_steps)?;
+    inputs.write(&args.tapes, "inputs")?;
+    ours.write(&args.tapes, "ours")?;
+    let Some(reference) = args.against else {
+        println!(
+            "wrote {0}/inputs and {0}/ours: now run scripts/parity/dcgan_parity.py {0}",
+            args.tapes.display()
+        );
+        return Ok(());
+    };
+    let differences =
+        worker::parity::compare(&ours, &worker::parity::Tape::read(&reference, "torch")?)?;
+    let mut failed = 0;
+    for d in &differences {
+        let verdict = if d.passes() { "ok" } else { "DIFFERS" };
+        failed += usize::from(!d.passes());
+        println!(
+            "{:<32} rel {:>9.2e}  max {:>9.2e}  tol {:>7.0e}  {verdict}",
+            d.name, d.relative, d.max_abs, d.tolerance
+        );
+    }
+    anyhow::ensure!(
+        failed == 0,
+        "{failed} tensors differ from the reference beyond their tolerance"
+    );
     Ok(())
 }
 

@@ -8,12 +8,14 @@
 //! many models a process builds concurrently.
 
 use burn::module::{Module, Param};
+use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig};
-use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d};
 use burn::tensor::activation::{leaky_relu, relu, tanh};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use common::config::ModelConfig;
+
+use crate::norm::BatchNorm;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
@@ -49,6 +51,45 @@ struct DownBlock<B: Backend> {
     norm: BatchNorm<B>,
 }
 
+/// One tensor of a network under the name PyTorch's reference
+/// `nn.Sequential` gives it (`0.weight`, `1.running_var`…), so the parity
+/// harness can load our weights into the reference modules and compare
+/// what comes back tensor by tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Named {
+    /// The `state_dict` key.
+    pub name: String,
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub values: Vec<f32>,
+    /// Whether it is a trainable parameter (its gradient is in the flat
+    /// gradient, in this order) rather than a running statistic.
+    pub trainable: bool,
+}
+
+fn named<B: Backend, const D: usize>(name: String, tensor: Tensor<B, D>, trainable: bool) -> Named {
+    Named {
+        name,
+        shape: tensor.dims().to_vec(),
+        values: tensor
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .expect("a float tensor"),
+        trainable,
+    }
+}
+
+fn named_norm<B: Backend>(index: usize, norm: &BatchNorm<B>) -> [Named; 4] {
+    [
+        named(format!("{index}.weight"), norm.gamma.val(), true),
+        named(format!("{index}.bias"), norm.beta.val(), true),
+        named(format!("{index}.running_mean"), norm.running_mean(), false),
+        named(format!("{index}.running_var"), norm.running_var(), false),
+    ]
+}
+
 /// Stride-2 layers between 4×4 and the image: 64 → 4, 16 → 2.
 fn depth(image_size: usize) -> usize {
     image_size.trailing_zeros() as usize - 2
@@ -78,9 +119,9 @@ impl<'a, B: Backend> WeightInit<'a, B> {
     }
 
     fn batch_norm(&mut self, channels: usize) -> BatchNorm<B> {
-        let mut norm = BatchNormConfig::new(channels).init(self.device);
-        norm.gamma = self.normal([channels], 1.0);
-        norm
+        let gamma = self.normal([channels], 1.0);
+        let beta = Param::from_tensor(Tensor::zeros([channels], self.device));
+        BatchNorm::new(gamma, beta, self.device)
     }
 
     fn conv_t(&mut self, [cin, cout]: [usize; 2], stride: usize, pad: usize) -> ConvTranspose2d<B> {
@@ -125,6 +166,27 @@ impl<B: Backend> Generator<B> {
         Self { blocks, to_rgb }
     }
 
+    /// Every tensor in PyTorch's `state_dict` order and names: each block is
+    /// ConvTranspose (3i), BatchNorm (3i+1), ReLU; then the last ConvTranspose.
+    pub fn named(&self) -> Vec<Named> {
+        let mut all = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            all.push(named(
+                format!("{}.weight", 3 * i),
+                block.conv.weight.val(),
+                true,
+            ));
+            all.extend(named_norm(3 * i + 1, &block.norm));
+        }
+        let last = 3 * self.blocks.len();
+        all.push(named(
+            format!("{last}.weight"),
+            self.to_rgb.weight.val(),
+            true,
+        ));
+        all
+    }
+
     /// `z`: [batch, nz] → images [batch, 3, size, size] in [−1, 1].
     pub fn forward(&self, z: Tensor<B, 2>) -> Tensor<B, 4> {
         let [batch, nz] = z.dims();
@@ -156,6 +218,28 @@ impl<B: Backend> Discriminator<B> {
             blocks,
             to_logit,
         }
+    }
+
+    /// Every tensor in PyTorch's `state_dict` order and names: Conv (0),
+    /// LeakyReLU, each block Conv (2+3j), BatchNorm (3+3j), LeakyReLU; then
+    /// the last Conv.
+    pub fn named(&self) -> Vec<Named> {
+        let mut all = vec![named("0.weight".into(), self.from_rgb.weight.val(), true)];
+        for (j, block) in self.blocks.iter().enumerate() {
+            all.push(named(
+                format!("{}.weight", 2 + 3 * j),
+                block.conv.weight.val(),
+                true,
+            ));
+            all.extend(named_norm(3 + 3 * j, &block.norm));
+        }
+        let last = 2 + 3 * self.blocks.len();
+        all.push(named(
+            format!("{last}.weight"),
+            self.to_logit.weight.val(),
+            true,
+        ));
+        all
     }
 
     /// Images [batch, 3, size, size] → logits [batch].

@@ -356,6 +356,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn discriminator(&self) -> &Discriminator<B> {
         &self.discriminator
     }
+
+    /// The generator.
+    pub fn generator(&self) -> &Generator<B> {
+        &self.generator
+    }
 }
 
 /// The `batch` noise vectors [batch, nz] replica `rank` trains step `step`
