@@ -72,12 +72,33 @@ pub struct TrainingState {
     pub config_hash: String,
     /// [`crate::Config::resume_identity`] of the run that wrote it.
     pub identity: BTreeMap<String, String>,
-    /// Rank 0's discriminator loss at the last step.
+    /// Rank 0's discriminator loss at the last step (NaN when unknown or
+    /// not finite).
+    #[serde(with = "loss")]
     pub d_loss: f32,
-    /// Rank 0's generator loss at the last step.
+    /// Rank 0's generator loss at the last step (NaN likewise).
+    #[serde(with = "loss")]
     pub g_loss: f32,
     /// Sliced Wasserstein distance to held-out images, when measured.
     pub swd: Option<f64>,
+}
+
+/// A loss as JSON, which has no NaN or infinity: those are `null`, read
+/// back as NaN, so a checkpoint of a step whose loss was not finite (or of
+/// a state no step produced) still loads.
+mod loss {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &f32, s: S) -> Result<S::Ok, S::Error> {
+        match value.is_finite() {
+            true => s.serialize_f32(*value),
+            false => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f32, D::Error> {
+        Ok(Option::<f32>::deserialize(d)?.unwrap_or(f32::NAN))
+    }
 }
 
 /// Why a checkpoint cannot be used.
@@ -457,6 +478,26 @@ mod tests {
             ("a.bin".into(), Bytes::from(format!("alpha {tag}"))),
             ("b.bin".into(), Bytes::from(vec![7u8; 1000])),
         ]
+    }
+
+    /// JSON has no NaN: a state whose losses are not finite still round-trips.
+    #[test]
+    fn a_state_with_non_finite_losses_round_trips() {
+        let state = TrainingState {
+            step: 3,
+            cursor: DataCursor::default(),
+            world: 2,
+            config_hash: "h".into(),
+            identity: BTreeMap::new(),
+            d_loss: f32::NAN,
+            g_loss: 0.5,
+            swd: None,
+        };
+        let json = serde_json::to_string(&state).unwrap();
+        assert!(json.contains("\"d_loss\":null"), "{json}");
+        let back: TrainingState = serde_json::from_str(&json).unwrap();
+        assert!(back.d_loss.is_nan());
+        assert_eq!((back.g_loss, back.step), (0.5, 3));
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod bundle;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -61,6 +62,18 @@ pub enum SessionError {
         /// The transport's reason.
         source: tonic::transport::Error,
     },
+    /// The connection was not established in time (a stopped or
+    /// overloaded coordinator accepts TCP but never answers).
+    #[error(
+        "the coordinator at {address} did not complete a connection within {seconds} s \
+         (coordinator.heartbeat_timeout_s): it is stopped, overloaded or behind a broken network"
+    )]
+    ConnectTimeout {
+        /// The address tried.
+        address: String,
+        /// The deadline.
+        seconds: u64,
+    },
     /// The coordinator refused this worker at join (token, version, config).
     #[error("the coordinator refused this worker: {message}")]
     Refused {
@@ -75,13 +88,15 @@ pub enum SessionError {
     /// The connection broke underneath the stream.
     #[error(
         "lost the connection to the coordinator: it exited, was stopped, or did not answer \
-         pings for coordinator.heartbeat_timeout_s ({0}); once it runs again, restart the \
-         run to resume from the latest checkpoint"
+         pings for coordinator.heartbeat_timeout_s ({0})"
     )]
     Disconnected(String),
     /// The coordinator stopped the run, and said why (escaped).
     #[error("the coordinator aborted the run: {0}")]
     Aborted(String),
+    /// The group re-forms: go back to the last completed step and join again.
+    #[error("the group re-forms: {0}")]
+    Regroup(String),
     /// The coordinator sent something the protocol does not allow here.
     #[error("protocol violation from the coordinator: {0}")]
     Protocol(String),
@@ -112,6 +127,41 @@ impl SessionError {
             Self::Address { .. } | Self::Tls(_) => true,
             _ => false,
         }
+    }
+
+    /// Whether trying again later may succeed: the coordinator is gone
+    /// (not answering, its stream broken) and may come back, or it could
+    /// not take this worker in yet. A worker that holds its replica waits.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Disconnected(_)
+            | Self::Closed
+            | Self::Connect { .. }
+            | Self::ConnectTimeout { .. } => true,
+            Self::Refused { code, .. } => *code == tonic::Code::Unavailable,
+            _ => false,
+        }
+    }
+
+    /// Whether nothing listens at the address yet (connection refused, no
+    /// socket file): a coordinator that is still starting, as a pod's
+    /// usually is when its workers start. A wrong TLS setting or a
+    /// stranger at the address is not this.
+    pub fn is_not_listening(&self) -> bool {
+        let Self::Connect { source, .. } = self else {
+            return false;
+        };
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+        while let Some(e) = cause {
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                return matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                );
+            }
+            cause = e.source();
+        }
+        false
     }
 }
 
@@ -149,6 +199,19 @@ pub struct Clients {
 /// stops answering (stopped, partitioned) fails the session instead of
 /// leaving this worker waiting for a reduced gradient forever.
 pub async fn connect(address: &str, cfg: &Config, token: &Token) -> Result<Clients, SessionError> {
+    let limit = Duration::from_secs(cfg.coordinator.heartbeat_timeout_s);
+    tokio::time::timeout(limit, open_channel(address, cfg, token))
+        .await
+        .unwrap_or_else(|_| {
+            Err(SessionError::ConnectTimeout {
+                address: address.to_string(),
+                seconds: limit.as_secs(),
+            })
+        })
+}
+
+/// The connection [`connect`] makes, without its deadline.
+async fn open_channel(address: &str, cfg: &Config, token: &Token) -> Result<Clients, SessionError> {
     let invalid = |source| SessionError::Address {
         address: address.to_string(),
         source,
@@ -211,12 +274,14 @@ fn tuned(endpoint: Endpoint, liveness: &CoordinatorConfig) -> Endpoint {
         .keep_alive_while_idle(true)
 }
 
-/// A join request for this build's protocol and `cfg`'s training settings.
+/// A join request for this build's protocol and `cfg`'s training settings,
+/// presenting the replica this worker `held`, if any.
 pub fn join_request(
     cfg: &crate::Config,
     rank: Option<usize>,
     initial_checksum: u64,
     host: String,
+    held: Option<pb::Held>,
 ) -> pb::JoinRequest {
     pb::JoinRequest {
         protocol_version: pb::PROTOCOL_VERSION,
@@ -224,6 +289,7 @@ pub fn join_request(
         requested_rank: rank.map_or(-1, |r| r as i32),
         initial_checksum,
         host,
+        held,
     }
 }
 
@@ -257,14 +323,39 @@ pub async fn rendezvous(
 ) -> Result<(pb::JoinReply, Session, pb::Start), SessionError> {
     let mut clients = connect(address, cfg, token).await?;
     let joined = join(&mut clients, request).await?;
-    let (session, start) = Session::open(
-        &mut clients.coordinator,
-        &joined,
-        cfg.allreduce.wire,
-        cfg.allreduce.chunk_bytes,
-    )
-    .await?;
-    Ok((joined, session, start))
+    let opened = Session::open(&mut clients, &joined, cfg, &mut NoDonation).await?;
+    Ok((joined, opened.session, opened.start))
+}
+
+/// Largest replica state a member receives (a DCGAN-128 with Adam is
+/// well under 1 GiB).
+pub const MAX_STATE_BYTES: u64 = 4 << 30;
+
+/// What a member gives when the coordinator asks it for its replica.
+pub trait Donor {
+    /// The bundle of the replica after `step` steps ([`crate::bundle`]).
+    fn state(&mut self, step: u64) -> Result<Bytes, SessionError>;
+}
+
+/// A member that holds nothing to give (a fresh worker, a test client).
+pub struct NoDonation;
+
+impl Donor for NoDonation {
+    fn state(&mut self, step: u64) -> Result<Bytes, SessionError> {
+        Err(SessionError::Protocol(format!(
+            "the coordinator asked for the replica of step {step}, but this member holds none"
+        )))
+    }
+}
+
+/// A session once the group has started.
+pub struct Opened {
+    /// The session.
+    pub session: Session,
+    /// How training starts.
+    pub start: pb::Start,
+    /// The replica another member sent, when `start.source` is TRANSFER.
+    pub state: Option<Bytes>,
 }
 
 /// A reduced gradient as every replica receives it.
@@ -291,12 +382,18 @@ pub struct Session {
 
 impl Session {
     /// Opens the stream, introduces this member and waits for the start signal.
+    /// Opens the session of `joined` on `clients` (the connection that
+    /// joined), introduces this member and waits for the group to start:
+    /// meanwhile it gives its replica when asked (`donor`) and collects one
+    /// sent to it.
     pub async fn open(
-        client: &mut CoordinatorClient<Authenticated>,
+        clients: &mut Clients,
         joined: &pb::JoinReply,
-        format: WireFormat,
-        chunk_bytes: usize,
-    ) -> Result<(Self, pb::Start), SessionError> {
+        cfg: &Config,
+        donor: &mut (dyn Donor + Send),
+    ) -> Result<Opened, SessionError> {
+        let client = &mut clients.coordinator;
+        let (format, chunk_bytes) = (cfg.allreduce.wire, cfg.allreduce.chunk_bytes);
         if joined.heartbeat_interval_ms == 0 {
             return Err(SessionError::Protocol(
                 "the coordinator asked for heartbeats every 0 ms".into(),
@@ -316,7 +413,14 @@ impl Session {
             ))
         })?;
         request.metadata_mut().insert(auth::MEMBER, member);
-        let inbound = client.session(request).await?.into_inner();
+        let inbound = match client.session(request).await {
+            Ok(response) => response.into_inner(),
+            // The generation this member joined has already been replaced.
+            Err(status) if status.code() == tonic::Code::Aborted => {
+                return Err(SessionError::Regroup(shown_message(status.message())));
+            }
+            Err(status) => return Err(status.into()),
+        };
         let step = Arc::new(AtomicU64::new(0));
         let interval = Duration::from_millis(joined.heartbeat_interval_ms.into());
         let mut session = Self {
@@ -328,12 +432,48 @@ impl Session {
             control: None,
             step,
         };
-        match session.next().await? {
-            coordinator_message::Kind::Start(start) => Ok((session, start)),
-            other => Err(SessionError::Protocol(format!(
-                "expected Start, got {other:?}"
-            ))),
+        let mut received = Received::default();
+        loop {
+            match session.next().await? {
+                coordinator_message::Kind::Start(start) => {
+                    let state = received.finish(&start)?;
+                    return Ok(Opened {
+                        session,
+                        start,
+                        state,
+                    });
+                }
+                coordinator_message::Kind::SendState(ask) => {
+                    let bundle = donor.state(ask.step)?;
+                    session.send_state(bundle).await?;
+                }
+                coordinator_message::Kind::State(chunk) => received.add(chunk)?,
+                other => {
+                    return Err(SessionError::Protocol(format!(
+                        "expected Start, got {}",
+                        kind_name(&other)
+                    )));
+                }
+            }
         }
+    }
+
+    /// Sends `bundle` as StateChunks, each no larger than a gradient chunk.
+    async fn send_state(&self, bundle: Bytes) -> Result<(), SessionError> {
+        let size = self.chunk_bytes.max(1);
+        let count = bundle.len().div_ceil(size).max(1);
+        for index in 0..count {
+            let piece = bundle
+                .slice((index * size).min(bundle.len())..((index + 1) * size).min(bundle.len()));
+            let chunk = pb::StateChunk {
+                index: index as u32,
+                count: count as u32,
+                total_bytes: bundle.len() as u64,
+                data: piece,
+            };
+            self.send(worker_message::Kind::State(chunk)).await?;
+        }
+        Ok(())
     }
 
     /// Sends this worker's gradient for (`step`, `net`) and returns the mean
@@ -382,7 +522,8 @@ impl Session {
                     }
                     other => {
                         return Err(SessionError::Protocol(format!(
-                            "expected a reduced chunk, got {other:?}"
+                            "expected a reduced chunk, got {}",
+                            kind_name(&other)
                         )));
                     }
                 };
@@ -405,8 +546,11 @@ impl Session {
             Ok(Reduced { mean, skip })
         };
         let (sent, mean) = tokio::join!(send, receive);
+        // The coordinator's last word (a regroup, an abort) explains a send
+        // that failed because it closed the stream.
+        let mean = mean?;
         sent?;
-        mean
+        Ok(mean)
     }
 
     /// The coordinator's decision for `step` (checkpoint, stop), if it sent
@@ -422,12 +566,30 @@ impl Session {
     }
 
     /// Reports a finished step (losses, speed, parameter checksum).
-    pub async fn report(&self, report: pb::StepReport) -> Result<(), SessionError> {
-        self.send(worker_message::Kind::Report(report)).await
+    pub async fn report(&mut self, report: pb::StepReport) -> Result<(), SessionError> {
+        match self.send(worker_message::Kind::Report(report)).await {
+            Err(SessionError::Closed) => Err(self.why_closed().await),
+            other => other,
+        }
+    }
+
+    /// Why the coordinator closed the stream: its last message (a regroup,
+    /// an abort) if one is waiting, read within [`FAREWELL`].
+    async fn why_closed(&mut self) -> SessionError {
+        match tokio::time::timeout(FAREWELL, self.next()).await {
+            Ok(Err(reason)) => reason,
+            Ok(Ok(kind)) => SessionError::Protocol(format!(
+                "the coordinator closed the session after sending {}",
+                kind_name(&kind)
+            )),
+            Err(_) => SessionError::Closed,
+        }
     }
 
     /// Says this worker completed all its steps, then waits for the
-    /// coordinator to close the stream, so nothing queued is lost.
+    /// coordinator to close the stream, so nothing queued is lost. The
+    /// group may still re-form (the member saving the last checkpoint was
+    /// lost): that is [`SessionError::Regroup`].
     pub async fn finish(mut self, steps: u64) -> Result<(), SessionError> {
         self.send(worker_message::Kind::Finished(pb::Finished { steps }))
             .await?;
@@ -439,8 +601,12 @@ impl Session {
             Some(Ok(pb::CoordinatorMessage {
                 kind: Some(coordinator_message::Kind::Abort(a)),
             })) => Err(SessionError::Aborted(shown_message(&a.reason))),
+            Some(Ok(pb::CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Regroup(regroup)),
+            })) => Err(SessionError::Regroup(shown_message(&regroup.reason))),
             Some(Ok(other)) => Err(SessionError::Protocol(format!(
-                "unexpected message after finishing: {other:?}"
+                "unexpected message after finishing: {}",
+                other.kind.as_ref().map_or("an empty message", kind_name)
             ))),
             Some(Err(status)) => Err(status.into()),
         }
@@ -475,6 +641,72 @@ impl Session {
     }
 }
 
+/// A replica arriving in StateChunks before Start.
+#[derive(Default)]
+struct Received {
+    chunks: Vec<Bytes>,
+    total: u64,
+}
+
+impl Received {
+    fn add(&mut self, chunk: pb::StateChunk) -> Result<(), SessionError> {
+        let bad = |what: String| {
+            Err(SessionError::Protocol(format!(
+                "state chunk {}: {what}",
+                chunk.index
+            )))
+        };
+        if chunk.total_bytes > MAX_STATE_BYTES {
+            return bad(format!(
+                "a state of {} bytes is more than {MAX_STATE_BYTES}",
+                chunk.total_bytes
+            ));
+        }
+        if chunk.index as usize != self.chunks.len()
+            || (self.total != 0 && self.total != chunk.total_bytes)
+        {
+            return bad("out of order or of another state".into());
+        }
+        let held: u64 = self.chunks.iter().map(|c| c.len() as u64).sum();
+        if held + chunk.data.len() as u64 > chunk.total_bytes {
+            return bad("more bytes than the state's size".into());
+        }
+        self.total = chunk.total_bytes;
+        self.chunks.push(chunk.data);
+        Ok(())
+    }
+
+    /// The whole state when `start` says one was sent, else nothing.
+    fn finish(self, start: &pb::Start) -> Result<Option<Bytes>, SessionError> {
+        if start.source != pb::Source::Transfer as i32 {
+            return Ok(None);
+        }
+        let mut whole = bytes::BytesMut::with_capacity(self.total as usize);
+        self.chunks.iter().for_each(|c| whole.extend_from_slice(c));
+        if self.total == 0 || whole.len() as u64 != self.total {
+            return Err(SessionError::Protocol(format!(
+                "told to start from a transferred state, but {} of {} bytes arrived",
+                whole.len(),
+                self.total
+            )));
+        }
+        Ok(Some(whole.freeze()))
+    }
+}
+
+/// A coordinator message's kind, for messages (without its payload).
+fn kind_name(kind: &coordinator_message::Kind) -> &'static str {
+    match kind {
+        coordinator_message::Kind::Start(_) => "Start",
+        coordinator_message::Kind::Chunk(_) => "a reduced chunk",
+        coordinator_message::Kind::Abort(_) => "Abort",
+        coordinator_message::Kind::Control(_) => "Control",
+        coordinator_message::Kind::Regroup(_) => "Regroup",
+        coordinator_message::Kind::SendState(_) => "SendState",
+        coordinator_message::Kind::State(_) => "a state chunk",
+    }
+}
+
 async fn next(
     inbound: &mut tonic::Streaming<pb::CoordinatorMessage>,
 ) -> Result<coordinator_message::Kind, SessionError> {
@@ -482,6 +714,9 @@ async fn next(
         Some(Ok(pb::CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Abort(abort)),
         })) => Err(SessionError::Aborted(shown_message(&abort.reason))),
+        Some(Ok(pb::CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Regroup(regroup)),
+        })) => Err(SessionError::Regroup(shown_message(&regroup.reason))),
         Some(Ok(pb::CoordinatorMessage { kind: Some(kind) })) => Ok(kind),
         Some(Ok(pb::CoordinatorMessage { kind: None })) => {
             Err(SessionError::Protocol("empty message".into()))

@@ -202,16 +202,12 @@ async fn through_coordinator(
         workers: world,
         token: TOKEN.into(),
     };
-    let plan = coordinator::resume::plan(&cfg, &coordinator::ResumePolicy::Latest, world)
-        .await
-        .expect("plan");
     let server = tokio::spawn(coordinator::run_on(
-        coordinator::Generation {
+        coordinator::Launch {
             listeners,
             cfg,
             mode,
-            plan,
-            number: 1,
+            policy: coordinator::ResumePolicy::Latest,
             lease: None,
             options: coordinator::Options::default(),
         },
@@ -249,7 +245,7 @@ async fn client(args: &[String]) {
     );
     let cfg = config(image_size, iters, format, store);
     let token = Token::new(TOKEN).expect("token");
-    let request = session::join_request(&cfg, Some(rank), 0, "bench".into());
+    let request = session::join_request(&cfg, Some(rank), 0, "bench".into(), None);
     let (joined, mut session, _) = session::rendezvous(address, &token, request, &cfg)
         .await
         .expect("join");

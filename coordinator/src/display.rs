@@ -141,7 +141,7 @@ mod tests {
     use super::*;
 
     const STEP: &str =
-        "2026-11-27T12:00:00Z  INFO worker::training_loop: step step=10 d_loss=0.8566";
+        "2026-11-27T12:00:00Z  INFO worker::replica_loop: step step=10 d_loss=0.8566";
     const WARN: &str = "2026-11-27T12:00:00Z  WARN worker::data::loader: skipping unreadable image";
     const ERROR: &str = "Error: training failed";
 

@@ -1,6 +1,7 @@
 //! Why a run stops, nested by who must act: a [`GroupFailure`] lies with
-//! the workers of one generation (local mode may start a new one), the
-//! other variants with the settings, the store or the operator.
+//! the workers of one generation (the group re-forms without the member
+//! at fault, as its [`Route`] says), the other variants with the settings,
+//! the store or the operator.
 
 use std::path::PathBuf;
 
@@ -44,6 +45,9 @@ pub enum CoordinatorError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `train.elastic_batch` cannot serve every group size the run allows.
+    #[error("{0}")]
+    Elastic(String),
     /// External mode needs a shared secret.
     #[error("--external needs a token: set GANCLUSTER_TOKEN for the coordinator and every worker")]
     MissingToken,
@@ -227,9 +231,8 @@ pub enum GroupFailure {
     /// still heartbeats: a training thread hangs.
     #[error(
         "no step completed for {seconds} s after {done} steps (coordinator.step_timeout_s): {waiting}; \
-         a worker's training is stuck (a hung GPU, a deadlock) while its process still heartbeats. \
-         Restart the run to resume from the latest checkpoint, or raise coordinator.step_timeout_s \
-         if steps are really this slow"
+         a worker's training is stuck (a hung GPU, a deadlock) while its process still heartbeats \
+         (raise coordinator.step_timeout_s if steps are really this slow)"
     )]
     Stalled {
         /// The timeout.
@@ -238,6 +241,8 @@ pub enum GroupFailure {
         done: u64,
         /// What the all-reduce waits for.
         waiting: String,
+        /// The ranks holding it up (every rank when none can be told apart).
+        ranks: Vec<usize>,
     },
     /// Replicas no longer hold identical parameters.
     #[error("{0}")]
@@ -268,17 +273,64 @@ pub enum GroupFailure {
     },
 }
 
+/// How the group gets past a failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// It re-forms without these ranks (replaced in local mode); the others'
+    /// replicas carry on.
+    Drop(Vec<usize>),
+    /// It re-forms with everyone from the newest checkpoint: no replica can
+    /// be trusted.
+    Restart,
+    /// Nothing can: a run of the same state meets it again.
+    Fatal,
+}
+
 impl GroupFailure {
-    /// Whether starting the group again from its latest checkpoint may get
-    /// past this. A non-finite gradient comes back at the same step: the
-    /// replay is exact.
-    pub fn restartable(&self) -> bool {
+    /// How the group gets past this. A non-finite gradient comes back at
+    /// the same step (the replay is exact), and so does a worker's own
+    /// permanent failure (its configuration, its data).
+    pub fn route(&self) -> Route {
         match self {
-            Self::NonFinite { .. } => false,
-            Self::WorkerFailed { permanent, .. } | Self::WorkerExited { permanent, .. } => {
-                !permanent
+            Self::NonFinite { .. } => Route::Fatal,
+            Self::WorkerFailed {
+                permanent: true, ..
             }
-            _ => true,
+            | Self::WorkerExited {
+                permanent: true, ..
+            } => Route::Fatal,
+            Self::WorkerLost { rank, .. }
+            | Self::WorkerFailed { rank, .. }
+            | Self::WorkerExited { rank, .. }
+            | Self::Protocol { rank, .. } => Route::Drop(vec![*rank]),
+            Self::NoSession { ranks, .. } | Self::Stalled { ranks, .. } => {
+                Route::Drop(ranks.clone())
+            }
+            Self::Diverged(_) => Route::Restart,
+        }
+    }
+
+    /// Whether re-forming the group may get past this.
+    pub fn restartable(&self) -> bool {
+        self.route() != Route::Fatal
+    }
+
+    /// The same failure of the process in a place, told as the failure of
+    /// the rank that place has in the current generation.
+    pub fn of_rank(self, rank: usize) -> Self {
+        match self {
+            Self::WorkerExited {
+                status,
+                last_words,
+                permanent,
+                ..
+            } => Self::WorkerExited {
+                rank,
+                status,
+                last_words,
+                permanent,
+            },
+            other => other,
         }
     }
 }

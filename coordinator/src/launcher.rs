@@ -3,12 +3,13 @@
 //! Like torchrun, the coordinator runs `N` copies of the `worker` binary
 //! that sits next to its own executable, writes every line they print to
 //! `<output.dir>/logs/rank-N.log`, echoes the ones that matter `[rank
-//! r]`-prefixed ([`crate::display`]), and turns a crashed worker into a run
-//! failure. Children are killed when the launcher is dropped, so a failing
-//! coordinator leaves nothing running.
+//! r]`-prefixed ([`crate::display`]), and reports a crashed worker to the
+//! supervision, which may start a replacement in its place. Children are
+//! killed when the launcher is dropped, so a failing coordinator leaves
+//! nothing running.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,12 +23,21 @@ use tokio::task::JoinHandle;
 use crate::CoordinatorError;
 use crate::display::{self, Echo};
 use crate::error::GroupFailure;
-use crate::service::Event;
+use crate::events::{Event, Notice, Origin};
 
-/// The running worker processes.
+/// The running worker processes, one per place.
 pub struct Launcher {
+    spec: Spec,
+    binary: PathBuf,
+    events: mpsc::Sender<Notice>,
+    places: Vec<Place>,
+}
+
+/// The process running in one place, and how to stop it.
+struct Place {
+    life: u64,
     stop: watch::Sender<bool>,
-    watchers: Vec<tokio::task::JoinHandle<()>>,
+    watcher: JoinHandle<()>,
 }
 
 /// The `worker` executable beside the running coordinator.
@@ -42,90 +52,132 @@ pub fn worker_binary() -> Result<PathBuf, CoordinatorError> {
 }
 
 /// What the local workers are started with.
-pub struct Spec<'a> {
+pub struct Spec {
     /// How many.
     pub workers: usize,
     /// The coordinator's address for them (its Unix socket).
-    pub address: &'a str,
+    pub address: String,
     /// The run's token.
-    pub token: &'a str,
+    pub token: String,
     /// The effective configuration file they read.
-    pub config: &'a Path,
+    pub config: PathBuf,
     /// Environment variables holding secrets (never in the config file).
-    pub secrets: &'a [(&'a str, &'a str)],
+    pub secrets: Vec<(String, String)>,
     /// More `worker train` flags (e.g. `--eval-images N`).
-    pub args: &'a [String],
+    pub args: Vec<String>,
     /// The run's output folder: each rank logs to `logs/rank-N.log` in it.
-    pub output: &'a Path,
+    pub output: PathBuf,
     /// Which of their lines reach the coordinator's terminal.
-    pub echo: &'a Echo,
+    pub echo: Echo,
 }
 
+/// Local workers' coordinator is their parent: if it dies they stop at
+/// once rather than wait for one to come back.
+const NO_RECONNECT: (&str, &str) = ("GANCLUSTER__COORDINATOR__RECONNECT_TIMEOUT_S", "0");
+
 impl Launcher {
-    /// Starts the workers `spec` describes; failures arrive on `events`.
-    pub fn spawn(spec: &Spec<'_>, events: mpsc::Sender<Event>) -> Result<Self, CoordinatorError> {
-        let binary = worker_binary()?;
-        let (stop, _) = watch::channel(false);
-        let mut watchers = Vec::with_capacity(spec.workers);
-        for rank in 0..spec.workers {
-            let log_name = format!("rank-{rank}.log");
-            let log = display::log_file(spec.output, &log_name).map_err(|source| {
-                CoordinatorError::Output {
-                    path: display::logs_dir(spec.output).join(&log_name),
-                    source,
-                }
-            })?;
-            let sink = Sink {
-                rank,
-                file: Arc::new(Mutex::new(log)),
-                echo: spec.echo.clone(),
-            };
-            let mut child = Command::new(&binary)
-                .args([
-                    "train",
-                    "--coordinator",
-                    spec.address,
-                    "--rank",
-                    &rank.to_string(),
-                    "--config",
-                ])
-                .arg(spec.config)
-                .args(spec.args)
-                .env("GANCLUSTER_TOKEN", spec.token)
-                .envs(spec.secrets.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                // Their own process group: Ctrl-C on a terminal reaches only
-                // the coordinator, which then checkpoints and stops the group.
-                .process_group(0)
-                .spawn()
-                .map_err(|source| CoordinatorError::Spawn { rank, source })?;
-            let last_words = LastWords::default();
-            let output = [
-                forward(child.stdout.take(), sink.clone(), None),
-                forward(child.stderr.take(), sink, Some(last_words.clone())),
-            ];
-            watchers.push(tokio::spawn(watch_child(
-                Watched {
-                    child,
-                    rank,
-                    output,
-                    last_words,
-                },
-                stop.subscribe(),
-                events.clone(),
-            )));
+    /// Starts the workers `spec` describes; their failures arrive on `events`.
+    pub fn spawn(spec: Spec, events: mpsc::Sender<Notice>) -> Result<Self, CoordinatorError> {
+        let mut launcher = Self {
+            binary: worker_binary()?,
+            places: Vec::with_capacity(spec.workers),
+            spec,
+            events,
+        };
+        for place in 0..launcher.spec.workers {
+            let started = launcher.start(place, 0)?;
+            launcher.places.push(started);
         }
-        Ok(Self { stop, watchers })
+        Ok(launcher)
+    }
+
+    /// Stops the process in `place` (it may be hung or stopped, not dead)
+    /// and starts a new one there.
+    pub async fn replace(&mut self, place: usize) -> Result<(), CoordinatorError> {
+        let life = self.places[place].life + 1;
+        let started = self.start(place, life)?;
+        let old = std::mem::replace(&mut self.places[place], started);
+        old.stop.send_replace(true);
+        let _ = old.watcher.await;
+        Ok(())
+    }
+
+    /// Whether `life` is the process now running in `place`.
+    pub fn is_current(&self, place: usize, life: u64) -> bool {
+        self.places.get(place).is_some_and(|p| p.life == life)
+    }
+
+    fn start(&self, place: usize, life: u64) -> Result<Place, CoordinatorError> {
+        let spec = &self.spec;
+        let log_name = format!("rank-{place}.log");
+        let log = display::log_file(&spec.output, &log_name).map_err(|source| {
+            CoordinatorError::Output {
+                path: display::logs_dir(&spec.output).join(&log_name),
+                source,
+            }
+        })?;
+        let sink = Sink {
+            rank: place,
+            file: Arc::new(Mutex::new(log)),
+            echo: spec.echo.clone(),
+        };
+        let mut child = Command::new(&self.binary)
+            .args([
+                "train",
+                "--coordinator",
+                &spec.address,
+                "--rank",
+                &place.to_string(),
+                "--config",
+            ])
+            .arg(&spec.config)
+            .args(&spec.args)
+            .env("GANCLUSTER_TOKEN", &spec.token)
+            .env(NO_RECONNECT.0, NO_RECONNECT.1)
+            .envs(spec.secrets.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            // Their own process group: Ctrl-C on a terminal reaches only
+            // the coordinator, which then checkpoints and stops the group.
+            .process_group(0)
+            .spawn()
+            .map_err(|source| CoordinatorError::Spawn {
+                rank: place,
+                source,
+            })?;
+        let last_words = LastWords::default();
+        let output = [
+            forward(child.stdout.take(), sink.clone(), None),
+            forward(child.stderr.take(), sink, Some(last_words.clone())),
+        ];
+        let (stop, stopped) = watch::channel(false);
+        let watcher = tokio::spawn(watch_child(
+            Watched {
+                child,
+                place,
+                life,
+                output,
+                last_words,
+            },
+            stopped,
+            self.events.clone(),
+        ));
+        Ok(Place {
+            life,
+            stop,
+            watcher,
+        })
     }
 
     /// Kills any worker still running and waits until all are reaped.
     pub async fn shutdown(self) {
-        self.stop.send_replace(true);
-        for watcher in self.watchers {
-            let _ = watcher.await;
+        for place in &self.places {
+            place.stop.send_replace(true);
+        }
+        for place in self.places {
+            let _ = place.watcher.await;
         }
     }
 }
@@ -160,7 +212,8 @@ impl LastWords {
 /// A child and what it says.
 struct Watched {
     child: Child,
-    rank: usize,
+    place: usize,
+    life: u64,
     output: [Option<JoinHandle<()>>; 2],
     last_words: LastWords,
 }
@@ -177,9 +230,11 @@ impl Watched {
 async fn watch_child(
     mut watched: Watched,
     mut stop: watch::Receiver<bool>,
-    events: mpsc::Sender<Event>,
+    events: mpsc::Sender<Notice>,
 ) {
-    let rank = watched.rank;
+    let (rank, life) = (watched.place, watched.life);
+    let origin = Origin::Process { place: rank, life };
+    let notify = |event| Notice { origin, event };
     tokio::select! {
         status = watched.child.wait() => match status {
             Ok(status) if status.success() => watched.drained().await,
@@ -196,10 +251,11 @@ async fn watch_child(
                     last_words,
                     permanent,
                 };
-                let _ = events.send(Event::Failed(failure.into())).await;
+                let _ = events.send(notify(Event::Failed(failure.into()))).await;
             }
             Err(e) => {
-                let _ = events.send(Event::Failed(CoordinatorError::Spawn { rank, source: e })).await;
+                let failure = CoordinatorError::Spawn { rank, source: e };
+                let _ = events.send(notify(Event::Failed(failure))).await;
             }
         },
         _ = async { stop.wait_for(|stop| *stop).await.map(|_| ()) } => {

@@ -10,7 +10,10 @@ pub mod auth;
 pub mod connections;
 pub mod display;
 pub mod error;
+pub mod events;
+pub mod group;
 pub mod launcher;
+pub mod origin;
 pub mod peers;
 pub mod progress;
 pub mod refusals;
@@ -26,5 +29,5 @@ pub mod supervise;
 
 pub use error::{CoordinatorError, GroupFailure};
 pub use resume::ResumePolicy;
-pub use run::{Generation, Mode, Options, Outcome, Report, run, run_on};
+pub use run::{Launch, Mode, Options, Outcome, Report, run, run_on};
 pub use server::Listeners;

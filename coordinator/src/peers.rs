@@ -96,13 +96,45 @@ impl Peers {
         Ok(())
     }
 
-    /// Tells every member why the run is over, all at once. A member that
-    /// is not reading (often the reason for the abort) cannot hold the
-    /// others up: the whole abort takes at most [`ABORT_GRACE`].
-    pub async fn abort(&self, reason: String) {
-        let message = pb::CoordinatorMessage {
-            kind: Some(coordinator_message::Kind::Abort(pb::Abort { reason })),
+    /// Sends `kind` to `rank` alone (its start, a replica in transit); a
+    /// gone member is skipped, as in [`Peers::broadcast`].
+    pub async fn send(
+        &self,
+        rank: usize,
+        kind: coordinator_message::Kind,
+    ) -> Result<(), NotReading> {
+        let sender = self.senders.lock().expect("peers lock")[rank].clone();
+        let Some(sender) = sender else {
+            return Ok(());
         };
+        let message = pb::CoordinatorMessage { kind: Some(kind) };
+        match sender.send_timeout(Ok(message), self.read_deadline).await {
+            Err(SendTimeoutError::Timeout(_)) => Err(NotReading {
+                rank,
+                seconds: self.read_deadline.as_secs(),
+            }),
+            Ok(()) | Err(SendTimeoutError::Closed(_)) => Ok(()),
+        }
+    }
+
+    /// Tells every member why the run is over, all at once.
+    pub async fn abort(&self, reason: String) {
+        self.tell_all(coordinator_message::Kind::Abort(pb::Abort { reason }))
+            .await;
+    }
+
+    /// Tells every member the group re-forms, then ends their streams.
+    pub async fn regroup(&self, reason: String) {
+        self.tell_all(coordinator_message::Kind::Regroup(pb::Regroup { reason }))
+            .await;
+        self.close_all();
+    }
+
+    /// Sends `kind` to every member at once. A member that is not reading
+    /// (often the reason for the message) cannot hold the others up: it
+    /// takes at most [`ABORT_GRACE`] in all.
+    async fn tell_all(&self, kind: coordinator_message::Kind) {
+        let message = pb::CoordinatorMessage { kind: Some(kind) };
         let sends = self.connected().into_iter().map(|(_, sender)| {
             let message = message.clone();
             async move { sender.send_timeout(Ok(message), ABORT_GRACE).await }

@@ -88,10 +88,21 @@ impl Progress {
         self.refresh(&state);
     }
 
-    /// `alive` of the workers are still in the group.
-    pub fn alive(&self, alive: usize) {
+    /// A generation of `world` workers formed, starting at `first_step`
+    /// (behind the display only when it fell back to a checkpoint).
+    pub fn formed(&self, first_step: u64, world: usize) {
         let mut state = self.state.lock().expect("progress lock");
-        state.alive = alive;
+        state.alive = world;
+        if let Some(bar) = &self.bar {
+            bar.set_position(first_step);
+        }
+        self.refresh(&state);
+    }
+
+    /// The group re-forms: no worker trains until the next generation forms.
+    pub fn regrouped(&self) {
+        let mut state = self.state.lock().expect("progress lock");
+        state.alive = 0;
         self.refresh(&state);
     }
 

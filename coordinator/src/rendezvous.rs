@@ -1,22 +1,27 @@
-//! Forming the group: who may join, which rank each member gets, the
-//! barrier that releases everyone once the group is complete, and which
-//! connection may open each member's session.
+//! Forming a generation: who may join, which rank each member gets, and
+//! which connection may open each member's session.
 //!
 //! A worker is refused with a message that says exactly what differs: the
-//! protocol version, the training configuration, or its initial parameters
+//! protocol version, the training configuration, its initial parameters
 //! (every replica must start from the same weights, which the first
-//! admitted joiner's checksum pins down). Refusals change nothing: a
-//! refused join neither takes a rank nor pins the checksum, and a worker
-//! that hangs up while waiting for the others gives its rank back, so its
-//! restart can take it again.
+//! admitted joiner's checksum pins down) or the replica it holds.
+//! Refusals change nothing: a refused join neither takes a place nor pins
+//! the checksum, and a worker that hangs up while waiting for the others
+//! gives its place back, so its restart can take it again.
+//!
+//! A generation forms when all `max` places are taken, or, when the
+//! supervision closes it at its deadline, with the members it has (at
+//! least `min_workers`). Members keep the order of the places they took
+//! (a worker asking for rank r takes place r), numbered 0.. without gaps.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use common::pb;
 use common::untrusted::shown;
-use tokio::sync::watch;
 use tonic::Status;
+
+use crate::origin::Held;
 
 /// Longest host name accepted at join (a DNS name's limit).
 pub const MAX_HOST_BYTES: usize = 253;
@@ -56,12 +61,33 @@ pub enum JoinError {
         /// The group's.
         group: u64,
     },
+    /// The replica it holds is of another run, or past its end.
+    #[error(
+        "it holds {held}, but this coordinator trains run `{run}` to step {steps}: start the worker afresh"
+    )]
+    Held {
+        /// What it holds, escaped.
+        held: String,
+        /// Our run.
+        run: String,
+        /// Our last step.
+        steps: u64,
+    },
     /// The requested rank is taken or out of range.
-    #[error("rank {0} is taken or outside the group (ask for 0..world-1, or -1 for any)")]
+    #[error("rank {0} is taken or outside the group (ask for 0..workers-1, or -1 for any)")]
     Rank(i32),
-    /// Every rank is taken.
+    /// Every place is taken.
     #[error("the group already has all {0} workers")]
     Full(usize),
+    /// The generation formed smaller than it may grow: the worker joins the
+    /// next one, which the group forms at its next step boundary.
+    #[error("the group formed with {world} of up to {max} workers; join the next generation")]
+    Later {
+        /// Members.
+        world: usize,
+        /// Places.
+        max: usize,
+    },
     /// The host field is too long to be a host name.
     #[error("the host name is {0} bytes long; at most {MAX_HOST_BYTES} are accepted")]
     Host(usize),
@@ -72,6 +98,7 @@ impl From<JoinError> for Status {
         let message = err.to_string();
         match err {
             JoinError::Full(_) | JoinError::Rank(_) => Status::resource_exhausted(message),
+            JoinError::Later { .. } => Status::unavailable(message),
             JoinError::Host(_) => Status::invalid_argument(message),
             _ => Status::failed_precondition(message),
         }
@@ -97,106 +124,117 @@ struct Member {
     id: String,
     host: String,
     connection: u64,
+    place: usize,
+    held: Option<Held>,
 }
 
-/// The group being formed (one generation).
+/// A worker admitted to a forming generation.
+#[derive(Debug)]
+pub struct Admitted {
+    /// Its place (its rank once the group forms full).
+    pub place: usize,
+    /// Its member id.
+    pub id: String,
+    /// Its admission completed the group: the replicas the members hold,
+    /// by rank.
+    pub formed: Option<Vec<Option<Held>>>,
+}
+
+/// What a generation presents and requires.
+#[derive(Debug, Clone)]
+pub struct Terms {
+    /// 1, 2… as the group re-forms.
+    pub generation: u64,
+    /// Places: the workers the run was started with.
+    pub max: usize,
+    /// The training settings' hash every member must present.
+    pub config_hash: String,
+    /// `checkpoint.run`: held replicas must belong to it.
+    pub run: String,
+    /// `train.steps`: no replica can be past it.
+    pub steps: u64,
+    /// How often members send heartbeats.
+    pub heartbeat_interval: Duration,
+}
+
+/// The membership of one generation.
 pub struct Rendezvous {
-    world: usize,
-    config_hash: String,
-    generation: u64,
-    heartbeat_interval: Duration,
+    terms: Terms,
     state: Mutex<State>,
-    formed: watch::Sender<bool>,
 }
 
 struct State {
-    members: Vec<Option<Member>>,
+    places: Vec<Option<Member>>,
     initial_checksum: Option<u64>,
-    formed: bool,
+    /// Members by rank, once formed.
+    ranked: Option<Vec<Member>>,
 }
 
 impl Rendezvous {
-    /// Generation `generation` (1, 2… as the group restarts) of a group of
-    /// `world` workers that must present `config_hash`, told to send a
-    /// heartbeat every `heartbeat_interval`.
-    pub fn new(
-        generation: u64,
-        world: usize,
-        config_hash: String,
-        heartbeat_interval: Duration,
-    ) -> Self {
+    /// A generation as `terms` say.
+    pub fn new(terms: Terms) -> Self {
+        let places = vec![None; terms.max];
         Self {
-            world,
-            config_hash,
-            generation,
-            heartbeat_interval,
+            terms,
             state: Mutex::new(State {
-                members: vec![None; world],
+                places,
                 initial_checksum: None,
-                formed: false,
+                ranked: None,
             }),
-            formed: watch::channel(false).0,
         }
     }
 
     /// The generation this group is.
     pub fn generation(&self) -> u64 {
-        self.generation
+        self.terms.generation
     }
 
-    /// Admits a worker that came over `connection` and waits until the
-    /// group is complete. If the caller goes away first (the worker died
-    /// or hung up), the rank is given back.
-    pub async fn join(
-        &self,
-        request: pb::JoinRequest,
-        connection: u64,
-    ) -> Result<pb::JoinReply, JoinError> {
-        let (rank, member_id) = self.admit(request, connection)?;
-        let reservation = Reservation {
-            rendezvous: self,
-            rank,
-        };
-        self.formed().await;
-        std::mem::forget(reservation);
-        Ok(pb::JoinReply {
-            rank: rank as u32,
-            world_size: self.world as u32,
-            generation: self.generation,
-            member_id,
-            heartbeat_interval_ms: u32::try_from(self.heartbeat_interval.as_millis())
-                .unwrap_or(u32::MAX),
-        })
-    }
-
-    fn admit(
-        &self,
-        request: pb::JoinRequest,
-        connection: u64,
-    ) -> Result<(usize, String), JoinError> {
+    /// Admits a worker that came over `connection`.
+    pub fn admit(&self, request: pb::JoinRequest, connection: u64) -> Result<Admitted, JoinError> {
         if request.protocol_version != pb::PROTOCOL_VERSION {
             return Err(JoinError::Version {
                 worker: request.protocol_version,
                 coordinator: pb::PROTOCOL_VERSION,
             });
         }
-        if request.config_hash != self.config_hash {
+        let terms = &self.terms;
+        if request.config_hash != terms.config_hash {
             return Err(JoinError::ConfigHash {
                 worker: shown(&request.config_hash),
-                coordinator: self.config_hash.clone(),
+                coordinator: terms.config_hash.clone(),
             });
         }
         if request.host.len() > MAX_HOST_BYTES {
             return Err(JoinError::Host(request.host.len()));
         }
+        let held = match &request.held {
+            Some(h) if h.run != terms.run || h.step > terms.steps => {
+                return Err(JoinError::Held {
+                    held: format!("a replica of run {} at step {}", shown(&h.run), h.step),
+                    run: terms.run.clone(),
+                    steps: terms.steps,
+                });
+            }
+            Some(h) => Some(Held::from_wire(h)),
+            None => None,
+        };
         let mut state = self.state.lock().expect("rendezvous lock");
-        let rank = match request.requested_rank {
+        if let Some(ranked) = &state.ranked {
+            return Err(match ranked.len() < terms.max {
+                true => JoinError::Later {
+                    world: ranked.len(),
+                    max: terms.max,
+                },
+                false => JoinError::Full(terms.max),
+            });
+        }
+        let place = match request.requested_rank {
             -1 => state
-                .members
+                .places
                 .iter()
                 .position(Option::is_none)
-                .ok_or(JoinError::Full(self.world))?,
-            r if r >= 0 && (r as usize) < self.world && state.members[r as usize].is_none() => {
+                .ok_or(JoinError::Full(terms.max))?,
+            r if r >= 0 && (r as usize) < terms.max && state.places[r as usize].is_none() => {
                 r as usize
             }
             r => return Err(JoinError::Rank(r)),
@@ -213,78 +251,123 @@ impl Rendezvous {
         }
         state.initial_checksum = Some(request.initial_checksum);
         let id = format!(
-            "g{}-r{rank}-{:016x}",
-            self.generation,
+            "g{}-p{place}-{:016x}",
+            terms.generation,
             rand::random::<u64>()
         );
-        state.members[rank] = Some(Member {
+        state.places[place] = Some(Member {
             id: id.clone(),
             host: request.host,
             connection,
+            place,
+            held,
         });
-        if state.members.iter().all(Option::is_some) {
-            state.formed = true;
-            self.formed.send_replace(true);
-        }
-        Ok((rank, id))
+        let formed = state
+            .places
+            .iter()
+            .all(Option::is_some)
+            .then(|| Self::form(&mut state));
+        Ok(Admitted { place, id, formed })
     }
 
-    /// Gives `rank` back if the group has not formed yet.
-    fn release(&self, rank: usize) {
+    /// Forms the generation with the members it has, if there are at least
+    /// `min`; otherwise returns how many there are.
+    pub fn close(&self, min: usize) -> Result<Vec<Option<Held>>, usize> {
         let mut state = self.state.lock().expect("rendezvous lock");
-        if state.formed {
+        let joined = state.places.iter().flatten().count();
+        if state.ranked.is_some() || joined < min.max(1) {
+            return Err(joined);
+        }
+        Ok(Self::form(&mut state))
+    }
+
+    /// Numbers the members by place; returns what they hold, by rank.
+    fn form(state: &mut State) -> Vec<Option<Held>> {
+        let ranked: Vec<Member> = state.places.iter().flatten().cloned().collect();
+        let helds = ranked.iter().map(|m| m.held).collect();
+        state.ranked = Some(ranked);
+        helds
+    }
+
+    /// Gives `place` back if the group has not formed yet.
+    pub fn release(&self, place: usize) {
+        let mut state = self.state.lock().expect("rendezvous lock");
+        if state.ranked.is_some() {
             return;
         }
-        state.members[rank] = None;
-        if state.members.iter().all(Option::is_none) {
+        state.places[place] = None;
+        if state.places.iter().all(Option::is_none) {
             state.initial_checksum = None;
         }
+    }
+
+    /// What member `id` is told once the group formed.
+    pub fn reply(&self, id: &str) -> Option<pb::JoinReply> {
+        let state = self.state.lock().expect("rendezvous lock");
+        let ranked = state.ranked.as_ref()?;
+        let rank = ranked.iter().position(|m| m.id == id)?;
+        Some(pb::JoinReply {
+            rank: rank as u32,
+            world_size: ranked.len() as u32,
+            generation: self.terms.generation,
+            member_id: id.to_string(),
+            heartbeat_interval_ms: u32::try_from(self.terms.heartbeat_interval.as_millis())
+                .unwrap_or(u32::MAX),
+        })
     }
 
     /// The rank of the member `member_id`, if it joined over `connection`.
     pub fn session_rank(&self, member_id: &str, connection: u64) -> Result<usize, SessionRefusal> {
         let state = self.state.lock().expect("rendezvous lock");
-        let rank = state
-            .members
+        let ranked = state.ranked.as_ref().ok_or(SessionRefusal::Unknown)?;
+        let rank = ranked
             .iter()
-            .position(|m| m.as_ref().is_some_and(|m| m.id == member_id))
+            .position(|m| m.id == member_id)
             .ok_or(SessionRefusal::Unknown)?;
-        match state.members[rank].as_ref() {
-            Some(m) if m.connection == connection => Ok(rank),
-            _ => Err(SessionRefusal::OtherConnection(rank)),
+        match ranked[rank].connection == connection {
+            true => Ok(rank),
+            false => Err(SessionRefusal::OtherConnection(rank)),
         }
     }
 
     /// The host `rank` joined from, escaped for messages about it.
     pub fn host_of(&self, rank: usize) -> String {
         let state = self.state.lock().expect("rendezvous lock");
-        state.members[rank]
+        state
+            .ranked
             .as_ref()
+            .and_then(|r| r.get(rank))
             .map_or_else(|| "unknown host".into(), |m| shown(&m.host))
     }
 
-    /// Resolves once every rank has joined.
-    pub async fn formed(&self) {
-        let mut formed = self.formed.subscribe();
-        let _ = formed.wait_for(|done| *done).await;
+    /// The rank of the member that took `place`, in the formed group.
+    pub fn rank_at(&self, place: usize) -> Option<usize> {
+        let state = self.state.lock().expect("rendezvous lock");
+        state.ranked.as_ref()?.iter().position(|m| m.place == place)
     }
 
-    /// Whether every rank has joined.
+    /// The place of `rank`, in the formed group.
+    pub fn place_of(&self, rank: usize) -> Option<usize> {
+        let state = self.state.lock().expect("rendezvous lock");
+        Some(state.ranked.as_ref()?.get(rank)?.place)
+    }
+
+    /// Whether the generation formed.
     pub fn is_formed(&self) -> bool {
-        *self.formed.borrow()
+        self.state.lock().expect("rendezvous lock").ranked.is_some()
     }
 
-    /// `(joined hosts, escaped; missing ranks)`, for a timeout message.
+    /// `(joined hosts, escaped; free places)`, for a timeout message.
     pub fn who(&self) -> (Vec<String>, Vec<usize>) {
         let state = self.state.lock().expect("rendezvous lock");
         let hosts = state
-            .members
+            .places
             .iter()
             .flatten()
             .map(|m| shown(&m.host))
             .collect();
         let missing = state
-            .members
+            .places
             .iter()
             .enumerate()
             .filter(|(_, m)| m.is_none())
@@ -294,23 +377,9 @@ impl Rendezvous {
     }
 }
 
-/// A rank held for a worker waiting in Join; dropped early (the worker
-/// went away), it gives the rank back.
-struct Reservation<'a> {
-    rendezvous: &'a Rendezvous,
-    rank: usize,
-}
-
-impl Drop for Reservation<'_> {
-    fn drop(&mut self) {
-        self.rendezvous.release(self.rank);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     const BEAT: Duration = Duration::from_secs(2);
 
@@ -321,32 +390,68 @@ mod tests {
             requested_rank: rank,
             initial_checksum: 5,
             host: format!("host{rank}"),
+            held: None,
         }
     }
 
-    fn group(world: usize) -> Arc<Rendezvous> {
-        Arc::new(Rendezvous::new(1, world, "h".into(), BEAT))
+    fn group(max: usize) -> Rendezvous {
+        Rendezvous::new(Terms {
+            generation: 1,
+            max,
+            config_hash: "h".into(),
+            run: "run".into(),
+            steps: 100,
+            heartbeat_interval: BEAT,
+        })
     }
 
-    #[tokio::test]
-    async fn the_group_is_released_when_complete() {
+    #[test]
+    fn the_group_forms_when_complete_and_ranks_follow_places() {
         let group = group(2);
-        let first = tokio::spawn({
-            let group = group.clone();
-            async move { group.join(request(1), 7).await }
-        });
-        let second = group.join(request(-1), 8).await.unwrap();
-        let first = first.await.unwrap().unwrap();
-        assert_eq!((first.rank, second.rank, second.world_size), (1, 0, 2));
-        assert_eq!(second.heartbeat_interval_ms, 2000);
-        assert_eq!(group.session_rank(&first.member_id, 7).unwrap(), 1);
+        let first = group.admit(request(1), 7).unwrap();
+        assert!(first.formed.is_none());
+        assert!(group.reply(&first.id).is_none(), "not before it forms");
+        let second = group.admit(request(-1), 8).unwrap();
+        assert_eq!(second.formed, Some(vec![None, None]));
+        let (a, b) = (
+            group.reply(&first.id).unwrap(),
+            group.reply(&second.id).unwrap(),
+        );
+        assert_eq!((a.rank, b.rank, b.world_size), (1, 0, 2));
+        assert_eq!(b.heartbeat_interval_ms, 2000);
+        assert_eq!(group.session_rank(&first.id, 7).unwrap(), 1);
         assert!(matches!(
-            group.session_rank(&first.member_id, 8),
+            group.session_rank(&first.id, 8),
             Err(SessionRefusal::OtherConnection(1))
         ));
         assert!(matches!(
-            group.session_rank("g1-r9-x", 7),
+            group.session_rank("g1-p9-x", 7),
             Err(SessionRefusal::Unknown)
+        ));
+        assert!(matches!(
+            group.admit(request(-1), 9),
+            Err(JoinError::Full(2))
+        ));
+    }
+
+    /// Closed at its deadline, a generation forms with whoever joined,
+    /// numbered without gaps in place order; a later worker is told to join
+    /// the next generation.
+    #[test]
+    fn a_closed_group_forms_smaller_and_sends_newcomers_to_the_next_generation() {
+        let group = group(3);
+        assert_eq!(group.close(1).unwrap_err(), 0, "nobody joined");
+        let late = group.admit(request(2), 1).unwrap();
+        let early = group.admit(request(0), 2).unwrap();
+        assert_eq!(group.close(3).unwrap_err(), 2, "fewer than min_workers");
+        group.close(2).unwrap();
+        assert_eq!(group.reply(&early.id).unwrap().rank, 0);
+        let late = group.reply(&late.id).unwrap();
+        assert_eq!((late.rank, late.world_size), (1, 2));
+        assert_eq!((group.rank_at(2), group.place_of(1)), (Some(1), Some(2)));
+        assert!(matches!(
+            group.admit(request(1), 3),
+            Err(JoinError::Later { world: 2, max: 3 })
         ));
     }
 
@@ -362,6 +467,21 @@ mod tests {
         assert!(wrong(|r| r.config_hash = "other".into()).contains("configuration hash \"other\""));
         assert!(wrong(|r| r.requested_rank = -5).contains("rank -5 is taken or outside"));
         assert!(wrong(|r| r.host = "h".repeat(300)).contains("300 bytes"));
+        let other_run = |r: &mut pb::JoinRequest| {
+            r.held = Some(pb::Held {
+                run: "other".into(),
+                ..Default::default()
+            })
+        };
+        assert!(wrong(other_run).contains("a replica of run \"other\" at step 0"));
+        let past_the_end = |r: &mut pb::JoinRequest| {
+            r.held = Some(pb::Held {
+                run: "run".into(),
+                step: 101,
+                ..Default::default()
+            })
+        };
+        assert!(wrong(past_the_end).contains("to step 100"));
         group.admit(request(0), 1).unwrap();
         assert!(wrong(|r| r.initial_checksum = 6).contains("initial parameter checksum"));
         assert!(wrong(|r| r.requested_rank = 0).contains("rank 0 is taken"));
@@ -382,19 +502,15 @@ mod tests {
         assert!(group.is_formed());
     }
 
-    /// A worker that dies while waiting for the others gives its rank back,
-    /// so its restart can join as the same rank.
-    #[tokio::test]
-    async fn a_joiner_that_goes_away_gives_its_rank_back() {
+    /// A worker that goes away while waiting gives its place back, so its
+    /// restart can take it again.
+    #[test]
+    fn a_released_place_can_be_taken_again() {
         let group = group(2);
-        let mut waiting = Box::pin(group.join(request(1), 1));
-        assert!(
-            futures::poll!(&mut waiting).is_pending(),
-            "the group is not complete"
-        );
-        assert_eq!(group.who().1, vec![0], "rank 1 is held");
-        drop(waiting);
-        assert_eq!(group.who().1, vec![0, 1], "rank 1 is free again");
+        let first = group.admit(request(1), 1).unwrap();
+        assert_eq!(group.who().1, vec![0], "place 1 is held");
+        group.release(first.place);
+        assert_eq!(group.who().1, vec![0, 1], "place 1 is free again");
         let mut restarted = request(1);
         restarted.initial_checksum = 9;
         group.admit(restarted, 2).unwrap();

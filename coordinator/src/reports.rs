@@ -15,8 +15,8 @@ use common::pb;
 #[derive(Debug, thiserror::Error)]
 #[error(
     "replicas diverged after step {step}: parameter checksums per rank {checksums:016x?}; \
-     every replica must apply the same averaged gradient, so this is a bug or a faulty machine: \
-     restart from the last checkpoint"
+     every replica must apply the same averaged gradient, so this is a bug or a faulty machine \
+     (the group re-forms from the newest checkpoint)"
 )]
 pub struct Divergence {
     /// The step after which the checksums differ.
@@ -44,6 +44,8 @@ pub struct StepSummary {
     pub images_per_s: f64,
     /// The slowest rank's all-reduce wait.
     pub allreduce_ms: f64,
+    /// The parameter checksum every rank reported after the step.
+    pub checksum: u64,
 }
 
 /// A report the coordinator cannot accept; its sender is at fault.
@@ -157,6 +159,7 @@ fn summarise(step: u64, reports: &[pb::StepReport]) -> Result<StepSummary, Diver
         d_fake: first.d_fake,
         images_per_s: reports.iter().map(|r| r.images_per_s).sum(),
         allreduce_ms: reports.iter().map(|r| r.allreduce_ms).fold(0.0, f64::max),
+        checksum: first.checksum,
     })
 }
 

@@ -29,7 +29,7 @@ pub enum ResumePolicy {
 }
 
 /// Where the workers start.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StartPoint {
     /// First step to train.
     pub first_step: u64,

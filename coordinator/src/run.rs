@@ -1,9 +1,8 @@
-//! One coordinator run: lock it, serve, (maybe) launch, supervise, restart
-//! local groups that fail, stop.
+//! One coordinator run: lock it, serve, (maybe) launch, supervise every
+//! generation, stop.
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::Config;
@@ -15,13 +14,14 @@ use tokio::sync::mpsc;
 
 use crate::CoordinatorError;
 use crate::display::Echo;
+use crate::group::{Group, Settings};
 use crate::launcher::{self, Launcher};
 use crate::refusals::Refusals;
 use crate::reports::StepSummary;
 use crate::resume::{self, ResumePolicy};
 use crate::schedule::Schedule;
 use crate::server::{Listeners, Servers};
-use crate::service::Group;
+use crate::service::Current;
 use crate::supervise::Supervision;
 
 /// Where the workers come from.
@@ -68,12 +68,16 @@ pub enum Outcome {
 pub struct Report {
     /// How it ended.
     pub outcome: Outcome,
-    /// Group throughput over the last generation's steps (mean img/s).
+    /// Mean group throughput over the steps trained (img/s).
     pub images_per_s: f64,
     /// The last step's summary.
     pub last: Option<StepSummary>,
-    /// Times the group was started again.
+    /// Times the group re-formed after a failure.
     pub restarts: u64,
+    /// Generations the run went through (1 when nothing happened).
+    pub generations: u64,
+    /// Steps trained twice because no replica survived (0 when one did).
+    pub retrained: u64,
     /// Optimizer steps skipped for non-finite gradients.
     pub skipped: u64,
     /// The final checkpoint, once the store confirmed it.
@@ -101,22 +105,21 @@ const SECRET_ENV: &str = "GANCLUSTER__CHECKPOINT__S3__SECRET_ACCESS_KEY";
 const EVENT_QUEUE: usize = 1024;
 
 /// Trains `cfg` with workers from `mode` until they all finish, the run
-/// fails, or a stop is requested. Where training starts follows `policy`
-/// and the run's checkpoints. `shutdown` resolving once checkpoints and
-/// stops the group after the current step; resolving again interrupts at
-/// once. Local workers connect through a Unix socket, and a local group
-/// that fails through one of its workers is started again from the latest
-/// checkpoint, up to `coordinator.max_restarts` times, as torchrun does,
-/// unless a stop was asked for. (On Kubernetes the pods' restart policy
-/// plays that part.) The output folder is locked and the run leased in its
-/// store for the whole run; `options.break_lease` takes over a lease
-/// another coordinator holds.
+/// fails, or a stop is requested. Where training starts follows `policy`,
+/// the run's checkpoints, and the replicas of workers that come back to a
+/// restarted coordinator. `shutdown` resolving once checkpoints and stops
+/// the group after the current step; resolving again interrupts at once.
+/// Local workers connect through a Unix socket. When a member is lost the
+/// group re-forms from the survivors' replicas (local mode starts a
+/// replacement process), up to `coordinator.max_restarts` times. The
+/// output folder is locked and the run leased in its store for the whole
+/// run; `options.break_lease` takes over a lease another coordinator holds.
 pub async fn run<S>(
     cfg: Config,
     mode: Mode,
     policy: ResumePolicy,
     options: &Options,
-    mut shutdown: impl FnMut() -> S,
+    shutdown: impl FnMut() -> S,
 ) -> Result<Report, CoordinatorError>
 where
     S: Future<Output = ()>,
@@ -126,120 +129,61 @@ where
     store.check().await.map_err(CheckpointError::from)?;
     let ttl = Duration::from_secs(cfg.checkpoint.lease_s);
     let lease = Lease::acquire(&store, &cfg.checkpoint.run, ttl, options.break_lease).await?;
-    let report = generations(cfg, mode, policy, &lease, options, &mut shutdown).await;
+    let listeners = Listeners::bind(&cfg, matches!(mode, Mode::Local(_))).await?;
+    let report = run_on(
+        Launch {
+            listeners,
+            cfg,
+            mode,
+            policy,
+            lease: Some(&lease),
+            options: options.clone(),
+        },
+        shutdown,
+    )
+    .await;
     lease.release().await;
     report
 }
 
-/// The generations of one run: the first, and the restarts local mode makes.
-async fn generations<S>(
-    cfg: Config,
-    mode: Mode,
-    policy: ResumePolicy,
-    lease: &Lease,
-    options: &Options,
-    mut shutdown: impl FnMut() -> S,
-) -> Result<Report, CoordinatorError>
-where
-    S: Future<Output = ()>,
-{
-    let local = matches!(mode, Mode::Local(_));
-    let restarts = if local {
-        cfg.coordinator.max_restarts
-    } else {
-        0
-    };
-    // A group that fails after the operator asked to stop is not restarted.
-    let stop_asked = AtomicBool::new(false);
-    let mut watched_shutdown = || {
-        let signal = shutdown();
-        let stop_asked = &stop_asked;
-        async move {
-            signal.await;
-            stop_asked.store(true, Ordering::Relaxed);
-        }
-    };
-    let mut policy = policy;
-    let mut generation = 1;
-    loop {
-        let plan = resume::plan(&cfg, &policy, mode.workers()).await?;
-        let listeners = Listeners::bind(&cfg, local).await?;
-        let outcome = run_on(
-            Generation {
-                listeners,
-                cfg: cfg.clone(),
-                mode: mode.clone(),
-                plan,
-                number: generation,
-                lease: Some(lease),
-                options: options.clone(),
-            },
-            &mut watched_shutdown,
-        )
-        .await;
-        match outcome {
-            Err(CoordinatorError::Group(failure))
-                if failure.restartable()
-                    && generation <= u64::from(restarts)
-                    && !stop_asked.load(Ordering::Relaxed) =>
-            {
-                tracing::warn!(
-                    err = %failure,
-                    restart = generation,
-                    of = restarts,
-                    "the group failed; starting it again from the latest checkpoint"
-                );
-                // Whatever the first generation was told, the next one
-                // continues from what the failed one saved.
-                policy = ResumePolicy::Latest;
-                generation += 1;
-            }
-            other => {
-                return other.map(|report| Report {
-                    restarts: generation - 1,
-                    ..report
-                });
-            }
-        }
-    }
-}
-
-/// What one generation is started with.
-pub struct Generation<'a> {
+/// What a run is started with, once its folder and lease are held.
+pub struct Launch<'a> {
     /// Where it serves (tests and benchmarks bind port 0 first).
     pub listeners: Listeners,
     /// The run's configuration.
     pub cfg: Config,
     /// Where its workers come from.
     pub mode: Mode,
-    /// Where it starts ([`resume::plan`]).
-    pub plan: (Checkpoints, resume::StartPoint),
-    /// 1, 2… as the group restarts.
-    pub number: u64,
+    /// How to treat the run's existing checkpoints.
+    pub policy: ResumePolicy,
     /// The run's lease, if it holds one.
     pub lease: Option<&'a Lease>,
     /// Display and launch options.
     pub options: Options,
 }
 
-/// One generation of [`run`]; it does not restart.
+/// The body of [`run`], without the folder lock and the lease.
 pub async fn run_on<S>(
-    generation: Generation<'_>,
+    launch: Launch<'_>,
     shutdown: impl FnMut() -> S,
 ) -> Result<Report, CoordinatorError>
 where
     S: Future<Output = ()>,
 {
-    let Generation {
+    let Launch {
         listeners,
         cfg,
         mode,
-        plan: (checkpoints, start),
-        number: generation,
+        policy,
         lease,
         options,
-    } = generation;
+    } = launch;
     let workers = mode.workers();
+    let settings = Settings::of(&cfg, workers)?;
+    let (checkpoints, start): (Checkpoints, resume::StartPoint) =
+        resume::plan(&cfg, &policy, workers).await?;
+    // The operator's explicit choice of a start wins over replicas.
+    let trust_replicas = policy == ResumePolicy::Latest;
     let secret = match &mode {
         Mode::Local(_) => format!("{:032x}", rand::random::<u128>()),
         Mode::External { token, .. } => token.clone(),
@@ -247,22 +191,23 @@ where
     let token = Token::new(&secret)?;
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
     let schedule = Arc::new(Schedule::new(cfg.checkpoint.every, cfg.train.steps));
-    let first_step = start.first_step;
-    let start = common::pb::Start {
-        first_step,
-        steps: cfg.train.steps,
-        resume_from: start.checkpoint.unwrap_or_default(),
-    };
     let refusals = Arc::new(Refusals::default());
-    let group = Arc::new(Group::new(
-        &cfg,
-        generation,
-        workers,
-        start,
+    let first = Group::new(
+        1,
+        settings.clone(),
+        crate::origin::Knowledge {
+            fallback: start.clone(),
+            verified: None,
+            reached: start.first_step,
+            committed: start.checkpoint.as_ref().map(|_| start.first_step),
+            trust_replicas,
+        },
         schedule.clone(),
         events_tx.clone(),
         refusals.clone(),
-    ));
+    );
+    let arrival_wait = Duration::from_secs(cfg.coordinator.join_timeout_s);
+    let current = Arc::new(Current::new(Arc::new(first), arrival_wait));
     let tcp_address = listeners
         .tcp
         .local_addr()
@@ -270,51 +215,41 @@ where
             address: cfg.coordinator.listen.clone(),
             source,
         })?;
-    let (servers, local_address) = Servers::start(listeners, &cfg, group.clone(), token, refusals)?;
-    tracing::info!(workers, generation, "waiting for the group to form");
+    let (servers, local_address) =
+        Servers::start(listeners, &cfg, current.clone(), token, refusals.clone())?;
+    tracing::info!(
+        workers,
+        min_workers = settings.min,
+        "waiting for the group to form"
+    );
     outputs::publish_address(&cfg, tcp_address)?;
     let launcher = match mode {
-        Mode::Local(n) => {
-            let config_path = outputs::save_config(&cfg)?;
-            let s3_secret = cfg.checkpoint.s3.secret_access_key.expose();
-            let secrets: Vec<(&str, &str)> = match s3_secret.is_empty() {
-                true => vec![],
-                false => vec![(SECRET_ENV, s3_secret)],
-            };
-            let args = match options.eval_images {
-                0 => vec![],
-                n => vec!["--eval-images".to_string(), n.to_string()],
-            };
-            let spec = launcher::Spec {
-                workers: n,
-                address: &local_address,
-                token: &secret,
-                config: &config_path,
-                secrets: &secrets,
-                args: &args,
-                output: &cfg.output.dir,
-                echo: &options.echo,
-            };
-            Some(Launcher::spawn(&spec, events_tx)?)
-        }
+        Mode::Local(n) => Some(Launcher::spawn(
+            local_spec(&cfg, n, local_address, secret, &options)?,
+            events_tx.clone(),
+        )?),
         Mode::External { .. } => None,
     };
-    let watch = Supervision {
+    let mut watch = Supervision {
         cfg: &cfg,
-        group: &group,
-        schedule: &schedule,
+        settings,
+        schedule,
         checkpoints: &checkpoints,
-        workers,
-        first_step,
+        start,
+        current: current.clone(),
+        launcher,
         lease,
         echo: &options.echo,
+        events: events_tx,
+        refusals,
+        membership: outputs::Membership::open(&cfg, matches!(policy, ResumePolicy::Fresh { .. }))?,
     };
     let outcome = watch.supervise(events, shutdown).await;
-    if let Err(err) = &outcome {
-        group.peers.abort(err.to_string()).await;
-    }
-    group.peers.close_all();
-    if let Some(launcher) = launcher {
+    current
+        .get()
+        .end(outcome.as_ref().err().map(ToString::to_string))
+        .await;
+    if let Some(launcher) = watch.launcher.take() {
         launcher.shutdown().await;
     }
     let served = servers.shutdown().await;
@@ -323,13 +258,90 @@ where
     Ok(outcome)
 }
 
+/// How local mode starts its `n` workers.
+fn local_spec(
+    cfg: &Config,
+    n: usize,
+    address: String,
+    token: String,
+    options: &Options,
+) -> Result<launcher::Spec, CoordinatorError> {
+    let config = outputs::save_config(cfg)?;
+    let s3_secret = cfg.checkpoint.s3.secret_access_key.expose();
+    let secrets = match s3_secret.is_empty() {
+        true => vec![],
+        false => vec![(SECRET_ENV.to_string(), s3_secret.to_string())],
+    };
+    let args = match options.eval_images {
+        0 => vec![],
+        n => vec!["--eval-images".to_string(), n.to_string()],
+    };
+    Ok(launcher::Spec {
+        workers: n,
+        address,
+        token,
+        config,
+        secrets,
+        args,
+        output: cfg.output.dir.clone(),
+        echo: options.echo.clone(),
+    })
+}
+
 /// Files the coordinator writes next to the run's outputs.
 pub mod outputs {
+    use std::io::Write;
     use std::path::PathBuf;
 
     use common::Config;
 
     use crate::CoordinatorError;
+    use crate::origin::Plan;
+
+    /// Name of the file recording every generation of the run.
+    pub const MEMBERSHIP_FILE: &str = "membership.csv";
+
+    /// `membership.csv`: one row per generation (when it started, with how
+    /// many workers, from what state, how many steps it trained again, and
+    /// why it formed). What a reproduction of an elastic run needs, and
+    /// what the reliability tests read.
+    pub struct Membership {
+        path: PathBuf,
+    }
+
+    impl Membership {
+        /// The record in `cfg.output.dir`: started afresh for a `fresh`
+        /// run, else continued (a restarted coordinator's generations
+        /// follow its predecessor's, numbered from 1 again with cause
+        /// `start`).
+        pub fn open(cfg: &Config, fresh: bool) -> Result<Self, CoordinatorError> {
+            let header = "generation,first_step,workers,state,steps_retrained,cause\n";
+            let path = cfg.output.dir.join(MEMBERSHIP_FILE);
+            if fresh || !path.is_file() {
+                write(cfg, MEMBERSHIP_FILE, header)?;
+            }
+            Ok(Self { path })
+        }
+
+        /// Appends generation `generation` of `world` workers starting as
+        /// `plan` says, formed because of `cause`. A record that cannot be
+        /// written is logged, never a reason to stop training.
+        pub fn record(&self, generation: u64, world: usize, plan: &Plan, cause: &str) {
+            let row = format!(
+                "{generation},{},{world},{},{},{cause}\n",
+                plan.first_step,
+                plan.describe(),
+                plan.retrained
+            );
+            let appended = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&self.path)
+                .and_then(|mut f| f.write_all(row.as_bytes()));
+            if let Err(error) = appended {
+                tracing::warn!(path = %self.path.display(), %error, "could not record the generation");
+            }
+        }
+    }
 
     /// Name of the file holding the bound address.
     pub const ADDRESS_FILE: &str = "coordinator.addr";

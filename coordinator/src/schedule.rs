@@ -22,6 +22,8 @@ struct State {
     stop_requested: bool,
     stop_after: Option<u64>,
     last_checkpoint: Option<u64>,
+    /// Every checkpoint asked for.
+    asked: std::collections::BTreeSet<u64>,
     /// Checkpoints asked for that rank 0 has not reported on yet.
     unanswered: std::collections::BTreeSet<u64>,
 }
@@ -56,6 +58,7 @@ impl Schedule {
         }
         if checkpoint {
             state.last_checkpoint = Some(done);
+            state.asked.insert(done);
             state.unanswered.insert(done);
         }
         (checkpoint || stop).then_some(pb::Control {
@@ -84,6 +87,26 @@ impl Schedule {
     /// Whether step `step` (0-based) is one the group trains.
     pub fn trains(&self, step: u64) -> bool {
         step < self.final_step()
+    }
+
+    /// A new generation starts at `first_step`. Decisions made for later
+    /// steps were the old group's and are made again; checkpoints asked of
+    /// it and not reported on are forgotten (its rank 0 may be gone).
+    /// Returns whether the new rank 0 must checkpoint `first_step` before
+    /// training: it was asked for, and `committed` is not it.
+    pub fn resume_at(&self, first_step: u64, committed: Option<u64>) -> bool {
+        let mut state = self.state.lock().expect("schedule lock");
+        state.unanswered.clear();
+        state.asked.retain(|&s| s <= first_step);
+        state.last_checkpoint = state.asked.last().copied();
+        if state.stop_after.is_some_and(|s| s > first_step) {
+            state.stop_after = None;
+        }
+        let owed = state.asked.contains(&first_step) && committed != Some(first_step);
+        if owed {
+            state.unanswered.insert(first_step);
+        }
+        owed
     }
 
     /// Takes rank 0's report on checkpoint `step`: true when that
@@ -140,5 +163,31 @@ mod tests {
         assert_eq!(schedule.stopped_after(), Some(4));
         assert_eq!(schedule.last_checkpoint(), Some(4));
         assert!(schedule.trains(3) && !schedule.trains(4));
+    }
+
+    /// A group that re-forms at step 6 redoes the decisions from there: a
+    /// checkpoint asked for at 8 is void, the stop decided after it is made
+    /// again, and the checkpoint of step 6 itself is owed when it was never
+    /// committed.
+    #[test]
+    fn a_new_generation_forgets_the_old_groups_later_decisions() {
+        let schedule = Schedule::new(2, 10);
+        decisions(&schedule, 0..6);
+        assert!(schedule.answer(2));
+        schedule.request_stop();
+        decisions(&schedule, 6..8);
+        assert_eq!(schedule.stopped_after(), Some(7));
+        assert!(
+            schedule.resume_at(6, Some(4)),
+            "6 was asked for, 4 is committed"
+        );
+        assert_eq!(
+            (schedule.last_checkpoint(), schedule.stopped_after()),
+            (Some(6), None)
+        );
+        assert!(schedule.answer(6) && !schedule.answer(4));
+        assert!(!schedule.resume_at(6, Some(6)), "6 is committed");
+        assert!(!schedule.resume_at(5, None), "5 was never asked for");
+        assert_eq!(decisions(&schedule, 5..6), [(5, true, true)]);
     }
 }

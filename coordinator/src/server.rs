@@ -1,4 +1,4 @@
-//! Serving one generation's gRPC: where (TCP, plus a Unix socket in local
+//! Serving the run's gRPC: where (TCP, plus a Unix socket in local
 //! mode), how (TLS, limits, keepalive, the token check), and a shutdown
 //! that is bounded whatever the peers do.
 //!
@@ -31,7 +31,7 @@ use crate::CoordinatorError;
 use crate::auth::Authenticator;
 use crate::connections::Gate;
 use crate::refusals::Refusals;
-use crate::service::{Group, RendezvousService, SessionService};
+use crate::service::{Current, RendezvousService, SessionService};
 
 /// Largest Join message: a join request is a few hundred bytes, and only
 /// an authenticated member's Session may carry large gradient chunks.
@@ -136,7 +136,7 @@ impl LocalSocket {
     }
 }
 
-/// The running servers of one generation.
+/// The running servers of a run (every generation).
 pub struct Servers {
     tasks: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     stop: watch::Sender<bool>,
@@ -147,13 +147,13 @@ pub struct Servers {
 }
 
 impl Servers {
-    /// Serves `group` on `listeners` as `cfg` says, admitting callers that
+    /// Serves the `current` generation on `listeners` as `cfg` says, admitting callers that
     /// present `token`. Returns the servers and the address local workers
     /// dial (the Unix socket when there is one, else the TCP address).
     pub fn start(
         listeners: Listeners,
         cfg: &Config,
-        group: Arc<Group>,
+        current: Arc<Current>,
         token: Token,
         refusals: Arc<Refusals>,
     ) -> Result<(Self, String), CoordinatorError> {
@@ -165,12 +165,12 @@ impl Servers {
         );
         let auth = Authenticator::new(token, refusals);
         let join = InterceptedService::new(
-            RendezvousServer::new(RendezvousService::new(group.clone()))
+            RendezvousServer::new(RendezvousService::new(current.clone()))
                 .max_decoding_message_size(JOIN_MESSAGE_BYTES),
             auth.clone(),
         );
         let session = InterceptedService::new(
-            CoordinatorServer::new(SessionService::new(group))
+            CoordinatorServer::new(SessionService::new(current))
                 .max_decoding_message_size(MAX_CHUNK_BYTES)
                 .max_encoding_message_size(MAX_CHUNK_BYTES),
             auth,

@@ -8,161 +8,97 @@
 //! for before it is believed, and a member that breaks the protocol is
 //! named (rank and host), never another one.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::Config;
 use common::auth::MEMBER;
 use common::pb::coordinator_server::Coordinator;
 use common::pb::rendezvous_server::Rendezvous as RendezvousApi;
-use common::pb::{self, coordinator_message, worker_message};
+use common::pb::{self, worker_message};
 use common::untrusted::{Untrusted, shown, shown_message};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, Streaming};
 use tracing::info;
 
 use crate::CoordinatorError;
-use crate::allreduce::{Reducer, Shape, SubmitError, Waiting};
+use crate::allreduce::SubmitError;
 use crate::connections::ticket_of;
 use crate::error::GroupFailure;
-use crate::peers::{OUTBOUND_QUEUE, Peers};
-use crate::refusals::Refusals;
-use crate::rendezvous::Rendezvous;
-use crate::reports::{Reports, StepSummary};
-use crate::schedule::Schedule;
+use crate::events::Event;
+use crate::group::{Formed, Group};
+use crate::peers::OUTBOUND_QUEUE;
+use crate::rendezvous::JoinError;
 
-/// What the handlers tell the run loop.
-#[derive(Debug)]
-pub enum Event {
-    /// Every member has opened its session; training starts.
-    SessionsOpen,
-    /// Every rank reported this step and their parameters agree.
-    StepDone(StepSummary),
-    /// A rank completed all its steps.
-    Finished {
-        /// The rank.
-        rank: usize,
-    },
-    /// A worker asked the group to checkpoint and stop (it got SIGTERM).
-    StopRequested {
-        /// The rank.
-        rank: usize,
-        /// Why, in its words, escaped.
-        reason: String,
-    },
-    /// Rank 0 uploaded (or failed to upload) a checkpoint that was asked for.
-    CheckpointWritten {
-        /// Steps done at the checkpoint.
-        step: u64,
-        /// Why it failed, if it did (escaped).
-        error: Option<String>,
-    },
-    /// The run cannot go on.
-    Failed(CoordinatorError),
+/// The generation the handlers serve; the supervision replaces it when
+/// the group re-forms.
+pub struct Current {
+    group: Mutex<Arc<Group>>,
+    replaced: watch::Sender<u64>,
+    /// How long a worker that arrived at a generation formed without it
+    /// waits for the next one.
+    arrival_wait: Duration,
 }
 
-/// State shared by all handlers of one generation.
-pub struct Group {
-    /// Who is in the group.
-    pub rendezvous: Rendezvous,
-    /// Their session streams.
-    pub peers: Arc<Peers>,
-    reducer: Reducer,
-    reports: Reports,
-    schedule: Arc<Schedule>,
-    events: mpsc::Sender<Event>,
-    refusals: Arc<Refusals>,
-    start: pb::Start,
-    heartbeat_timeout: Duration,
-    handshake_timeout: Duration,
-}
-
-impl Group {
-    /// Generation `generation` of a group of `world` workers training `cfg`
-    /// as `start` says, checkpointing and stopping as `schedule` decides.
-    pub fn new(
-        cfg: &Config,
-        generation: u64,
-        world: usize,
-        start: pb::Start,
-        schedule: Arc<Schedule>,
-        events: mpsc::Sender<Event>,
-        refusals: Arc<Refusals>,
-    ) -> Self {
-        let co = &cfg.coordinator;
-        let heartbeat_timeout = Duration::from_secs(co.heartbeat_timeout_s);
-        let peers = Arc::new(Peers::new(world, heartbeat_timeout));
-        let rendezvous = Rendezvous::new(
-            generation,
-            world,
-            cfg.training_hash(),
-            Duration::from_secs(co.heartbeat_interval_s),
-        );
+impl Current {
+    /// Serves `group` first; a worker arriving at a generation formed
+    /// without it waits at most `arrival_wait` for the next one.
+    pub fn new(group: Arc<Group>, arrival_wait: Duration) -> Self {
+        let generation = group.generation();
         Self {
-            rendezvous,
-            reducer: Reducer::new(
-                world,
-                peers.clone(),
-                schedule.clone(),
-                Shape::of(cfg),
-                start.first_step,
-                cfg.allreduce.nonfinite,
-            ),
-            peers,
-            reports: Reports::new(world, start.first_step),
-            schedule,
-            events,
-            refusals,
-            start,
-            heartbeat_timeout,
-            handshake_timeout: Duration::from_secs(co.handshake_timeout_s),
+            group: Mutex::new(group),
+            replaced: watch::channel(generation).0,
+            arrival_wait,
         }
     }
 
-    /// What the all-reduce is waiting for, to name the ranks holding up a stalled step.
-    pub fn waiting(&self) -> Option<Waiting> {
-        self.reducer.waiting()
+    /// The generation now.
+    pub fn get(&self) -> Arc<Group> {
+        self.group.lock().expect("current group lock").clone()
     }
 
-    /// Gradient updates every rank skipped because they were not finite.
-    pub fn skipped(&self) -> u64 {
-        self.reducer.skipped()
+    /// Serves `group` from now on.
+    pub fn replace(&self, group: Arc<Group>) {
+        let generation = group.generation();
+        *self.group.lock().expect("current group lock") = group;
+        self.replaced.send_replace(generation);
     }
 
-    fn protocol(&self, rank: usize, message: impl Into<String>) -> CoordinatorError {
-        GroupFailure::Protocol {
-            rank,
-            host: self.rendezvous.host_of(rank),
-            message: message.into(),
+    /// The generation after `generation`, once there is one (within the
+    /// arrival wait).
+    async fn after(&self, generation: u64) -> Option<Arc<Group>> {
+        let mut replaced = self.replaced.subscribe();
+        let newer = replaced.wait_for(|g| *g > generation);
+        match tokio::time::timeout(self.arrival_wait, newer).await {
+            Ok(Ok(_)) => Some(self.get()),
+            _ => None,
         }
-        .into()
     }
 }
 
-/// `Join`, over a shared [`Group`].
+/// `Join`, over the current generation.
 #[derive(Clone)]
 pub struct RendezvousService {
-    group: Arc<Group>,
+    current: Arc<Current>,
 }
 
-/// `Session`, over a shared [`Group`].
+/// `Session`, over the current generation.
 #[derive(Clone)]
 pub struct SessionService {
-    group: Arc<Group>,
+    current: Arc<Current>,
 }
 
 impl RendezvousService {
-    /// Serves `group`.
-    pub fn new(group: Arc<Group>) -> Self {
-        Self { group }
+    /// Serves `current`.
+    pub fn new(current: Arc<Current>) -> Self {
+        Self { current }
     }
 }
 
 impl SessionService {
-    /// Serves `group`.
-    pub fn new(group: Arc<Group>) -> Self {
-        Self { group }
+    /// Serves `current`.
+    pub fn new(current: Arc<Current>) -> Self {
+        Self { current }
     }
 }
 
@@ -175,15 +111,33 @@ impl RendezvousApi for RendezvousService {
         let ticket = ticket_of(&request).ok_or_else(|| Status::internal("no connection info"))?;
         let request = request.into_inner();
         let host = shown(&request.host);
-        match self.group.rendezvous.join(request, ticket.id).await {
-            Ok(reply) => {
-                info!(rank = reply.rank, world = reply.world_size, %host, peer = %ticket.peer, "worker joined");
-                Ok(Response::new(reply))
-            }
-            Err(refusal) => {
-                let reason = format!("join from host {host} refused: {refusal}");
-                self.group.refusals.record(&ticket.peer, &reason);
-                Err(refusal.into())
+        let mut group = self.current.get();
+        loop {
+            match group.join(request.clone(), ticket.id).await {
+                Ok(reply) => {
+                    info!(rank = reply.rank, world = reply.world_size, generation = reply.generation,
+                        %host, peer = %ticket.peer, "worker joined");
+                    return Ok(Response::new(reply));
+                }
+                // Taken in at the group's next step boundary.
+                Err(later @ JoinError::Later { .. }) => {
+                    info!(%host, peer = %ticket.peer, "a worker arrived: the group re-forms to take it in");
+                    group.send(Event::Arrival).await;
+                    group = self
+                        .current
+                        .after(group.generation())
+                        .await
+                        .ok_or_else(|| {
+                            Status::unavailable(format!(
+                                "{later}, but the group did not re-form in time; join again"
+                            ))
+                        })?;
+                }
+                Err(refusal) => {
+                    let reason = format!("join from host {host} refused: {refusal}");
+                    group.refusals.record(&ticket.peer, &reason);
+                    return Err(refusal.into());
+                }
             }
         }
     }
@@ -197,7 +151,7 @@ impl Coordinator for SessionService {
         &self,
         request: Request<Streaming<pb::WorkerMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
-        let group = &self.group;
+        let group = self.current.get();
         let ticket = ticket_of(&request).ok_or_else(|| Status::internal("no connection info"))?;
         let member = request
             .metadata()
@@ -205,6 +159,12 @@ impl Coordinator for SessionService {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
+        if let Some(old) = earlier_generation(&member, group.generation()) {
+            return Err(Status::aborted(format!(
+                "generation {old} is over, the group re-forms as generation {}: join again",
+                group.generation()
+            )));
+        }
         let rank = group
             .rendezvous
             .session_rank(&member, ticket.id)
@@ -213,8 +173,10 @@ impl Coordinator for SessionService {
                 group.refusals.record(&ticket.peer, &reason);
                 Status::permission_denied(refusal.to_string())
             })?;
+        let formed = group.formed().expect("members have ranks only once formed");
         let mut inbound = request.into_inner();
-        let hello = match tokio::time::timeout(group.handshake_timeout, inbound.message()).await {
+        let handshake = group.settings().handshake_timeout;
+        let hello = match tokio::time::timeout(handshake, inbound.message()).await {
             Ok(Ok(Some(pb::WorkerMessage {
                 kind: Some(worker_message::Kind::Hello(hello)),
             }))) => hello,
@@ -225,57 +187,61 @@ impl Coordinator for SessionService {
             }
             _ => return Err(Status::invalid_argument("a session must start with Hello")),
         };
-        if hello.member_id != member || hello.generation != group.rendezvous.generation() {
+        if hello.member_id != member || hello.generation != group.generation() {
             return Err(Status::invalid_argument(format!(
                 "Hello names member {} of generation {}, but the session is for this connection's \
                  member of generation {}",
                 shown(&hello.member_id),
                 hello.generation,
-                group.rendezvous.generation()
+                group.generation()
             )));
         }
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
-        let complete = group
+        let complete = formed
             .peers
             .register(rank, tx)
             .map_err(|e| Status::already_exists(e.to_string()))?;
-        tokio::spawn(serve_member(self.group.clone(), rank, inbound));
+        tokio::spawn(serve_member(group.clone(), rank, inbound));
         if complete {
-            let start = coordinator_message::Kind::Start(group.start.clone());
-            match group.peers.broadcast(start).await {
-                Ok(()) => send(group, Event::SessionsOpen).await,
-                Err(stuck) => {
-                    let reason = stuck.to_string();
-                    send(group, Event::Failed(lost(stuck.rank, &reason))).await;
-                }
-            }
+            tokio::spawn(async move { group.begin().await });
         }
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
+/// The generation a member id (`g<N>-p<place>-<random>`) names, when it is
+/// older than `current`.
+fn earlier_generation(member: &str, current: u64) -> Option<u64> {
+    let generation: u64 = member.strip_prefix('g')?.split('-').next()?.parse().ok()?;
+    (generation < current).then_some(generation)
+}
+
 /// Reads one member's stream until it finishes, fails or falls silent for
 /// longer than the heartbeat timeout.
 async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb::WorkerMessage>) {
+    let formed = group
+        .formed()
+        .expect("sessions open only in a formed generation");
     let mut member = Member {
         rank,
-        step: group.start.first_step,
+        step: formed.plan.first_step,
         finished: false,
     };
+    let heartbeat_timeout = group.settings().heartbeat_timeout;
     let failure = loop {
-        let message = match tokio::time::timeout(group.heartbeat_timeout, inbound.message()).await {
+        let message = match tokio::time::timeout(heartbeat_timeout, inbound.message()).await {
             Ok(Ok(Some(message))) => message,
             Ok(Ok(None)) if member.finished => break None,
             Ok(Ok(None)) => break Some(lost(rank, "its stream closed before it finished")),
             Ok(Err(status)) => break Some(broken(&group, rank, &status)),
             Err(_) => break Some(silent(&group, rank, member.step)),
         };
-        if let Err(failure) = member.handle(&group, message).await {
+        if let Err(failure) = member.handle(&group, formed, message).await {
             break Some(failure);
         }
     };
     if let Some(failure) = failure {
-        send(&group, Event::Failed(failure)).await;
+        group.send(Event::Failed(failure)).await;
     }
 }
 
@@ -291,6 +257,7 @@ impl Member {
     async fn handle(
         &mut self,
         group: &Group,
+        formed: &Formed,
         message: pb::WorkerMessage,
     ) -> Result<(), CoordinatorError> {
         let rank = self.rank;
@@ -304,23 +271,23 @@ impl Member {
             worker_message::Kind::Heartbeat(beat) => self.step = beat.step,
             worker_message::Kind::Chunk(chunk) => {
                 self.step = chunk.step;
-                group
+                formed
                     .reducer
                     .submit(rank, chunk)
                     .await
                     .map_err(|e| submit_failure(group, rank, e))?;
             }
             worker_message::Kind::Report(report) => {
-                let reduced = group.reducer.steps_reduced();
-                match group.reports.add(rank, report, reduced) {
+                let reduced = formed.reducer.steps_reduced();
+                match formed.reports.add(rank, report, reduced) {
                     Err(e) => return Err(group.protocol(rank, e.to_string())),
-                    Ok(Some(Ok(summary))) => send(group, Event::StepDone(summary)).await,
+                    Ok(Some(Ok(summary))) => group.send(Event::StepDone(summary)).await,
                     Ok(Some(Err(divergence))) => return Err(GroupFailure::from(divergence).into()),
                     Ok(None) => {}
                 }
             }
             worker_message::Kind::CheckpointWritten(written) => {
-                if rank != 0 || !group.schedule.answer(written.step) {
+                if rank != 0 || !group.schedule().answer(written.step) {
                     return Err(group.protocol(
                         rank,
                         format!(
@@ -332,16 +299,17 @@ impl Member {
                 }
                 let error = (!written.ok).then(|| shown_message(&written.error));
                 let step = written.step;
-                send(group, Event::CheckpointWritten { step, error }).await;
+                group.send(Event::CheckpointWritten { step, error }).await;
             }
             worker_message::Kind::StopRequest(request) => {
                 let reason = shown_message(&request.reason);
-                send(group, Event::StopRequested { rank, reason }).await;
+                group.send(Event::StopRequested { rank, reason }).await;
             }
             worker_message::Kind::Finished(finished) => {
-                let last = group.schedule.final_step();
-                let reported = group.reports.last_of(rank);
-                if finished.steps != last || reported != Some(last - 1) {
+                let last = group.schedule().final_step();
+                let reported = formed.reports.last_of(rank);
+                let trained = last > formed.plan.first_step;
+                if finished.steps != last || (trained && reported != Some(last - 1)) {
                     return Err(group.protocol(
                         rank,
                         format!(
@@ -352,8 +320,9 @@ impl Member {
                     ));
                 }
                 self.finished = true;
-                send(group, Event::Finished { rank }).await;
+                group.send(Event::Finished { rank }).await;
             }
+            worker_message::Kind::State(chunk) => group.state_chunk(rank, chunk).await?,
             worker_message::Kind::Hello(_) => {
                 return Err(group.protocol(rank, "sent Hello twice"));
             }
@@ -381,6 +350,7 @@ fn name(kind: &worker_message::Kind) -> &'static str {
         worker_message::Kind::StopRequest(_) => "a stop request",
         worker_message::Kind::Heartbeat(_) => "a heartbeat",
         worker_message::Kind::Failure(_) => "a failure",
+        worker_message::Kind::State(_) => "a replica chunk",
     }
 }
 
@@ -433,14 +403,14 @@ fn broken(group: &Group, rank: usize, status: &Status) -> CoordinatorError {
 
 /// A member that sent nothing, not even a heartbeat, for the whole timeout.
 fn silent(group: &Group, rank: usize, step: u64) -> CoordinatorError {
-    let seconds = group.heartbeat_timeout.as_secs();
+    let seconds = group.settings().heartbeat_timeout.as_secs();
     let host = group.rendezvous.host_of(rank);
     lost(
         rank,
         &format!(
             "no message or heartbeat from {host} for {seconds} s while at step {step} \
              (coordinator.heartbeat_timeout_s): the process is hung, stopped or cut off \
-             from the coordinator; restart the run to resume from the latest checkpoint"
+             from the coordinator"
         ),
     )
 }
@@ -451,9 +421,4 @@ fn lost(rank: usize, reason: &str) -> CoordinatorError {
         reason: reason.to_string(),
     }
     .into()
-}
-
-async fn send(group: &Group, event: Event) {
-    // The run loop outlives every handler; if it is gone the run is over anyway.
-    let _ = group.events.send(event).await;
 }

@@ -52,8 +52,8 @@ pub fn summary(report: &Report, cfg: &Config, wall: Duration) -> String {
     row(
         "restarts",
         format!(
-            "{} (steps skipped for NaN/Inf: {})",
-            report.restarts, report.skipped
+            "{} ({} generations, steps trained again: {}, steps skipped for NaN/Inf: {})",
+            report.restarts, report.generations, report.retrained, report.skipped
         ),
     );
     row("samples", file(out, "samples.png"));
@@ -66,6 +66,7 @@ pub fn summary(report: &Report, cfg: &Config, wall: Duration) -> String {
         report.checkpoint.clone().unwrap_or_else(|| "none".into()),
     );
     row("logs", format!("{}/", display::logs_dir(out).display()));
+    row("members", file(out, crate::run::outputs::MEMBERSHIP_FILE));
     text
 }
 
@@ -102,8 +103,11 @@ mod tests {
                 d_fake: 0.31,
                 images_per_s: 1200.0,
                 allreduce_ms: 3.0,
+                checksum: 0,
             }),
             restarts: 1,
+            generations: 2,
+            retrained: 0,
             skipped: 0,
             checkpoint: Some("folder runs/default/checkpoints/step-000000300".into()),
             swd: Some(123.456),
@@ -113,7 +117,7 @@ mod tests {
             "training finished: 300 steps in 3m44s, 1283 img/s",
             "D 0.8566  G 1.235",
             "SWD ×1e3   123.5",
-            "restarts   1",
+            "restarts   1 (2 generations, steps trained again: 0",
             "runs/default/samples.png",
             "runs/default/loss.png",
             "step-000000300",

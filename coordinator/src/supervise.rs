@@ -1,12 +1,25 @@
-//! Watching one generation from forming to its end.
+//! Watching a run from its first generation to its end.
 //!
-//! [`Lifecycle`] is the run's state machine: it takes events (from the
-//! handlers, the clocks and the operator's signal) and says what happens
-//! next, with no sockets involved, so every rule of how a run ends is unit
-//! tested here. [`Supervision`] is the async loop that feeds it and carries
-//! out what it decides (commit a checkpoint, conclude, fail).
+//! [`Lifecycle`] is the run's state machine. It takes events (from the
+//! handlers, the local processes, the clocks and the operator's signal)
+//! and says what happens next, with no sockets involved, so every rule of
+//! how a run goes on and ends is unit tested here:
+//!
+//! ```text
+//!   Forming ──formed──▶ Opening ──sessions open──▶ Training ──last step──▶ Finishing ──all finished──▶ end
+//!      ▲                   │                          │                       │
+//!      └──── Regroup ◀─────┴── a member lost, ────────┴── a worker arrived ───┘ (rank 0 lost before
+//!                              hung or diverged                                 the last checkpoint)
+//! ```
+//!
+//! A regroup starts the next generation: survivors keep their replicas,
+//! lost places are refilled (local mode starts a new process; on a cluster
+//! the pod restarts) or, after `coordinator.rejoin_timeout_s`, left empty
+//! down to `coordinator.min_workers`. [`Supervision`] is the async loop
+//! that feeds the lifecycle and carries out what it decides.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::Config;
@@ -14,22 +27,31 @@ use common::checkpoint::{self, Checkpoints};
 use common::lease::Lease;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::display::Echo;
-use crate::error::{CoordinatorError, GroupFailure};
+use crate::error::{CoordinatorError, GroupFailure, Route};
+use crate::events::{Event, Notice, Origin};
+use crate::group::{Group, Settings};
+use crate::launcher::Launcher;
+use crate::origin::{Knowledge, Plan, Verified};
 use crate::progress::Progress;
+use crate::refusals::Refusals;
 use crate::reports::StepSummary;
+use crate::resume::StartPoint;
+use crate::run::outputs::Membership;
 use crate::run::{Outcome, Report};
 use crate::schedule::Schedule;
-use crate::service::{Event, Group};
+use crate::service::Current;
 
-/// Where a generation is.
+/// Where the current generation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// Waiting for every rank to join (`coordinator.join_timeout_s`).
+    /// Waiting for members (`join_timeout_s` for the first generation,
+    /// `rejoin_timeout_s` after a regroup).
     Forming,
-    /// Every rank joined; waiting for every session (`handshake_timeout_s`).
+    /// Formed; waiting for every session (`handshake_timeout_s`) and for
+    /// the replica members without one are sent (`step_timeout_s`).
     Opening,
     /// Steps are being trained (`step_timeout_s` between steps).
     Training,
@@ -47,39 +69,76 @@ pub enum Next {
     Commit(u64),
     /// Every rank finished: decide the outcome.
     Conclude,
-    /// The generation failed.
+    /// The run failed.
     Fail(CoordinatorError),
+    /// The group re-forms as the next generation.
+    Regroup(Regroup),
 }
 
-/// The rules of one generation, without I/O.
+/// Why and how the group re-forms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Regroup {
+    /// Ranks of the current generation that are gone.
+    pub lost: Vec<usize>,
+    /// Why, for the members and the log.
+    pub reason: String,
+    /// What kind of cause, for the membership record.
+    pub cause: &'static str,
+    /// Whether the members' replicas may be used.
+    pub trust_replicas: bool,
+}
+
+/// The rules of a run, without I/O.
 #[derive(Debug)]
 pub struct Lifecycle {
     phase: Phase,
+    generation: u64,
+    world: usize,
     done: u64,
     last: Option<StepSummary>,
     throughput: (f64, u64),
     finished: Vec<bool>,
     committed: Option<u64>,
     failed_checkpoint: Option<(u64, String)>,
+    restarts_left: u32,
+    restarts: u64,
+    retrained: u64,
+    verified: Option<Verified>,
+    arrival: bool,
+    donor: Option<usize>,
 }
 
 impl Lifecycle {
-    /// A generation of `workers` that starts training at `first_step`.
-    pub fn new(workers: usize, first_step: u64) -> Self {
+    /// A run that may re-form `max_restarts` times after failures, whose
+    /// first generation forms now.
+    pub fn new(max_restarts: u32) -> Self {
         Self {
             phase: Phase::Forming,
-            done: first_step,
+            generation: 1,
+            world: 0,
+            done: 0,
             last: None,
             throughput: (0.0, 0),
-            finished: vec![false; workers],
+            finished: Vec::new(),
             committed: None,
             failed_checkpoint: None,
+            restarts_left: max_restarts,
+            restarts: 0,
+            retrained: 0,
+            verified: None,
+            arrival: false,
+            donor: None,
         }
     }
 
-    /// Where the generation is.
+    /// Where the current generation is.
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+
+    /// The current generation.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Steps completed (the group's, not one rank's).
@@ -87,22 +146,49 @@ impl Lifecycle {
         self.done
     }
 
-    /// Every rank joined.
-    pub fn formed(&mut self) {
-        if self.phase == Phase::Forming {
-            self.phase = Phase::Opening;
-        }
+    /// The member sending its replica, while one is.
+    pub fn donor(&self) -> Option<usize> {
+        self.donor
     }
 
-    /// The next step given `event`; `final_step` is where the group stops.
-    pub fn on(&mut self, event: Event, final_step: u64) -> Next {
+    /// The generation formed with `world` members, starting as `plan` says.
+    pub fn formed(&mut self, world: usize, plan: &Plan) {
+        self.phase = Phase::Opening;
+        self.world = world;
+        self.done = plan.first_step;
+        self.retrained += plan.retrained;
+        self.finished = vec![false; world];
+        self.donor = None;
+    }
+
+    /// The next step given `event` from generation `origin`; `final_step`
+    /// is where the group stops. News from an earlier generation is stale.
+    pub fn on(&mut self, origin: u64, event: Event, final_step: u64) -> Next {
+        if origin != self.generation || self.phase == Phase::Forming {
+            return Next::Continue;
+        }
         match event {
-            Event::SessionsOpen => {
-                self.phase = Phase::Training;
+            Event::Transferring { donor } => {
+                self.donor = Some(donor);
                 Next::Continue
+            }
+            Event::SessionsOpen => {
+                self.donor = None;
+                self.phase = match self.done >= final_step {
+                    true => Phase::Finishing,
+                    false => Phase::Training,
+                };
+                match std::mem::take(&mut self.arrival) {
+                    true => self.arrived(),
+                    false => Next::Continue,
+                }
             }
             Event::StepDone(summary) => {
                 self.done = summary.step + 1;
+                self.verified = Some(Verified {
+                    step: self.done,
+                    checksum: summary.checksum,
+                });
                 self.throughput.0 += summary.images_per_s;
                 self.throughput.1 += 1;
                 self.last = Some(summary);
@@ -120,27 +206,117 @@ impl Lifecycle {
                 Next::Continue
             }
             Event::StopRequested { .. } => Next::Continue,
+            Event::Arrival => match self.phase {
+                Phase::Training => self.arrived(),
+                Phase::Opening => {
+                    self.arrival = true;
+                    Next::Continue
+                }
+                // The run is ending: the newcomer would train nothing.
+                Phase::Forming | Phase::Finishing => Next::Continue,
+            },
             Event::Finished { rank } => {
                 self.finished[rank] = true;
-                if !self.finished.iter().all(|f| *f) {
-                    return Next::Continue;
-                }
-                if self.done < final_step {
-                    return Next::Fail(
-                        GroupFailure::WorkerLost {
-                            rank,
-                            reason: format!(
-                                "every worker said it finished, but the group completed only {} of \
-                                 {final_step} steps",
-                                self.done
-                            ),
-                        }
-                        .into(),
-                    );
-                }
-                Next::Conclude
+                self.concluded(final_step)
             }
+            Event::Failed(CoordinatorError::Group(failure)) => self.failed(failure, final_step),
             Event::Failed(err) => Next::Fail(err),
+        }
+    }
+
+    /// A member failed the group (or a clock ran out on it).
+    pub fn failed(&mut self, failure: GroupFailure, final_step: u64) -> Next {
+        let (lost, trust_replicas, cause) = match failure.route() {
+            Route::Fatal => return Next::Fail(failure.into()),
+            Route::Drop(lost) if lost.is_empty() => {
+                ((0..self.world).collect(), true, "member lost")
+            }
+            Route::Drop(lost) => (lost, true, "member lost"),
+            Route::Restart => (Vec::new(), false, "replicas diverged"),
+        };
+        // Done with every step, a member other than the one writing the
+        // last checkpoint has nothing left to do.
+        if self.phase == Phase::Finishing && trust_replicas && !lost.contains(&0) {
+            lost.iter().for_each(|&r| self.finished[r] = true);
+            return self.concluded(final_step);
+        }
+        if !self.spend_restart() {
+            return Next::Fail(failure.into());
+        }
+        Next::Regroup(Regroup {
+            lost,
+            reason: failure.to_string(),
+            cause,
+            trust_replicas,
+        })
+    }
+
+    /// Takes one restart from the budget; false when none is left.
+    pub fn spend_restart(&mut self) -> bool {
+        if self.restarts_left == 0 {
+            return false;
+        }
+        self.restarts_left -= 1;
+        self.restarts += 1;
+        true
+    }
+
+    fn arrived(&mut self) -> Next {
+        Next::Regroup(Regroup {
+            lost: Vec::new(),
+            reason: "a worker arrived: the group grows at this step".into(),
+            cause: "member arrived",
+            trust_replicas: true,
+        })
+    }
+
+    fn concluded(&self, final_step: u64) -> Next {
+        if !self.finished.iter().all(|f| *f) {
+            return Next::Continue;
+        }
+        if self.done < final_step {
+            return Next::Fail(
+                GroupFailure::WorkerLost {
+                    rank: 0,
+                    reason: format!(
+                        "every worker said it finished, but the group completed only {} of \
+                         {final_step} steps",
+                        self.done
+                    ),
+                }
+                .into(),
+            );
+        }
+        Next::Conclude
+    }
+
+    /// The group re-forms: the next generation starts forming.
+    pub fn regrouped(&mut self) {
+        self.generation += 1;
+        self.phase = Phase::Forming;
+        self.arrival = false;
+        self.donor = None;
+    }
+
+    /// What the next generation may start from: the members' replicas
+    /// (when `trust_replicas`) or the newest checkpoint committed, else
+    /// where the run started (`first`).
+    pub fn knowledge(&self, first: &StartPoint, trust_replicas: bool) -> Knowledge {
+        let fallback = match self.committed {
+            Some(step) => StartPoint {
+                first_step: step,
+                checkpoint: Some(checkpoint::name(step)),
+            },
+            None => first.clone(),
+        };
+        Knowledge {
+            fallback,
+            verified: self.verified,
+            reached: self.done,
+            committed: self
+                .committed
+                .or(first.checkpoint.as_ref().map(|_| first.first_step)),
+            trust_replicas,
         }
     }
 
@@ -152,7 +328,7 @@ impl Lifecycle {
     /// Checkpoint `step` could not be written (or was not there once rank
     /// 0 said it was): `latest` keeps naming the previous one.
     pub fn checkpoint_failed(&mut self, step: u64, reason: String) {
-        tracing::warn!(checkpoint = %checkpoint::name(step), %reason,
+        warn!(checkpoint = %checkpoint::name(step), %reason,
             "a checkpoint could not be saved; `latest` still names the previous one");
         self.failed_checkpoint = Some((step, reason));
     }
@@ -162,13 +338,13 @@ impl Lifecycle {
         self.last.as_ref()
     }
 
-    /// Mean group throughput over the steps this generation trained.
+    /// Mean group throughput over the steps trained.
     pub fn images_per_s(&self) -> f64 {
         let (sum, steps) = self.throughput;
         if steps == 0 { 0.0 } else { sum / steps as f64 }
     }
 
-    /// The newest checkpoint committed in this generation.
+    /// The newest checkpoint committed in this run.
     pub fn committed(&self) -> Option<u64> {
         self.committed
     }
@@ -177,110 +353,150 @@ impl Lifecycle {
     pub fn failed_checkpoint(&self) -> Option<&(u64, String)> {
         self.failed_checkpoint.as_ref()
     }
+
+    /// Times the group re-formed after a failure.
+    pub fn restarts(&self) -> u64 {
+        self.restarts
+    }
+
+    /// Steps the run trained twice (0 while replicas survived).
+    pub fn retrained(&self) -> u64 {
+        self.retrained
+    }
 }
 
-/// The async loop around a [`Lifecycle`].
+/// Everything a run's supervision works with.
 pub struct Supervision<'a> {
     /// The run's configuration.
     pub cfg: &'a Config,
-    /// The generation.
-    pub group: &'a Group,
+    /// Its generations' settings.
+    pub settings: Settings,
     /// Its checkpoint plan.
-    pub schedule: &'a Schedule,
+    pub schedule: Arc<Schedule>,
     /// Where checkpoints are committed.
     pub checkpoints: &'a Checkpoints,
-    /// Group size.
-    pub workers: usize,
-    /// The step training starts at.
-    pub first_step: u64,
+    /// Where the run starts when no replica is trusted.
+    pub start: StartPoint,
+    /// The generation the servers serve.
+    pub current: Arc<Current>,
+    /// Local mode's processes.
+    pub launcher: Option<Launcher>,
     /// The run's lease, when the run holds one: losing it ends the run at
     /// once, without writing anything more.
     pub lease: Option<&'a Lease>,
     /// What reaches the terminal.
     pub echo: &'a Echo,
+    /// Where new generations report.
+    pub events: mpsc::Sender<Notice>,
+    /// Refused connections, run-wide.
+    pub refusals: Arc<Refusals>,
+    /// The record of every generation.
+    pub membership: Membership,
+}
+
+/// What the loop does once the lifecycle decided.
+enum Acted {
+    Goes,
+    /// The next generation forms; the cause is recorded with it.
+    Regrouped(&'static str),
+    Ended(Report),
 }
 
 impl Supervision<'_> {
-    /// Runs until the generation ends, feeding `events`, the clocks and
+    /// Runs until the run ends, feeding `events`, the clocks and
     /// `shutdown` to the lifecycle.
     pub async fn supervise<S: Future<Output = ()>>(
-        &self,
-        mut events: mpsc::Receiver<Event>,
+        &mut self,
+        mut events: mpsc::Receiver<Notice>,
         mut shutdown: impl FnMut() -> S,
     ) -> Result<Report, CoordinatorError> {
-        let (cfg, group, workers) = (self.cfg, self.group, self.workers);
-        let co = &cfg.coordinator;
+        let co = &self.cfg.coordinator;
         let join_timeout = Duration::from_secs(co.join_timeout_s);
+        let rejoin_timeout = Duration::from_secs(co.rejoin_timeout_s);
         let handshake = Duration::from_secs(co.handshake_timeout_s);
         let step_timeout = Duration::from_secs(co.step_timeout_s);
-        let join_deadline = sleep(join_timeout);
+        let deadline = sleep(join_timeout);
         let clock = sleep(step_timeout);
         let signal = shutdown();
+        let lease = self.lease;
         let lease_lost = async {
-            match self.lease {
+            match lease {
                 Some(lease) => lease.lost().await,
                 None => std::future::pending().await,
             }
         };
-        tokio::pin!(join_deadline, clock, signal, lease_lost);
-        let mut life = Lifecycle::new(workers, self.first_step);
+        tokio::pin!(deadline, clock, signal, lease_lost);
+        let mut life = Lifecycle::new(co.max_restarts);
+        let mut skipped = 0;
+        let mut why = "start";
         let progress = Progress::new(
-            cfg.train.steps,
-            cfg.train.log_every,
-            self.first_step,
-            workers,
+            self.cfg.train.steps,
+            self.cfg.train.log_every,
+            self.start.first_step,
+            self.settings.max,
             self.echo,
         );
         loop {
+            let group = self.current.get();
             let phase = life.phase();
-            tokio::select! {
-                event = events.recv() => {
-                    let event = event.expect("the group holds a sender");
-                    match &event {
-                        Event::StepDone(summary) => {
-                            progress.step(summary);
-                            clock.as_mut().reset(Instant::now() + step_timeout);
-                        }
-                        Event::SessionsOpen => clock.as_mut().reset(Instant::now() + step_timeout),
-                        Event::StopRequested { rank, reason } if self.schedule.request_stop() => {
-                            info!(rank, %reason, "stop requested by a worker: the group checkpoints \
-                                and stops after the current step");
-                        }
-                        _ => {}
-                    }
-                    match life.on(event, self.schedule.final_step()) {
-                        Next::Continue => {}
-                        Next::Commit(step) => match self.commit(step).await {
-                            Ok(()) => {
-                                life.checkpoint_committed(step);
-                                progress.checkpoint(checkpoint::name(step));
+            let next = tokio::select! {
+                notice = events.recv() => {
+                    let notice = notice.expect("the run holds a sender");
+                    let Some((origin, event)) = self.attribute(notice, &group, &mut life).await? else {
+                        continue;
+                    };
+                    if origin == life.generation() {
+                        match &event {
+                            Event::StepDone(summary) => {
+                                progress.step(summary);
+                                clock.as_mut().reset(Instant::now() + step_timeout);
                             }
-                            Err(reason) => life.checkpoint_failed(step, reason),
-                        },
-                        Next::Conclude => {
-                            progress.finish();
-                            return self.outcome(&life).await;
+                            Event::SessionsOpen | Event::Transferring { .. } => {
+                                clock.as_mut().reset(Instant::now() + step_timeout);
+                            }
+                            Event::StopRequested { rank, reason } if self.schedule.request_stop() => {
+                                info!(rank, %reason, "stop requested by a worker: the group checkpoints \
+                                    and stops after the current step");
+                            }
+                            _ => {}
                         }
-                        Next::Fail(err) => return Err(err),
                     }
+                    life.on(origin, event, self.schedule.final_step())
                 }
-                _ = &mut join_deadline, if phase == Phase::Forming => {
-                    let (hosts, missing) = group.rendezvous.who();
-                    return Err(CoordinatorError::JoinTimeout {
-                        expected: workers,
-                        joined: hosts.len(),
-                        hosts: if hosts.is_empty() { "none".into() } else { hosts.join(", ") },
-                        missing,
-                        seconds: join_timeout.as_secs(),
-                    });
+                _ = &mut deadline, if phase == Phase::Forming => {
+                    // An elapsed timer stays ready: the next regroup sets it again.
+                    deadline.as_mut().reset(Instant::now() + join_timeout.max(rejoin_timeout));
+                    if let Err(joined) = group.close() {
+                        let (hosts, missing) = group.rendezvous.who();
+                        let waited = match life.generation() {
+                            1 => join_timeout,
+                            _ => rejoin_timeout,
+                        };
+                        return Err(CoordinatorError::JoinTimeout {
+                            expected: self.settings.min,
+                            joined,
+                            hosts: if hosts.is_empty() { "none".into() } else { hosts.join(", ") },
+                            missing,
+                            seconds: waited.as_secs(),
+                        });
+                    }
+                    continue;
                 }
-                () = group.rendezvous.formed(), if phase == Phase::Forming => {
-                    life.formed();
+                () = group.formed_signal(), if phase == Phase::Forming => {
+                    let formed = group.formed().expect("signalled once formed");
+                    life.formed(formed.world, &formed.plan);
+                    self.membership.record(life.generation(), formed.world, &formed.plan, why);
+                    info!(generation = life.generation(), workers = formed.world,
+                        first_step = formed.plan.first_step, state = formed.plan.describe(),
+                        steps_retrained = formed.plan.retrained, "the group formed");
+                    progress.formed(formed.plan.first_step, formed.world);
                     // Every member must open its session soon after the group forms.
                     clock.as_mut().reset(Instant::now() + handshake);
+                    continue;
                 }
                 _ = &mut clock, if matches!(phase, Phase::Opening | Phase::Training) => {
-                    return Err(self.overdue(&life, handshake, step_timeout));
+                    let failure = self.overdue(&life, &group, handshake, step_timeout);
+                    life.failed(failure, self.schedule.final_step())
                 }
                 reason = &mut lease_lost => {
                     return Err(CoordinatorError::LeaseLost(reason));
@@ -292,9 +508,130 @@ impl Supervision<'_> {
                     info!("stop requested: the group checkpoints and stops after the current step \
                         (signal again to stop at once, without a checkpoint)");
                     signal.set(shutdown());
+                    continue;
+                }
+            };
+            match self
+                .act(next, &mut life, &group, &progress, &mut skipped)
+                .await?
+            {
+                Acted::Goes => {}
+                Acted::Regrouped(cause) => {
+                    why = cause;
+                    deadline.as_mut().reset(Instant::now() + rejoin_timeout);
+                }
+                Acted::Ended(report) => return Ok(report),
+            }
+        }
+    }
+
+    /// Carries out the lifecycle's decision.
+    async fn act(
+        &mut self,
+        next: Next,
+        life: &mut Lifecycle,
+        group: &Group,
+        progress: &Progress,
+        skipped: &mut u64,
+    ) -> Result<Acted, CoordinatorError> {
+        match next {
+            Next::Continue => Ok(Acted::Goes),
+            Next::Commit(step) => {
+                match self.commit(step).await {
+                    Ok(()) => {
+                        life.checkpoint_committed(step);
+                        progress.checkpoint(checkpoint::name(step));
+                    }
+                    Err(reason) => life.checkpoint_failed(step, reason),
+                }
+                Ok(Acted::Goes)
+            }
+            Next::Conclude => {
+                progress.finish();
+                *skipped += group.skipped();
+                Ok(Acted::Ended(self.outcome(life, *skipped).await?))
+            }
+            Next::Fail(err) => Err(err),
+            Next::Regroup(regroup) => {
+                *skipped += group.skipped();
+                let cause = regroup.cause;
+                self.regroup(regroup, life, group).await?;
+                progress.regrouped();
+                Ok(Acted::Regrouped(cause))
+            }
+        }
+    }
+
+    /// Opens the next generation, then tells the old one (its members
+    /// rejoin at once, and must find the new one) and refills lost places
+    /// (local mode).
+    async fn regroup(
+        &mut self,
+        regroup: Regroup,
+        life: &mut Lifecycle,
+        old: &Group,
+    ) -> Result<(), CoordinatorError> {
+        warn!(generation = life.generation(), lost = ?regroup.lost, reason = %regroup.reason,
+            "the group re-forms");
+        life.regrouped();
+        let known = life.knowledge(&self.start, regroup.trust_replicas);
+        self.current.replace(Arc::new(Group::new(
+            life.generation(),
+            self.settings.clone(),
+            known,
+            self.schedule.clone(),
+            self.events.clone(),
+            self.refusals.clone(),
+        )));
+        old.regroup(regroup.reason.clone()).await;
+        if let Some(launcher) = &mut self.launcher {
+            for &rank in &regroup.lost {
+                if let Some(place) = old.rendezvous.place_of(rank) {
+                    info!(place, "starting a replacement worker");
+                    launcher.replace(place).await?;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Which generation `notice` is about, and what it says; `None` when
+    /// it is stale, or handled here (a local process that died before it
+    /// was a member is replaced).
+    async fn attribute(
+        &mut self,
+        notice: Notice,
+        group: &Group,
+        life: &mut Lifecycle,
+    ) -> Result<Option<(u64, Event)>, CoordinatorError> {
+        let (place, process_life) = match notice.origin {
+            Origin::Generation(generation) => return Ok(Some((generation, notice.event))),
+            Origin::Process { place, life } => (place, life),
+        };
+        let Some(launcher) = self.launcher.as_mut() else {
+            return Ok(None);
+        };
+        if !launcher.is_current(place, process_life) {
+            return Ok(None);
+        }
+        let rank = group.formed().and_then(|_| group.rendezvous.rank_at(place));
+        let event = match (notice.event, rank) {
+            (Event::Failed(CoordinatorError::Group(failure)), Some(rank)) => {
+                Event::Failed(failure.of_rank(rank).into())
+            }
+            (event, Some(_)) => event,
+            // Not a member yet: it is replaced, within the budget.
+            (Event::Failed(err), None) => {
+                if !life.spend_restart() {
+                    return Err(err);
+                }
+                warn!(place, %err, "a worker died before it joined; starting a replacement");
+                launcher.replace(place).await?;
+                return Ok(None);
+            }
+            (_, None) => return Ok(None),
+        };
+        Ok(Some((group.generation(), event)))
     }
 
     /// The checkpoint a rerun would resume from, named only once the store
@@ -325,32 +662,44 @@ impl Supervision<'_> {
         }
     }
 
-    /// What the clock ran out on: sessions that never opened, or a step
-    /// that never completed.
+    /// What the clock ran out on: sessions that never opened, a replica
+    /// that never arrived, or a step that never completed.
     fn overdue(
         &self,
         life: &Lifecycle,
+        group: &Group,
         handshake: Duration,
         step_timeout: Duration,
-    ) -> CoordinatorError {
-        let group = self.group;
+    ) -> GroupFailure {
+        let world = group.formed().map_or(0, |f| f.world);
         if life.phase() == Phase::Opening {
-            return GroupFailure::NoSession {
-                ranks: group.peers.missing(),
-                seconds: handshake.as_secs(),
+            if let Some(donor) = life.donor() {
+                return GroupFailure::WorkerLost {
+                    rank: donor,
+                    reason: format!(
+                        "it did not send its replica within {} s (coordinator.step_timeout_s)",
+                        step_timeout.as_secs()
+                    ),
+                };
             }
-            .into();
+            return GroupFailure::NoSession {
+                ranks: group.formed().map_or_else(Vec::new, |f| f.peers.missing()),
+                seconds: handshake.as_secs(),
+            };
         }
-        let waiting = group.waiting().map_or_else(
-            || "no gradient is in flight, so every rank is between all-reduces".into(),
-            |w| w.to_string(),
-        );
+        let waiting = group.waiting();
+        let ranks = waiting
+            .as_ref()
+            .map_or_else(|| (0..world).collect(), |w| w.ranks.clone());
         GroupFailure::Stalled {
             seconds: step_timeout.as_secs(),
             done: life.done(),
-            waiting,
+            waiting: waiting.map_or_else(
+                || "no gradient is in flight, so every rank is between all-reduces".into(),
+                |w| w.to_string(),
+            ),
+            ranks,
         }
-        .into()
     }
 
     /// Records a checkpoint rank 0 says it wrote, once the store confirms
@@ -367,15 +716,13 @@ impl Supervision<'_> {
         {
             Ok(removed) => info!(checkpoint = %location, ?removed, "checkpoint committed"),
             // The manifest is written, so a resume still finds it; only the pointer lags.
-            Err(error) => {
-                tracing::warn!(checkpoint = %location, %error, "could not update `latest`")
-            }
+            Err(error) => warn!(checkpoint = %location, %error, "could not update `latest`"),
         }
         Ok(())
     }
 
     /// Success only when the last checkpoint asked for is in the store.
-    async fn outcome(&self, life: &Lifecycle) -> Result<Report, CoordinatorError> {
+    async fn outcome(&self, life: &Lifecycle, skipped: u64) -> Result<Report, CoordinatorError> {
         let committed = life.committed();
         let wanted = self.schedule.last_checkpoint();
         if let Some(step) = wanted.filter(|w| Some(*w) != committed) {
@@ -390,9 +737,8 @@ impl Supervision<'_> {
                 committed: newest,
             });
         }
-        let skipped = self.group.skipped();
         if skipped > 0 {
-            tracing::warn!(
+            warn!(
                 skipped,
                 "optimizer steps were skipped for non-finite gradients"
             );
@@ -416,7 +762,7 @@ impl Supervision<'_> {
             Some(step) => match self.checkpoints.read_state(step).await {
                 Ok(state) => state.swd,
                 Err(error) => {
-                    tracing::warn!(%error, "could not read the final checkpoint's state for the summary");
+                    warn!(%error, "could not read the final checkpoint's state for the summary");
                     None
                 }
             },
@@ -426,7 +772,9 @@ impl Supervision<'_> {
             outcome,
             images_per_s: life.images_per_s(),
             last: life.last().cloned(),
-            restarts: 0,
+            restarts: life.restarts(),
+            generations: life.generation(),
+            retrained: life.retrained(),
             skipped,
             checkpoint: committed.map(|step| self.checkpoints.location(step)),
             swd,
@@ -438,6 +786,7 @@ impl Supervision<'_> {
 mod tests {
     use super::*;
     use crate::reports::StepSummary;
+    use common::pb;
 
     fn step(step: u64) -> Event {
         Event::StepDone(StepSummary {
@@ -449,44 +798,75 @@ mod tests {
             d_fake: 0.5,
             images_per_s: 1.0,
             allreduce_ms: 1.0,
+            checksum: 77,
         })
+    }
+
+    fn plan(world: usize, first_step: u64) -> Plan {
+        Plan {
+            first_step,
+            cursor: Default::default(),
+            sources: vec![pb::Source::Fresh; world],
+            donor: None,
+            resume_from: None,
+            retrained: 0,
+        }
+    }
+
+    fn training(world: usize, restarts: u32) -> Lifecycle {
+        let mut life = Lifecycle::new(restarts);
+        life.formed(world, &plan(world, 0));
+        assert!(matches!(
+            life.on(1, Event::SessionsOpen, 10),
+            Next::Continue
+        ));
+        life
+    }
+
+    fn lost(rank: usize) -> Event {
+        Event::Failed(
+            GroupFailure::WorkerLost {
+                rank,
+                reason: "gone".into(),
+            }
+            .into(),
+        )
     }
 
     #[test]
     fn a_generation_goes_from_forming_to_finishing_and_concludes_when_all_finished() {
-        let mut life = Lifecycle::new(2, 0);
+        let mut life = Lifecycle::new(0);
         assert_eq!(life.phase(), Phase::Forming);
-        life.formed();
+        life.formed(2, &plan(2, 0));
         assert_eq!(life.phase(), Phase::Opening);
-        assert!(matches!(life.on(Event::SessionsOpen, 2), Next::Continue));
+        assert!(matches!(life.on(1, Event::SessionsOpen, 2), Next::Continue));
         assert_eq!(life.phase(), Phase::Training);
-        life.on(step(0), 2);
-        life.on(step(1), 2);
+        life.on(1, step(0), 2);
+        life.on(1, step(1), 2);
         assert_eq!(life.phase(), Phase::Finishing);
         assert!(matches!(
-            life.on(Event::Finished { rank: 1 }, 2),
+            life.on(1, Event::Finished { rank: 1 }, 2),
             Next::Continue
         ));
         assert!(matches!(
-            life.on(Event::Finished { rank: 0 }, 2),
+            life.on(1, Event::Finished { rank: 0 }, 2),
             Next::Conclude
         ));
     }
 
     /// Finishing counts ranks, not messages, and needs every step done.
     #[test]
-    fn finishing_before_the_last_step_fails_the_generation() {
-        let mut life = Lifecycle::new(2, 0);
-        life.on(Event::SessionsOpen, 50);
+    fn finishing_before_the_last_step_fails_the_run() {
+        let mut life = training(2, 0);
         assert!(matches!(
-            life.on(Event::Finished { rank: 1 }, 50),
+            life.on(1, Event::Finished { rank: 1 }, 50),
             Next::Continue
         ));
         assert!(matches!(
-            life.on(Event::Finished { rank: 1 }, 50),
+            life.on(1, Event::Finished { rank: 1 }, 50),
             Next::Continue
         ));
-        match life.on(Event::Finished { rank: 0 }, 50) {
+        match life.on(1, Event::Finished { rank: 0 }, 50) {
             Next::Fail(err) => assert!(err.to_string().contains("only 0 of 50 steps"), "{err}"),
             other => panic!("{other:?}"),
         }
@@ -494,30 +874,145 @@ mod tests {
 
     #[test]
     fn written_checkpoints_are_committed_and_failures_remembered() {
-        let mut life = Lifecycle::new(1, 0);
-        assert!(matches!(
-            life.on(
-                Event::CheckpointWritten {
-                    step: 4,
-                    error: None
-                },
-                8
-            ),
-            Next::Commit(4)
-        ));
+        let mut life = training(1, 0);
+        let written = |step, error| Event::CheckpointWritten { step, error };
+        assert!(matches!(life.on(1, written(4, None), 8), Next::Commit(4)));
         assert_eq!(life.committed(), None, "not before the store confirms it");
         life.checkpoint_committed(4);
-        life.on(
-            Event::CheckpointWritten {
-                step: 8,
-                error: Some("disk full".into()),
-            },
-            8,
-        );
+        life.on(1, written(8, Some("disk full".into())), 8);
         assert_eq!(life.committed(), Some(4));
         assert_eq!(
             life.failed_checkpoint(),
             Some(&(8, "disk full".to_string()))
         );
+    }
+
+    /// A lost member re-forms the group without it while restarts remain;
+    /// news from the old generation is stale afterwards.
+    #[test]
+    fn a_lost_member_regroups_within_the_restart_budget_and_old_news_is_ignored() {
+        let mut life = training(3, 1);
+        life.on(1, step(0), 10);
+        match life.on(1, lost(2), 10) {
+            Next::Regroup(r) => {
+                assert_eq!(
+                    (r.lost, r.trust_replicas, r.cause),
+                    (vec![2], true, "member lost")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        life.regrouped();
+        assert_eq!((life.generation(), life.phase()), (2, Phase::Forming));
+        assert!(
+            matches!(life.on(1, lost(0), 10), Next::Continue),
+            "generation 1 is over"
+        );
+        life.formed(3, &plan(3, 1));
+        life.on(2, Event::SessionsOpen, 10);
+        assert!(
+            matches!(life.on(2, lost(1), 10), Next::Fail(_)),
+            "no restart left"
+        );
+        assert_eq!(life.restarts(), 1);
+    }
+
+    #[test]
+    fn the_next_generation_knows_the_verified_state_and_the_fallback() {
+        let mut life = training(2, 1);
+        life.on(1, step(0), 10);
+        life.on(1, step(1), 10);
+        let start = StartPoint::default();
+        let known = life.knowledge(&start, true);
+        assert_eq!(
+            known.verified,
+            Some(Verified {
+                step: 2,
+                checksum: 77
+            })
+        );
+        assert_eq!((known.reached, known.fallback.first_step), (2, 0));
+        life.checkpoint_committed(2);
+        let known = life.knowledge(&start, false);
+        assert_eq!(known.fallback.checkpoint.as_deref(), Some("step-000000002"));
+        assert!(!known.trust_replicas);
+    }
+
+    /// Diverged replicas cannot be trusted: everyone restarts from the checkpoint.
+    #[test]
+    fn divergence_restarts_everyone_from_the_checkpoint() {
+        let mut life = training(2, 1);
+        let diverged = crate::reports::Divergence {
+            step: 3,
+            checksums: vec![1, 2],
+        };
+        match life.on(1, Event::Failed(GroupFailure::from(diverged).into()), 10) {
+            Next::Regroup(r) => assert!(r.lost.is_empty() && !r.trust_replicas),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_non_finite_gradient_under_halt_ends_the_run() {
+        let mut life = training(2, 3);
+        let nan = GroupFailure::NonFinite {
+            step: 1,
+            net: pb::Net::Generator,
+            culprits: "rank 1".into(),
+        };
+        assert!(matches!(
+            life.on(1, Event::Failed(nan.into()), 10),
+            Next::Fail(_)
+        ));
+    }
+
+    /// An arrival waits for training to begin, then grows the group; it
+    /// costs no restart.
+    #[test]
+    fn an_arrival_grows_the_group_once_training_runs() {
+        let mut life = Lifecycle::new(0);
+        life.formed(1, &plan(1, 0));
+        assert!(matches!(life.on(1, Event::Arrival, 10), Next::Continue));
+        match life.on(1, Event::SessionsOpen, 10) {
+            Next::Regroup(r) => assert_eq!((r.lost.len(), r.cause), (0, "member arrived")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(life.restarts(), 0);
+    }
+
+    /// After the last step, a member other than rank 0 (which writes the
+    /// last checkpoint) may go: the run still concludes without it.
+    #[test]
+    fn after_the_last_step_only_rank_0_is_needed() {
+        let mut life = training(3, 0);
+        life.on(1, step(9), 10);
+        assert_eq!(life.phase(), Phase::Finishing);
+        assert!(matches!(
+            life.on(1, Event::Finished { rank: 0 }, 10),
+            Next::Continue
+        ));
+        assert!(matches!(life.on(1, lost(2), 10), Next::Continue));
+        assert!(matches!(
+            life.on(1, Event::Finished { rank: 1 }, 10),
+            Next::Conclude
+        ));
+        let mut life = training(2, 1);
+        life.on(1, step(9), 10);
+        assert!(matches!(life.on(1, lost(0), 10), Next::Regroup(_)));
+    }
+
+    #[test]
+    fn a_stall_with_no_gradient_in_flight_drops_every_rank() {
+        let mut life = training(2, 1);
+        let stalled = GroupFailure::Stalled {
+            seconds: 1,
+            done: 0,
+            waiting: String::new(),
+            ranks: vec![],
+        };
+        match life.failed(stalled, 10) {
+            Next::Regroup(r) => assert_eq!(r.lost, vec![0, 1]),
+            other => panic!("{other:?}"),
+        }
     }
 }

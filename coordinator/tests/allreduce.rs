@@ -71,7 +71,7 @@ async fn worker(
 ) -> Gradients {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let token = Token::new(TOKEN).unwrap();
-    let request = session::join_request(&cfg, Some(rank), 7, format!("test worker {rank}"));
+    let request = session::join_request(&cfg, Some(rank), 7, format!("test worker {rank}"), None);
     let (_, mut session, _) = session::rendezvous(&address, &token, request, &cfg)
         .await
         .unwrap();
@@ -115,16 +115,12 @@ async fn check(world: usize, format: WireFormat) {
         tcp: listener,
         unix: None,
     };
-    let plan = coordinator::resume::plan(&cfg, &coordinator::ResumePolicy::Latest, world)
-        .await
-        .unwrap();
     let server = tokio::spawn(coordinator::run_on(
-        coordinator::Generation {
+        coordinator::Launch {
             listeners,
             cfg: cfg.clone(),
             mode,
-            plan,
-            number: 1,
+            policy: coordinator::ResumePolicy::Latest,
             lease: None,
             options: coordinator::Options::default(),
         },

@@ -32,6 +32,7 @@ pub fn join_request(cfg: &Config, rank: i32, checksum: u64, host: &str) -> pb::J
         requested_rank: rank,
         initial_checksum: checksum,
         host: host.to_string(),
+        held: None,
     }
 }
 

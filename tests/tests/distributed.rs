@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use common::{Config, ShardSampler};
 use gancluster_tests::{
-    Finished, Frozen, Running, TINY, children, exited, run, tiny_coordinator, wait_for_steps,
-    wait_until, workspace_bin,
+    Finished, Frozen, Running, TINY, children, exited, read_f32, run, tiny_coordinator,
+    wait_for_address, wait_for_steps, workspace_bin,
 };
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
-use worker::training::{Trainer, step_noise};
-use worker::training_loop::{PARAMS_F32, to_tensor};
+use worker::gan_step::{Trainer, step_noise};
+use worker::replica_loop::{PARAMS_F32, to_tensor};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
@@ -23,17 +23,9 @@ fn coordinator(workers: usize, steps: u64, out: &Path) -> Command {
     cmd.arg("--store")
         .arg(format!("file://{}", out.join("store").display()))
         // A failure must end the run here, so the tests can see it; the
-        // restart test turns restarts back on.
+        // chaos tests (tests/chaos.rs) turn restarts back on.
         .env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "0");
     cmd
-}
-
-fn read_f32(path: &Path) -> Vec<f32> {
-    std::fs::read(path)
-        .unwrap()
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
 }
 
 /// Two replicas through the coordinator must match one process that
@@ -115,42 +107,6 @@ fn a_worker_dying_mid_run_fails_the_run_naming_its_rank() {
     )
     .assert_failure();
     done.assert_says(&["worker rank 1"]);
-}
-
-/// A worker crashing mid-run, torchrun's case for `--max-restarts`: the
-/// coordinator starts the group again from its latest checkpoint, and the
-/// run ends bitwise equal to one that never failed.
-#[test]
-fn a_crashed_group_restarts_from_its_checkpoint_and_ends_bitwise_equal() {
-    let whole = tempfile::tempdir().unwrap();
-    run(
-        coordinator(2, 8, whole.path()).args(["--checkpoint-every", "2"]),
-        LIMIT,
-    )
-    .assert_success();
-    let crashed = tempfile::tempdir().unwrap();
-    let done = run(
-        coordinator(2, 8, crashed.path())
-            .args(["--checkpoint-every", "2"])
-            .env("GANCLUSTER_FAULT", "exit:1:5")
-            .env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "1"),
-        LIMIT,
-    )
-    .assert_success();
-    done.assert_says(&[
-        "worker rank 1",
-        "the group failed; starting it again from the latest checkpoint",
-        "generation=2",
-        "training finished",
-    ]);
-    let (a, b) = (
-        read_f32(&whole.path().join("params.f32")),
-        read_f32(&crashed.path().join("params.f32")),
-    );
-    assert!(
-        a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-        "the restarted run ended with other parameters"
-    );
 }
 
 #[test]
@@ -245,8 +201,9 @@ fn a_silent_worker_is_caught_by_the_heartbeat_timeout() {
 }
 
 /// The other direction: a coordinator that stops answering (frozen) is
-/// caught by the worker's keepalive pings, and the worker exits saying so
-/// instead of waiting for a reduced gradient forever.
+/// caught by the worker's keepalive pings; the worker keeps its replica and
+/// tries to reach it again for `coordinator.reconnect_timeout_s`, then
+/// exits saying so instead of waiting for a reduced gradient forever.
 #[test]
 fn a_worker_gives_up_on_a_silent_coordinator() {
     let out = tempfile::tempdir().unwrap();
@@ -264,23 +221,14 @@ fn a_worker_gives_up_on_a_silent_coordinator() {
         .arg(out.path())
         .env("GANCLUSTER_TOKEN", "t")
         .envs(QUICK_HEARTBEATS)
+        .env("GANCLUSTER__COORDINATOR__RECONNECT_TIMEOUT_S", "3")
         .env_remove("RUST_LOG");
     let worker = Running::spawn(&mut worker);
     wait_for_steps(out.path(), 2);
     let _frozen = Frozen::stop(server.id());
     let done = worker.wait(LIMIT).assert_failure();
     done.assert_says(&[
-        "lost the connection to the coordinator",
+        "gave up on the coordinator after 3 s without it (coordinator.reconnect_timeout_s)",
         "coordinator.heartbeat_timeout_s",
     ]);
-}
-
-/// The coordinator writes its bound address next to the run's outputs.
-fn wait_for_address(out: &Path) -> String {
-    let path = out.join("coordinator.addr");
-    let what = format!("coordinator never wrote {}", path.display());
-    wait_until(Duration::from_secs(60), &what, || {
-        let text = std::fs::read_to_string(&path).ok()?;
-        (!text.is_empty()).then(|| format!("http://{}", text.trim()))
-    })
 }

@@ -15,8 +15,8 @@ use common::store::Store;
 use gancluster_tests::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
 use worker::backend::{self, TrainBackend};
 use worker::checkpoint;
+use worker::gan_step::{LocalReducer, Trainer};
 use worker::output::LossRow;
-use worker::training::{LocalReducer, Trainer};
 
 fn main() -> anyhow::Result<()> {
     let iters: usize = std::env::args()

@@ -18,7 +18,7 @@ use common::config::{ModelConfig, TrainConfig};
 use rand::{Rng, SeedableRng};
 
 use crate::backend::{self, Inner, TrainBackend};
-use crate::training::{LocalReducer, Trainer};
+use crate::gan_step::{LocalReducer, Trainer};
 
 /// What to time.
 #[derive(Debug, Clone, clap::Args)]

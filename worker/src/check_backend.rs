@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use crate::output::{self, LossRow};
-use crate::training_loop::{LOSSES_CSV, PARAMS_F32};
+use crate::replica_loop::{LOSSES_CSV, PARAMS_F32};
 
 /// Largest relative difference of step 0's D loss: the same forward pass.
 pub const FORWARD_TOLERANCE: f64 = 2e-3;

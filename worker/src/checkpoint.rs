@@ -13,9 +13,9 @@ use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
 use crate::backend::TrainBackend;
+use crate::gan_step::{Trainer, TrainerRecords};
 use crate::output::{self, LossRow};
 use crate::plot;
-use crate::training::{Trainer, TrainerRecords};
 
 /// G's parameters and BatchNorm statistics (rank 0's).
 pub const GENERATOR: &str = "generator.mpk";
@@ -65,19 +65,50 @@ pub fn restore(
     trainer: &mut Trainer<TrainBackend>,
     checkpoint: &Checkpoint,
 ) -> anyhow::Result<(TrainingState, Vec<LossRow>)> {
-    let object = |name| checkpoint.object(name).map(|b| b.to_vec());
-    let records = TrainerRecords {
-        generator: object(GENERATOR)?,
-        discriminator: object(DISCRIMINATOR)?,
-        optimizer_g: object(OPTIMIZER_G)?,
-        optimizer_d: object(OPTIMIZER_D)?,
-    };
+    let records = records(|name| Ok(checkpoint.object(name)?.to_vec()))?;
     trainer
         .load_records(records)
         .with_context(|| format!("restoring checkpoint {}", checkpoint.name()))?;
     let history = output::parse_history(checkpoint.object(LOSSES_CSV)?)
         .with_context(|| format!("reading {LOSSES_CSV} of checkpoint {}", checkpoint.name()))?;
     Ok((checkpoint.state()?, history))
+}
+
+/// A replica as it travels to a member that joins without one: the
+/// networks, both optimizers and the training state, bundled (no sample
+/// grid, loss history or plot: those are rank 0's artifacts).
+pub fn replica_bundle(
+    trainer: &Trainer<TrainBackend>,
+    state: &TrainingState,
+) -> anyhow::Result<Bytes> {
+    let records = trainer.records()?;
+    let state = serde_json::to_vec(state).context("encoding the training state")?;
+    Ok(common::bundle::encode(&[
+        (GENERATOR.into(), records.generator.into()),
+        (DISCRIMINATOR.into(), records.discriminator.into()),
+        (OPTIMIZER_G.into(), records.optimizer_g.into()),
+        (OPTIMIZER_D.into(), records.optimizer_d.into()),
+        (STATE.into(), state.into()),
+    ]))
+}
+
+/// Loads a bundle made by [`replica_bundle`] into `trainer`; returns its state.
+pub fn restore_replica(
+    trainer: &mut Trainer<TrainBackend>,
+    bundle: Bytes,
+) -> anyhow::Result<TrainingState> {
+    let objects = common::bundle::decode(bundle)?;
+    let object = |name: &str| -> anyhow::Result<Vec<u8>> {
+        objects
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b.to_vec())
+            .with_context(|| format!("the replica sent to this worker has no {name}"))
+    };
+    trainer
+        .load_records(records(object)?)
+        .context("loading the replica sent to this worker")?;
+    serde_json::from_slice(&object(STATE)?).context("reading the replica's training state")
 }
 
 /// Uploads checkpoints in the background, one at a time.
@@ -141,4 +172,14 @@ impl Uploader {
             tracing::warn!(checkpoint = %checkpoint::name(step), error = %e, "the upload task failed");
         }
     }
+}
+
+/// The trainer's records, each read by `object` from where it is kept.
+fn records(object: impl Fn(&str) -> anyhow::Result<Vec<u8>>) -> anyhow::Result<TrainerRecords> {
+    Ok(TrainerRecords {
+        generator: object(GENERATOR)?,
+        discriminator: object(DISCRIMINATOR)?,
+        optimizer_g: object(OPTIMIZER_G)?,
+        optimizer_d: object(OPTIMIZER_D)?,
+    })
 }

@@ -4,48 +4,37 @@
 //! it, so tensor work never blocks the reactor that keeps the streams
 //! flowing. Each gradient goes through the coordinator's all-reduce and
 //! every step is reported with a parameter checksum. The coordinator says
-//! where to start (fresh or from a checkpoint) and when to checkpoint or
-//! stop; rank 0 uploads checkpoints in the background.
+//! where to start (fresh, a checkpoint, the replica this worker holds, or
+//! one another member sends) and when to checkpoint or stop; rank 0
+//! uploads checkpoints in the background.
+//!
+//! A replica outlives its group. Before every step it keeps a snapshot of
+//! its state; when the group re-forms mid-step (a member was lost, one
+//! joins, the coordinator came back) it goes back to that snapshot and
+//! joins the next generation holding it, so no completed step is lost and
+//! the interrupted one is trained again from the same state, bit for bit.
+//! When the coordinator itself is gone, it keeps trying to reach it (with
+//! backoff) for `coordinator.reconnect_timeout_s` before giving up.
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
-use common::Config;
 use common::auth::Token;
-use common::checkpoint::{self as layout, Checkpoints};
-use common::pb;
-use common::report;
-use common::session::{self, Session, SessionError};
+use common::checkpoint::{self as layout, Checkpoints, TrainingState};
+use common::session::{self, Clients, Donor, Notifier, Session, SessionError};
 use common::store::Store;
+use common::{Config, DataCursor, pb, report};
 use tokio::runtime::Runtime;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::backend::{self, TrainBackend};
 use crate::checkpoint::{self, Uploader};
 use crate::failure;
-use crate::params;
-use crate::training::{GradientReducer, Net, Trainer, Update};
-use crate::training_loop::{self, Directive, Replica, Start, StepRecord, StepSync, Summary};
-
-/// Fault injection for tests: `GANCLUSTER_FAULT=<kind>:<rank>:<step>`
-/// makes that rank, after that step, nudge its discriminator (`diverge`,
-/// which the coordinator's checksum comparison must catch), exit abruptly
-/// (`exit`, a worker dying mid-run) or block its training thread forever
-/// while its network runtime keeps heartbeating (`hang`, a stuck GPU); or,
-/// during that step, send a NaN in its discriminator gradient (`nan`).
-/// Faults fire in the group's first generation only, so a group the
-/// coordinator restarts runs clean.
-pub const FAULT_ENV: &str = "GANCLUSTER_FAULT";
-
-/// An injected fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fault {
-    Diverge(u64),
-    Exit(u64),
-    Hang(u64),
-    Nan(u64),
-}
+use crate::gan_step::{GradientReducer, Net, Snapshot, Trainer, Update};
+use crate::output;
+use crate::replica_loop::{self, Directive, Replica, Start, StepRecord, StepSync, Summary};
 
 /// How to reach and authenticate with the coordinator.
 #[derive(Debug, Clone)]
@@ -58,8 +47,16 @@ pub struct Connection {
     pub rank: Option<usize>,
 }
 
-/// Joins the group at `connection`, trains as the assigned rank, and
-/// returns once the coordinator has acknowledged the end of the run.
+/// The replica this worker holds between generations.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    step: u64,
+    cursor: DataCursor,
+}
+
+/// Joins the group at `connection`, trains as the assigned rank through
+/// every generation of the group, and returns once the coordinator has
+/// acknowledged the end of the run.
 pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow::Result<Summary> {
     let device = backend::device()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -69,121 +66,411 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         .build()
         .context("starting the gRPC runtime")?;
     let token = Token::new(&connection.token)?;
-    let trainer = Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device);
-    let request = session::join_request(cfg, connection.rank, trainer.checksum(), hostname());
-    let (joined, session, start) = runtime.block_on(session::rendezvous(
-        &connection.address,
-        &token,
-        request,
-        cfg,
-    ))?;
-    let replica = Replica {
-        rank: joined.rank as usize,
-        world: joined.world_size as usize,
-    };
-    info!(
-        rank = replica.rank,
-        world = replica.world,
-        generation = joined.generation,
-        steps = start.steps,
-        "joined"
-    );
-    let mut trainer = trainer.for_rank(replica.rank);
-    let on_sigterm = runtime.spawn(forward_sigterm(session.notifier()));
-    let mut remote = Remote {
-        runtime: &runtime,
-        session: Some(session),
-        waited_ms: 0.0,
-        fault: None,
-        uploader: None,
-    };
-    let trained = train_replica(
-        cfg,
-        &runtime,
-        &start,
-        replica,
-        joined.generation,
-        &mut trainer,
-        &mut remote,
-        eval_images,
-    );
-    on_sigterm.abort();
-    let session = remote
-        .session
-        .take()
-        .expect("the session lives until the end");
-    match trained {
-        Ok(summary) => {
-            runtime.block_on(session.finish(summary.steps))?;
-            Ok(summary)
-        }
-        Err(err) => {
-            // The coordinator ends the group with this worker's own words;
-            // when it already ended it (or the connection is gone), there
-            // is nobody to tell.
-            if !report::caused_by::<SessionError>(err.as_ref()) {
-                let reason = report::render(err.as_ref());
-                let permanent = failure::is_permanent(&err);
-                runtime.block_on(session.fail(reason, permanent));
+    let mut trainer = Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device);
+    let initial = trainer.checksum();
+    let checkpoints = Checkpoints::new(Store::open(&cfg.checkpoint)?, &cfg.checkpoint.run);
+    let mut uploader = Uploader::new(checkpoints.clone());
+    let stop = StopForwarder::start(&runtime);
+    let mut held: Option<Held> = None;
+    // Set once this worker has been in a group: only then does it wait for
+    // a coordinator that went away (one that never answered is an error).
+    let mut lost_since: Option<Instant> = None;
+    let mut joined_once = false;
+    let mut first_try: Option<Instant> = None;
+    loop {
+        let joining = Joining {
+            cfg,
+            connection,
+            token: &token,
+            initial,
+            held,
+        };
+        let (joined, opened) = match runtime.block_on(joining.join(&trainer)) {
+            Ok(joined) => joined,
+            // The group re-formed again before this generation started.
+            Err(SessionError::Regroup(reason)) => {
+                info!(reason = %reason, "the group re-forms again; joining the next generation");
+                continue;
             }
-            Err(err)
+            Err(err) if joined_once && err.is_transient() => {
+                if !keeps_waiting(cfg, &mut lost_since) {
+                    return Err(gave_up(cfg, err.into()));
+                }
+                warn!(error = %err, "the coordinator cannot be reached; trying again");
+                let wait = backoff(lost_since);
+                // The timer must be made inside the runtime.
+                runtime.block_on(async { tokio::time::sleep(wait).await });
+                continue;
+            }
+            // The coordinator is not up yet (pods start in any order).
+            Err(err) if !joined_once && err.is_not_listening() => {
+                let since = *first_try.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(cfg.coordinator.join_timeout_s) {
+                    return Err(anyhow::Error::new(err).context(format!(
+                        "the coordinator did not come up within {} s (coordinator.join_timeout_s)",
+                        cfg.coordinator.join_timeout_s
+                    )));
+                }
+                runtime.block_on(async { tokio::time::sleep(NOT_UP_RETRY).await });
+                continue;
+            }
+            Err(err) => return Err(err.into()),
+        };
+        lost_since = None;
+        joined_once = true;
+        let replica = Replica {
+            rank: joined.rank as usize,
+            world: joined.world_size as usize,
+        };
+        info!(
+            rank = replica.rank,
+            world = replica.world,
+            generation = joined.generation,
+            first_step = opened.start.first_step,
+            "joined"
+        );
+        trainer.set_rank(replica.rank);
+        stop.watch(opened.session.notifier());
+        let mut remote = Remote {
+            runtime: &runtime,
+            session: Some(opened.session),
+            waited_ms: 0.0,
+            uploader: &mut uploader,
+            snapshot: None,
+        };
+        let trained = begin(
+            cfg,
+            &runtime,
+            &checkpoints,
+            &opened.start,
+            opened.state,
+            held,
+            replica,
+            &mut trainer,
+        )
+        .and_then(|begin| {
+            train(
+                cfg,
+                replica,
+                joined.generation,
+                &mut trainer,
+                &mut remote,
+                eval_images,
+                begin,
+            )
+        });
+        let session = remote
+            .session
+            .take()
+            .expect("the session lives until the end");
+        let snapshot = remote.snapshot.take();
+        let (err, session) = match trained {
+            Ok(summary) => {
+                uploader.wait(&runtime);
+                match runtime.block_on(session.finish(summary.steps)) {
+                    Ok(()) => return Ok(summary),
+                    // The group re-forms after its last step (the member saving the
+                    // last checkpoint was lost): this replica holds the end state.
+                    Err(err) => {
+                        held = Some(Held {
+                            step: summary.steps,
+                            cursor: summary.cursor,
+                        });
+                        (anyhow::Error::new(err), None)
+                    }
+                }
+            }
+            Err(err) => {
+                if let Some((step, cursor, snapshot)) = snapshot {
+                    trainer.restore(snapshot);
+                    held = Some(Held { step, cursor });
+                }
+                (err, Some(session))
+            }
+        };
+        match regrouping(&err) {
+            Some(lost) if !lost || keeps_waiting(cfg, &mut lost_since) => {
+                info!(held = ?held.map(|h| h.step), reason = %report::render(err.as_ref()),
+                    "the group re-forms; joining again with this replica");
+            }
+            Some(_) => return Err(gave_up(cfg, err)),
+            None => {
+                if let Some(session) = session {
+                    fail(&runtime, session, &err);
+                }
+                return Err(err);
+            }
         }
     }
 }
 
-/// Everything a replica does between joining and saying it finished.
-#[allow(clippy::too_many_arguments)]
-fn train_replica(
+/// Everything a replica does in one generation, between its start and
+/// saying it finished.
+fn train(
     cfg: &Config,
-    runtime: &Runtime,
-    start: &pb::Start,
     replica: Replica,
     generation: u64,
     trainer: &mut Trainer<TrainBackend>,
     remote: &mut Remote<'_>,
     eval_images: usize,
+    begin: Start,
 ) -> anyhow::Result<Summary> {
-    let checkpoints = Checkpoints::new(Store::open(&cfg.checkpoint)?, &cfg.checkpoint.run);
-    let begin = resume(runtime, &checkpoints, start, trainer)?;
-    remote.fault = fault(replica.rank, generation)?;
-    remote.uploader = Some(Uploader::new(checkpoints));
-    let summary = training_loop::train(cfg, replica, trainer, remote, eval_images, begin)?;
-    // The last checkpoint must be in the store (and reported) before this
-    // worker says it is done; no other task may hold the stream open then.
-    if let Some(uploader) = remote.uploader.as_mut() {
-        uploader.wait(runtime);
+    #[cfg(feature = "faults")]
+    {
+        let mut faulty = crate::faults::Faulty::wrap(remote, replica.rank, generation)?;
+        replica_loop::train(cfg, replica, trainer, &mut faulty, eval_images, begin)
     }
-    Ok(summary)
+    #[cfg(not(feature = "faults"))]
+    {
+        let _ = generation;
+        // A test that arms a fault in a build without them must not pass
+        // for a fault that never fired.
+        if std::env::var_os("GANCLUSTER_FAULT").is_some() {
+            anyhow::bail!(
+                "GANCLUSTER_FAULT is set, but this worker was built without fault injection: \
+                 build it with `--features faults` (cargo test --workspace does) or unset it"
+            );
+        }
+        replica_loop::train(cfg, replica, trainer, remote, eval_images, begin)
+    }
 }
 
-/// On SIGTERM (eviction, node drain) asks the coordinator to checkpoint and
-/// stop the group after the current step; this worker then finishes
-/// normally when told to stop. Later SIGTERMs are ignored (Kubernetes
-/// follows with SIGKILL once the grace period is over).
-async fn forward_sigterm(notifier: session::Notifier) {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        tracing::warn!("cannot watch for SIGTERM; an eviction will lose this worker mid-step");
-        return;
+/// `Some(coordinator_lost)` when `err` means the group re-forms (the
+/// coordinator said so, or is gone and may come back), `None` when this
+/// worker cannot go on.
+fn regrouping(err: &anyhow::Error) -> Option<bool> {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err.as_ref());
+    while let Some(e) = cause {
+        match e.downcast_ref::<SessionError>() {
+            Some(SessionError::Regroup(_)) => return Some(false),
+            Some(s) if s.is_transient() => return Some(true),
+            _ => cause = e.source(),
+        }
+    }
+    None
+}
+
+/// Whether to keep waiting for a coordinator that is gone (first noticed
+/// at `since`, now if not yet): within `coordinator.reconnect_timeout_s`.
+fn keeps_waiting(cfg: &Config, since: &mut Option<Instant>) -> bool {
+    let first = *since.get_or_insert_with(Instant::now);
+    first.elapsed() < Duration::from_secs(cfg.coordinator.reconnect_timeout_s)
+}
+
+/// `err`, the last of the attempts to reach a coordinator that went away.
+fn gave_up(cfg: &Config, err: anyhow::Error) -> anyhow::Error {
+    err.context(format!(
+        "gave up on the coordinator after {} s without it (coordinator.reconnect_timeout_s)",
+        cfg.coordinator.reconnect_timeout_s
+    ))
+}
+
+/// Waits between attempts to reach a coordinator that is still starting.
+const NOT_UP_RETRY: Duration = Duration::from_millis(200);
+
+/// Waits between attempts to reach a lost coordinator: 0.5 s, doubling to 10 s.
+fn backoff(since: Option<Instant>) -> Duration {
+    let waited = since.map_or(Duration::ZERO, |s| s.elapsed());
+    Duration::from_millis(500)
+        .max(waited / 4)
+        .min(Duration::from_secs(10))
+}
+
+/// Tells the coordinator why this worker stops, unless it already knows
+/// (it ended the group, or the connection is gone).
+fn fail(runtime: &Runtime, session: Session, err: &anyhow::Error) {
+    if !report::caused_by::<SessionError>(err.as_ref()) {
+        let reason = report::render(err.as_ref());
+        let permanent = failure::is_permanent(err);
+        runtime.block_on(session.fail(reason, permanent));
+    }
+}
+
+/// What a worker presents when it joins a generation: always the rank it
+/// was started with (its place, e.g. a pod's index), so a re-formed group
+/// numbers its members in the same order.
+struct Joining<'a> {
+    cfg: &'a Config,
+    connection: &'a Connection,
+    token: &'a Token,
+    initial: u64,
+    held: Option<Held>,
+}
+
+impl Joining<'_> {
+    /// Connects, joins and opens the session, giving this worker's replica
+    /// if the coordinator asks for it.
+    async fn join(
+        &self,
+        trainer: &Trainer<TrainBackend>,
+    ) -> Result<(pb::JoinReply, session::Opened), SessionError> {
+        let held = self.held.map(|h| pb::Held {
+            step: h.step,
+            checksum: trainer.checksum(),
+            epoch: h.cursor.epoch,
+            position: h.cursor.position,
+            run: self.cfg.checkpoint.run.clone(),
+        });
+        let request = session::join_request(
+            self.cfg,
+            self.connection.rank,
+            self.initial,
+            hostname(),
+            held,
+        );
+        let mut clients: Clients =
+            session::connect(&self.connection.address, self.cfg, self.token).await?;
+        let joined = session::join(&mut clients, request).await?;
+        let mut donor = ReplicaDonor {
+            trainer,
+            held: self.held,
+            cfg: self.cfg,
+        };
+        let opened = Session::open(&mut clients, &joined, self.cfg, &mut donor).await?;
+        Ok((joined, opened))
+    }
+}
+
+/// Gives the replica this worker holds to the coordinator, for a member
+/// that joins without one.
+struct ReplicaDonor<'a> {
+    trainer: &'a Trainer<TrainBackend>,
+    held: Option<Held>,
+    cfg: &'a Config,
+}
+
+impl Donor for ReplicaDonor<'_> {
+    fn state(&mut self, step: u64) -> Result<Bytes, SessionError> {
+        let held = self.held.filter(|h| h.step == step).ok_or_else(|| {
+            SessionError::Protocol(format!(
+                "asked for the replica of step {step}, but this worker holds step {:?}",
+                self.held.map(|h| h.step)
+            ))
+        })?;
+        let state = TrainingState {
+            step,
+            cursor: held.cursor,
+            world: 0,
+            config_hash: self.cfg.training_hash(),
+            identity: self.cfg.resume_identity(),
+            d_loss: f32::NAN,
+            g_loss: f32::NAN,
+            swd: None,
+        };
+        checkpoint::replica_bundle(self.trainer, &state)
+            .map_err(|e| SessionError::Protocol(format!("packing this replica: {e:#}")))
+    }
+}
+
+/// Where this generation starts, as the coordinator's `start` says, with
+/// `state` (a replica another member sent) or the `held` one.
+#[allow(clippy::too_many_arguments)]
+fn begin(
+    cfg: &Config,
+    runtime: &Runtime,
+    checkpoints: &Checkpoints,
+    start: &pb::Start,
+    state: Option<Bytes>,
+    held: Option<Held>,
+    replica: Replica,
+    trainer: &mut Trainer<TrainBackend>,
+) -> anyhow::Result<Start> {
+    anyhow::ensure!(
+        start.batch_size > 0 && start.steps <= cfg.train.steps && start.first_step <= start.steps,
+        "the coordinator sent an impossible start: steps {}..{} of {} with batches of {}",
+        start.first_step,
+        start.steps,
+        cfg.train.steps,
+        start.batch_size
+    );
+    let replica_start = |history: Vec<output::LossRow>| Start {
+        first_step: start.first_step,
+        cursor: DataCursor {
+            epoch: start.epoch,
+            position: start.position,
+        },
+        history,
+        until: start.steps,
+        batch: start.batch_size as usize,
+        checkpoint_first: start.checkpoint,
     };
-    if term.recv().await.is_some() {
-        tracing::warn!("SIGTERM: asking the coordinator to checkpoint and stop the group");
-        let reason = format!("SIGTERM on {}", hostname());
-        // A closed session means the run is already over.
-        let _ = notifier.request_stop(reason).await;
+    let history = || -> anyhow::Result<Vec<output::LossRow>> {
+        match replica.rank {
+            0 => output::read_history(
+                &cfg.output.dir.join(replica_loop::LOSSES_CSV),
+                start.first_step,
+            ),
+            _ => Ok(Vec::new()),
+        }
+    };
+    let source = pb::Source::try_from(start.source).unwrap_or(pb::Source::Unspecified);
+    match source {
+        pb::Source::Checkpoint => {
+            let (state, history) = resume(runtime, checkpoints, start, trainer)?;
+            Ok(Start {
+                cursor: state.cursor,
+                ..replica_start(history)
+            })
+        }
+        pb::Source::Keep => {
+            let held =
+                held.context("the coordinator said to keep a replica, but this worker holds none")?;
+            anyhow::ensure!(
+                held.step == start.first_step,
+                "this worker holds step {} but the group starts at step {}",
+                held.step,
+                start.first_step
+            );
+            info!(
+                step = held.step,
+                "continuing from the replica this worker holds"
+            );
+            Ok(replica_start(history()?))
+        }
+        pb::Source::Transfer => {
+            let bundle =
+                state.context("the coordinator said a replica was sent, but none arrived")?;
+            let restored = checkpoint::restore_replica(trainer, bundle)?;
+            anyhow::ensure!(
+                restored.step == start.first_step,
+                "the replica sent is at step {} but the group starts at step {}",
+                restored.step,
+                start.first_step
+            );
+            info!(
+                step = restored.step,
+                "took over the replica another member sent"
+            );
+            Ok(replica_start(history()?))
+        }
+        pb::Source::Fresh | pb::Source::Unspecified => {
+            anyhow::ensure!(
+                start.first_step == 0,
+                "the coordinator said to start fresh at step {}",
+                start.first_step
+            );
+            if held.is_some() {
+                // The replicas could not be trusted and no checkpoint exists yet.
+                *trainer =
+                    Trainer::new(&cfg.model, &cfg.train, trainer.device()).for_rank(replica.rank);
+            }
+            Ok(Start {
+                until: start.steps,
+                batch: start.batch_size as usize,
+                ..Start::fresh(cfg)
+            })
+        }
     }
 }
 
-/// Loads the checkpoint `start` names, if any, into `trainer`.
+/// Loads the checkpoint `start` names into `trainer`; returns its state
+/// and loss history.
 fn resume(
     runtime: &Runtime,
     checkpoints: &Checkpoints,
     start: &pb::Start,
     trainer: &mut Trainer<TrainBackend>,
-) -> anyhow::Result<Start> {
-    if start.resume_from.is_empty() {
-        return Ok(Start::default());
-    }
+) -> anyhow::Result<(TrainingState, Vec<output::LossRow>)> {
     let name = &start.resume_from;
     let step = layout::parse_name(name)
         .with_context(|| format!("the coordinator sent an invalid checkpoint name {name:?}"))?;
@@ -198,11 +485,45 @@ fn resume(
         start.first_step
     );
     info!(checkpoint = %name, step = state.step, epoch = state.cursor.epoch, "resumed from checkpoint");
-    Ok(Start {
-        first_step: state.step,
-        cursor: state.cursor,
-        history,
-    })
+    Ok((state, history))
+}
+
+/// Asks the coordinator to checkpoint and stop the group on SIGTERM
+/// (eviction, node drain), through whichever session is current.
+struct StopForwarder {
+    current: Arc<Mutex<Option<Notifier>>>,
+}
+
+impl StopForwarder {
+    fn start(runtime: &Runtime) -> Self {
+        let current: Arc<Mutex<Option<Notifier>>> = Arc::default();
+        let watched = current.clone();
+        runtime.spawn(async move {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                warn!("cannot watch for SIGTERM; an eviction will lose this worker mid-step");
+                return;
+            };
+            // Later SIGTERMs are ignored: Kubernetes follows with SIGKILL.
+            if term.recv().await.is_some() {
+                warn!("SIGTERM: asking the coordinator to checkpoint and stop the group");
+                let notifier = watched.lock().expect("stop lock").clone();
+                if let Some(notifier) = notifier {
+                    // A closed session means the run is already over.
+                    let _ = notifier
+                        .request_stop(format!("SIGTERM on {}", hostname()))
+                        .await;
+                }
+            }
+        });
+        Self { current }
+    }
+
+    /// Forwards through `notifier` from now on.
+    fn watch(&self, notifier: Notifier) {
+        *self.current.lock().expect("stop lock") = Some(notifier);
+    }
 }
 
 /// The coordinator-backed [`StepSync`].
@@ -210,8 +531,9 @@ struct Remote<'a> {
     runtime: &'a Runtime,
     session: Option<Session>,
     waited_ms: f64,
-    fault: Option<Fault>,
-    uploader: Option<Uploader>,
+    uploader: &'a mut Uploader,
+    /// The state before the step in progress, its step and data cursor.
+    snapshot: Option<(u64, DataCursor, Snapshot<TrainBackend>)>,
 }
 
 impl Remote<'_> {
@@ -223,21 +545,17 @@ impl Remote<'_> {
 }
 
 impl GradientReducer for Remote<'_> {
-    fn reduce(&mut self, step: u64, net: Net, mut grads: Vec<f32>) -> anyhow::Result<Update> {
+    fn reduce(&mut self, step: u64, net: Net, grads: Vec<f32>) -> anyhow::Result<Update> {
         let wire_net = match net {
             Net::Discriminator => pb::Net::Discriminator,
             Net::Generator => pb::Net::Generator,
         };
-        if self.fault == Some(Fault::Nan(step)) && net == Net::Discriminator {
-            tracing::warn!(step, "{FAULT_ENV}: sending a NaN in this rank's gradient");
-            grads[0] = f32::NAN;
-        }
         let started = Instant::now();
         let runtime = self.runtime;
         let reduced = runtime.block_on(self.session().all_reduce(step, wire_net, &grads))?;
         self.waited_ms += started.elapsed().as_secs_f64() * 1e3;
         if reduced.skip {
-            tracing::warn!(
+            warn!(
                 step,
                 ?net,
                 "skipping this optimizer step on every rank: a rank's \
@@ -250,29 +568,15 @@ impl GradientReducer for Remote<'_> {
 }
 
 impl StepSync for Remote<'_> {
+    fn before_step(&mut self, step: u64, cursor: DataCursor, trainer: &Trainer<TrainBackend>) {
+        self.snapshot = Some((step, cursor, trainer.snapshot()));
+    }
+
     fn after_step(
         &mut self,
         record: &StepRecord,
         trainer: &mut Trainer<TrainBackend>,
     ) -> anyhow::Result<Directive> {
-        match self.fault {
-            Some(Fault::Diverge(step)) if step == record.step => {
-                tracing::warn!(step, "{FAULT_ENV}: perturbing this replica's discriminator");
-                let nudge = vec![1e-3; params::trainable_len(trainer.discriminator())];
-                trainer.apply_discriminator(&nudge);
-            }
-            Some(Fault::Exit(step)) if step == record.step => {
-                tracing::warn!(step, "{FAULT_ENV}: exiting abruptly");
-                std::process::exit(3);
-            }
-            Some(Fault::Hang(step)) if step == record.step => {
-                tracing::warn!(step, "{FAULT_ENV}: blocking the training thread for good");
-                loop {
-                    std::thread::park();
-                }
-            }
-            _ => {}
-        }
         let checksum = trainer.checksum();
         let report = pb::StepReport {
             step: record.step,
@@ -298,41 +602,12 @@ impl StepSync for Remote<'_> {
         let notifier = self.session().notifier();
         let runtime = self.runtime;
         self.uploader
-            .as_mut()
-            .expect("an uploader exists once training started")
             .start(runtime, steps, objects, move |step, outcome| async move {
                 // A closed session means the run is over; the coordinator reports why.
                 let _ = notifier.checkpoint_written(step, outcome).await;
             });
         Ok(())
     }
-}
-
-/// This rank's injected fault in this `generation`, from [`FAULT_ENV`].
-fn fault(rank: usize, generation: u64) -> anyhow::Result<Option<Fault>> {
-    let Ok(value) = std::env::var(FAULT_ENV) else {
-        return Ok(None);
-    };
-    let parse = || -> Option<(Fault, usize)> {
-        let mut parts = value.split(':');
-        let (kind, r, step) = (
-            parts.next()?,
-            parts.next()?.parse().ok()?,
-            parts.next()?.parse().ok()?,
-        );
-        let fault = match kind {
-            "diverge" => Fault::Diverge(step),
-            "exit" => Fault::Exit(step),
-            "hang" => Fault::Hang(step),
-            "nan" => Fault::Nan(step),
-            _ => return None,
-        };
-        Some((fault, r))
-    };
-    let (fault, r) = parse().with_context(|| {
-        format!("{FAULT_ENV}={value}: expected diverge|exit|hang|nan:<rank>:<step>")
-    })?;
-    Ok((r == rank && generation == 1).then_some(fault))
 }
 
 fn hostname() -> String {

@@ -5,8 +5,8 @@ use burn::tensor::backend::AutodiffBackend;
 use common::config::{Config, Split};
 
 use crate::data::{DataError, ImageSource};
+use crate::gan_step::Trainer;
 use crate::swd::{SwdReport, sliced_wasserstein};
-use crate::training::Trainer;
 
 /// Seed of the patch positions and projection directions, fixed so that
 /// two evaluations of one run are comparable (`worker swd --seed 22340`

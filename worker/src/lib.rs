@@ -10,13 +10,15 @@ pub mod data;
 pub mod distributed;
 pub mod eval;
 pub mod failure;
+#[cfg(feature = "faults")]
+pub mod faults;
+pub mod gan_step;
 pub mod model;
 pub mod norm;
 pub mod output;
 pub mod params;
 pub mod parity;
 pub mod plot;
+pub mod replica_loop;
 pub mod standalone;
 pub mod swd;
-pub mod training;
-pub mod training_loop;

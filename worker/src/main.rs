@@ -205,9 +205,12 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
             distributed::run(&cfg, &connection, args.eval_images)?
         }
     };
+    let (d_loss, g_loss) = summary
+        .last
+        .map_or((f32::NAN, f32::NAN), |l| (l.d_loss, l.g_loss));
     tracing::info!(
-        d_loss = summary.last.d_loss,
-        g_loss = summary.last.g_loss,
+        d_loss,
+        g_loss,
         images_per_s = summary.images_per_s,
         skipped = summary.skipped,
         out = %cfg.output.dir.display(),

@@ -166,6 +166,15 @@ impl<B: Backend> Generator<B> {
         Self { blocks, to_rgb }
     }
 
+    /// A copy that later training does not change (see [`BatchNorm::detached`]).
+    pub fn detached(&self) -> Self {
+        let mut copy = self.clone();
+        for block in &mut copy.blocks {
+            block.norm = block.norm.detached();
+        }
+        copy
+    }
+
     /// Every tensor in PyTorch's `state_dict` order and names: each block is
     /// ConvTranspose (3i), BatchNorm (3i+1), ReLU; then the last ConvTranspose.
     pub fn named(&self) -> Vec<Named> {
@@ -218,6 +227,15 @@ impl<B: Backend> Discriminator<B> {
             blocks,
             to_logit,
         }
+    }
+
+    /// A copy that later training does not change (see [`BatchNorm::detached`]).
+    pub fn detached(&self) -> Self {
+        let mut copy = self.clone();
+        for block in &mut copy.blocks {
+            block.norm = block.norm.detached();
+        }
+        copy
     }
 
     /// Every tensor in PyTorch's `state_dict` order and names: Conv (0),

@@ -76,6 +76,18 @@ impl<B: Backend> BatchNorm<B> {
         self.normalise(input, mean, var)
     }
 
+    /// A copy whose running statistics are its own (burn shares a
+    /// `RunningState` between clones), for a snapshot that later updates
+    /// must not touch.
+    pub fn detached(&self) -> Self {
+        Self {
+            gamma: self.gamma.clone(),
+            beta: self.beta.clone(),
+            running_mean: RunningState::new(self.running_mean()),
+            running_var: RunningState::new(self.running_var()),
+        }
+    }
+
     /// The running mean, including the last update.
     pub fn running_mean(&self) -> Tensor<B, 1> {
         self.running_mean.value_sync()

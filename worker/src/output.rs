@@ -8,7 +8,7 @@ use image::{ImageFormat, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::data::preprocess;
-use crate::training::StepLosses;
+use crate::gan_step::StepLosses;
 
 /// Pixels between grid cells.
 const GRID_GAP: u32 = 2;
@@ -98,6 +98,28 @@ pub fn history_csv(rows: &[LossRow]) -> csv::Result<Vec<u8>> {
 /// Parses [`history_csv`] output.
 pub fn parse_history(csv: &[u8]) -> csv::Result<Vec<LossRow>> {
     csv::Reader::from_reader(csv).deserialize().collect()
+}
+
+/// The rows of the loss log at `path` for steps before `before`: what a
+/// replica that continues at that step (the group re-formed) carries on
+/// from. A missing log (a replacement on a fresh disk) is an empty history;
+/// the checkpoints keep the whole one.
+pub fn read_history(path: &Path, before: u64) -> anyhow::Result<Vec<LossRow>> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if before > 0 {
+                tracing::warn!(path = %path.display(), before,
+                    "no loss log to continue: losses.csv starts here (the checkpoints hold the earlier rows)");
+            }
+            return Ok(Vec::new());
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("reading {}", path.display()))),
+    };
+    let mut rows =
+        parse_history(&bytes).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    rows.retain(|r| r.step < before);
+    Ok(rows)
 }
 
 /// Appends one CSV row per step, flushed so a crash keeps the history.

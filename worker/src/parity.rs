@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{self, TrainBackend};
 use crate::data::{BatchLoader, ImageSource};
+use crate::gan_step::{GradientReducer, Net, Trainer, Update, step_noise};
 use crate::model::Named;
-use crate::training::{GradientReducer, Net, Trainer, Update, step_noise};
-use crate::training_loop::to_tensor;
+use crate::replica_loop::to_tensor;
 
 /// Steps whose weights and running statistics are compared (after them).
 pub const STATE_AFTER: [u64; 3] = [1, 2, 10];

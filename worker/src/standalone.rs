@@ -7,8 +7,8 @@ use common::cli::ConfigArgs;
 use common::{Config, ConfigError};
 
 use crate::backend::{self, TrainBackend};
-use crate::training::{LocalReducer, Trainer};
-use crate::training_loop::{self, Replica, Start, Summary};
+use crate::gan_step::{LocalReducer, Trainer};
+use crate::replica_loop::{self, Replica, Start, Summary};
 
 /// Standalone training keeps no checkpoints and has no coordinator to
 /// restart: a checkpoint or restart flag would be silently ignored, so it
@@ -31,16 +31,16 @@ pub fn refuse_checkpoint_flags(args: &ConfigArgs) -> Result<(), ConfigError> {
     }
 }
 
-/// Trains `cfg` alone and writes its artifacts; see [`training_loop::train`].
+/// Trains `cfg` alone and writes its artifacts; see [`replica_loop::train`].
 pub fn run(cfg: &Config, eval_images: usize) -> anyhow::Result<Summary> {
     let device = backend::device()?;
     let mut trainer = Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device);
-    training_loop::train(
+    replica_loop::train(
         cfg,
         Replica::ALONE,
         &mut trainer,
         &mut LocalReducer::new(cfg.allreduce.nonfinite),
         eval_images,
-        Start::default(),
+        Start::fresh(cfg),
     )
 }

@@ -6,8 +6,8 @@ use common::Config;
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
 use worker::eval::swd_against_held_out;
-use worker::training::{LocalReducer, Trainer};
-use worker::training_loop::to_tensor;
+use worker::gan_step::{LocalReducer, Trainer};
+use worker::replica_loop::to_tensor;
 
 const EVAL_IMAGES: usize = 256;
 const STEPS: u64 = 400;

@@ -172,6 +172,53 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Log a line every this many steps.
     pub log_every: u64,
+    /// What a group with fewer workers than it started with keeps
+    /// constant (see [`ElasticBatch`]).
+    pub elastic_batch: ElasticBatch,
+}
+
+/// What stays constant when the group shrinks below the workers it was
+/// started with (or grows back).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ElasticBatch {
+    /// Each worker keeps `train.batch_size`: the global batch shrinks with
+    /// the group (fewer images per optimizer step, the same learning rate),
+    /// as Horovod elastic and torchrun do.
+    #[default]
+    PerWorker,
+    /// The global batch stays `train.batch_size` × the workers the run was
+    /// started with: each worker's batch grows as the group shrinks, so
+    /// every optimizer step sees as many images as before (it must divide
+    /// evenly for every group size the run allows).
+    Global,
+}
+
+impl ElasticBatch {
+    /// Each worker's batch in a group of `world` out of `workers`, or the
+    /// reason there is none.
+    pub fn per_worker(
+        self,
+        batch_size: usize,
+        workers: usize,
+        world: usize,
+    ) -> Result<usize, String> {
+        match self {
+            Self::PerWorker => Ok(batch_size),
+            Self::Global => {
+                let global = batch_size * workers;
+                match world > 0 && global.is_multiple_of(world) {
+                    true => Ok(global / world),
+                    false => Err(format!(
+                        "the global batch of {global} ({workers} workers × train.batch_size \
+                         {batch_size}) does not divide among {world} workers \
+                         (train.elastic_batch = \"global\"): pick a batch size every allowed \
+                         group size divides, or train.elastic_batch = \"per_worker\""
+                    )),
+                }
+            }
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -184,6 +231,7 @@ impl Default for TrainConfig {
             beta2: 0.999,
             seed: 42,
             log_every: 10,
+            elastic_batch: ElasticBatch::PerWorker,
         }
     }
 }
@@ -264,10 +312,17 @@ pub struct CoordinatorConfig {
     /// fails: the only sign of a worker whose training thread hangs (a
     /// stuck GPU, a deadlock) while its process still heartbeats.
     pub step_timeout_s: u64,
-    /// Local mode: how often a failed group (a worker crashed, went silent,
-    /// hung or diverged) is started again from the latest checkpoint before
-    /// the run gives up, as torchrun's `--max-restarts`.
+    /// How often the group re-forms after a failure (a worker crashed, went
+    /// silent, hung or diverged) before the run gives up, as torchrun's
+    /// `--max-restarts`; local mode starts a replacement process each time.
     pub max_restarts: u32,
+    /// The fewest workers the group continues with when one does not come
+    /// back within `rejoin_timeout_s` (0: every worker, the group never
+    /// shrinks). A returning or new worker grows it again.
+    pub min_workers: usize,
+    /// Seconds a re-forming group waits for a lost worker (or its
+    /// replacement) before it continues with fewer, at least `min_workers`.
+    pub rejoin_timeout_s: u64,
     /// Connections open at once; one more is closed as soon as it is
     /// accepted, so strangers cannot exhaust sockets or memory.
     pub max_connections: usize,
@@ -278,6 +333,10 @@ pub struct CoordinatorConfig {
     /// Seconds the coordinator waits, once the run is over, for members to
     /// hang up before it closes every connection itself and exits.
     pub shutdown_grace_s: u64,
+    /// Seconds a worker that holds a replica keeps trying to reach a
+    /// coordinator that went away (restarted, rescheduled) before it gives
+    /// up; local workers, whose coordinator is their parent, use 0.
+    pub reconnect_timeout_s: u64,
 }
 
 impl Default for CoordinatorConfig {
@@ -289,9 +348,12 @@ impl Default for CoordinatorConfig {
             heartbeat_timeout_s: 30,
             step_timeout_s: 600,
             max_restarts: 3,
+            min_workers: 0,
+            rejoin_timeout_s: 60,
             max_connections: 64,
             handshake_timeout_s: 10,
             shutdown_grace_s: 5,
+            reconnect_timeout_s: 300,
         }
     }
 }

@@ -101,6 +101,17 @@ impl Config {
         )?;
         within("coordinator.step_timeout_s", co.step_timeout_s, 1..=604_800)?;
         within("coordinator.max_restarts", co.max_restarts, 0..=100)?;
+        within("coordinator.min_workers", co.min_workers, 0..=65_536)?;
+        within(
+            "coordinator.rejoin_timeout_s",
+            co.rejoin_timeout_s,
+            1..=86_400,
+        )?;
+        within(
+            "coordinator.reconnect_timeout_s",
+            co.reconnect_timeout_s,
+            0..=86_400,
+        )?;
         within(
             "coordinator.max_connections",
             co.max_connections,

@@ -223,7 +223,7 @@ mod tests {
     fn corrupt_files_are_skipped_once_and_counted() {
         let root = tempfile::tempdir().unwrap();
         synthetic::write_celeba(root.path(), 12, 3).unwrap();
-        let images = root.path().join(crate::data::source::CELEBA_IMAGES);
+        let images = root.path().join(crate::data::celeba::CELEBA_IMAGES);
         std::fs::write(images.join("000002.jpg"), b"\xff\xd8 truncated").unwrap();
         let source = ImageSource::folder(root.path(), Split::All).unwrap();
         let mut batches = loader(source, 4, 0);

@@ -1,11 +1,13 @@
 //! Images in, training batches out.
 //!
 //! [`source`] finds the images (a CelebA root, any image folder, or the
-//! built-in synthetic faces), [`preprocess`] turns one into the reference
+//! built-in synthetic faces), [`celeba`] knows CelebA's layout on disk,
+//! [`preprocess`] turns one into the reference
 //! 64×64 [−1, 1] tensor layout, [`synthetic`] draws the deterministic faces
 //! and writes them to disk in the CelebA layout, and [`loader`] assembles
 //! this rank's batches in parallel, one step ahead of training.
 
+pub mod celeba;
 pub mod loader;
 pub mod preprocess;
 pub mod source;

@@ -8,12 +8,8 @@ use common::config::{DataConfig, Split};
 use image::DynamicImage;
 
 use super::DataError;
+use super::celeba::{self, CELEBA_HEIGHT, CELEBA_IMAGES, CELEBA_PARTITION, CELEBA_WIDTH};
 use super::synthetic;
-
-/// CelebA's image folder inside its root.
-pub const CELEBA_IMAGES: &str = "img_align_celeba";
-/// CelebA's split file inside its root: `<name> <0|1|2>` per line.
-pub const CELEBA_PARTITION: &str = "list_eval_partition.txt";
 
 /// An indexable, deterministic list of images.
 #[derive(Debug, Clone)]
@@ -77,7 +73,7 @@ impl ImageSource {
                     split: format!("{split:?}").to_lowercase(),
                 });
             }
-            let keep = read_partition(&partition, split)?;
+            let keep = celeba::read_partition(&partition, split)?;
             paths.retain(|p| {
                 p.file_name()
                     .is_some_and(|n| keep.contains(&n.to_string_lossy().into_owned()))
@@ -173,8 +169,8 @@ impl ImageSource {
             Self::Synthetic { seed, offset, .. } => Ok(DynamicImage::ImageRgb8(synthetic::face(
                 *seed,
                 offset + index as u64,
-                synthetic::CELEBA_WIDTH,
-                synthetic::CELEBA_HEIGHT,
+                CELEBA_WIDTH,
+                CELEBA_HEIGHT,
             ))),
         }
     }
@@ -251,47 +247,6 @@ fn list_images(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     }
     paths.sort();
     Ok(paths)
-}
-
-fn read_partition(
-    path: &Path,
-    split: Split,
-) -> Result<std::collections::HashSet<String>, DataError> {
-    let wanted = match split {
-        Split::Train => "0",
-        Split::Val => "1",
-        Split::Test => "2",
-        Split::All => unreachable!("`all` needs no partition file"),
-    };
-    let text = fs::read_to_string(path).map_err(|source| DataError::Folder {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut keep = std::collections::HashSet::new();
-    // A UTF-8 byte-order mark (editors on Windows) is not part of the first name.
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-    for (n, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let bad = |message: &str| DataError::Partition {
-            path: path.to_path_buf(),
-            line: n + 1,
-            message: message.to_string(),
-        };
-        let mut fields = line.split_whitespace();
-        let (Some(name), Some(part), None) = (fields.next(), fields.next(), fields.next()) else {
-            return Err(bad("expected `<image name> <0|1|2>`"));
-        };
-        if !matches!(part, "0" | "1" | "2") {
-            return Err(bad("the partition must be 0 (train), 1 (val) or 2 (test)"));
-        }
-        if part == wanted {
-            keep.insert(name.to_string());
-        }
-    }
-    Ok(keep)
 }
 
 #[cfg(test)]

@@ -19,12 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::source::{CELEBA_IMAGES, CELEBA_PARTITION};
-
-/// Width of an aligned CelebA crop.
-pub const CELEBA_WIDTH: u32 = 178;
-/// Height of an aligned CelebA crop.
-pub const CELEBA_HEIGHT: u32 = 218;
+use super::celeba::{CELEBA_HEIGHT, CELEBA_IMAGES, CELEBA_PARTITION, CELEBA_WIDTH};
 
 type Rgb = [f32; 3];
 

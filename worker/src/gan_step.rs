@@ -112,6 +112,14 @@ pub struct Trainer<B: AutodiffBackend> {
     device: B::Device,
 }
 
+/// A replica's state at one moment, kept in memory ([`Trainer::snapshot`]).
+pub struct Snapshot<B: AutodiffBackend> {
+    generator: Generator<B>,
+    discriminator: Discriminator<B>,
+    opt_g: Opt<Generator<B>, B>,
+    opt_d: Opt<Discriminator<B>, B>,
+}
+
 /// The complete trainable state of a replica as bytes: what a checkpoint
 /// stores and a resumed replica loads (burn's named MessagePack records,
 /// full precision).
@@ -193,6 +201,32 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn for_rank(mut self, rank: usize) -> Self {
         self.rank = rank;
         self
+    }
+
+    /// Takes rank `rank`'s noise stream from now on (a re-formed group may
+    /// number its members anew).
+    pub fn set_rank(&mut self, rank: usize) {
+        self.rank = rank;
+    }
+
+    /// The complete state now, to go back to if the step about to start is
+    /// abandoned (the group re-forms mid-step). Tensors are immutable and
+    /// shared, so this costs references, not copies, until training moves on.
+    pub fn snapshot(&self) -> Snapshot<B> {
+        Snapshot {
+            generator: self.generator.detached(),
+            discriminator: self.discriminator.detached(),
+            opt_g: self.opt_g.clone(),
+            opt_d: self.opt_d.clone(),
+        }
+    }
+
+    /// Goes back to `snapshot`.
+    pub fn restore(&mut self, snapshot: Snapshot<B>) {
+        self.generator = snapshot.generator;
+        self.discriminator = snapshot.discriminator;
+        self.opt_g = snapshot.opt_g;
+        self.opt_d = snapshot.opt_d;
     }
 
     /// Both networks and both optimizer states as bytes.
@@ -505,6 +539,29 @@ mod tests {
             pixels(&restored),
             "BatchNorm running statistics"
         );
+    }
+
+    /// Going back to a snapshot undoes a step exactly, BatchNorm running
+    /// statistics included: redoing it then gives the same bits.
+    #[test]
+    fn a_restored_snapshot_redoes_a_step_bit_for_bit() {
+        let device = Default::default();
+        let (model, train) = tiny();
+        let mut t = Trainer::<B>::new(&model, &train, &device);
+        t.train_step(0, real_batch(&device), &mut LocalReducer::default())
+            .unwrap();
+        let before = t.snapshot();
+        let first = t
+            .train_step(1, real_batch(&device), &mut LocalReducer::default())
+            .unwrap();
+        let (checksum, pixels) = (t.checksum(), t.sample_pixels(4, 1).unwrap());
+        t.restore(before);
+        let again = t
+            .train_step(1, real_batch(&device), &mut LocalReducer::default())
+            .unwrap();
+        assert_eq!(first.d_loss.to_bits(), again.d_loss.to_bits());
+        assert_eq!(t.checksum(), checksum);
+        assert_eq!(t.sample_pixels(4, 1).unwrap(), pixels, "running statistics");
     }
 
     #[test]

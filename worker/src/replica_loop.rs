@@ -20,9 +20,9 @@ use crate::backend::{self, Device, TrainBackend};
 use crate::checkpoint;
 use crate::data::{Batch, BatchLoader, ImageSource};
 use crate::eval;
+use crate::gan_step::{GradientReducer, LocalReducer, StepLosses, Trainer};
 use crate::output::{self, LossLog, LossRow};
 use crate::swd::SwdReport;
-use crate::training::{GradientReducer, LocalReducer, StepLosses, Trainer};
 
 /// The sample grid.
 pub const SAMPLES_PNG: &str = "samples.png";
@@ -52,9 +52,10 @@ impl Replica {
     pub const ALONE: Self = Self { rank: 0, world: 1 };
 }
 
-/// Where a replica's training begins: step 0 with fresh weights, or the
-/// step, data cursor and loss history of a restored checkpoint.
-#[derive(Debug, Clone, Default)]
+/// Where a replica's training begins and ends: step 0 with fresh
+/// weights, or the step, data cursor and loss history of a restored
+/// checkpoint or a replica, up to the step the group trains to.
+#[derive(Debug, Clone)]
 pub struct Start {
     /// The first step to train.
     pub first_step: u64,
@@ -62,6 +63,30 @@ pub struct Start {
     pub cursor: DataCursor,
     /// Rank 0's loss history up to `first_step`.
     pub history: Vec<LossRow>,
+    /// The step count the group trains to (`train.steps`, unless it stops
+    /// earlier); equal to `first_step` when a group re-formed after its
+    /// last step only to save its last checkpoint.
+    pub until: u64,
+    /// Images per step on this replica (`train.batch_size`, or its share
+    /// of the global batch in a smaller group: `train.elastic_batch`).
+    pub batch: usize,
+    /// Rank 0 checkpoints the state it starts from before training (the
+    /// member that was to write it was lost).
+    pub checkpoint_first: bool,
+}
+
+impl Start {
+    /// Step 0 with fresh weights, to the end of `cfg`'s run.
+    pub fn fresh(cfg: &Config) -> Self {
+        Self {
+            first_step: 0,
+            cursor: DataCursor::default(),
+            history: Vec::new(),
+            until: cfg.train.steps,
+            batch: cfg.train.batch_size,
+            checkpoint_first: false,
+        }
+    }
 }
 
 /// One finished step, as reported.
@@ -88,6 +113,11 @@ pub struct Directive {
 
 /// How a replica exchanges gradients, reports steps and saves checkpoints.
 pub trait StepSync: GradientReducer {
+    /// Called before step `step`, which reads the data from `cursor`, with
+    /// the state it starts from (a distributed replica keeps it, to go back
+    /// to if the group re-forms during the step).
+    fn before_step(&mut self, _step: u64, _cursor: DataCursor, _trainer: &Trainer<TrainBackend>) {}
+
     /// Called after every step with the updated trainer; says what to do next.
     fn after_step(
         &mut self,
@@ -119,8 +149,10 @@ impl StepSync for LocalReducer {
 pub struct Summary {
     /// Steps completed in total (less than `train.steps` when stopped early).
     pub steps: u64,
-    /// Losses of the last step.
-    pub last: StepLosses,
+    /// Where the next step would read the data.
+    pub cursor: DataCursor,
+    /// Losses of the last step this replica trained, if it trained one.
+    pub last: Option<StepLosses>,
     /// Mean training throughput of this replica.
     pub images_per_s: f64,
     /// Images skipped as unreadable.
@@ -129,8 +161,8 @@ pub struct Summary {
     pub swd: Option<SwdReport>,
 }
 
-/// Trains steps `start.first_step..cfg.train.steps` on this replica's
-/// shard, or until a [`Directive`] stops it. Rank 0 writes the sample grid,
+/// Trains steps `start.first_step..start.until` on this replica's shard,
+/// or until a [`Directive`] stops it. Rank 0 writes the sample grid,
 /// loss CSV, effective config and final parameters to `cfg.output.dir`,
 /// saves checkpoints when told to, and measures SWD against `eval_images`
 /// held-out images (at checkpoints and at the end) when that is not zero.
@@ -143,10 +175,10 @@ pub fn train(
     start: Start,
 ) -> anyhow::Result<Summary> {
     anyhow::ensure!(
-        start.first_step < cfg.train.steps,
-        "nothing to train: the run is at step {} and train.steps is {}",
+        start.first_step < start.until || (start.first_step > 0 && start.first_step == start.until),
+        "nothing to train: the run is at step {} and trains to step {}",
         start.first_step,
-        cfg.train.steps
+        start.until
     );
     let out = &cfg.output.dir;
     let writes = replica.rank == 0;
@@ -164,7 +196,7 @@ pub fn train(
     info!(data = %source.name(), images = source.len(), backend = backend::NAME, rank = replica.rank,
         world = replica.world, first_step = start.first_step, "starting training");
     let sampler = ShardSampler::new(source.len(), replica.world, replica.rank, cfg.train.seed);
-    let (size, batch) = (cfg.model.image_size, cfg.train.batch_size);
+    let (size, batch) = (cfg.model.image_size, start.batch);
     let mut loader = BatchLoader::spawn(
         source,
         sampler,
@@ -178,12 +210,26 @@ pub fn train(
 
     let started = Instant::now();
     let (mut last, mut skipped, mut done) = (None, 0, start.first_step);
+    let mut cursor = start.cursor;
     let mut swd = None;
-    for _ in start.first_step..cfg.train.steps {
+    if start.checkpoint_first && writes {
+        let (d_loss, g_loss) = history
+            .last()
+            .map_or((f32::NAN, f32::NAN), |r| (r.d_loss, r.g_loss));
+        let state = training_state(cfg, replica, done, cursor, (d_loss, g_loss), None);
+        info!(
+            step = done,
+            "saving the checkpoint the lost member was to write"
+        );
+        let objects = checkpoint::capture(trainer, &state, &history, size, cfg.train.seed)?;
+        sync.checkpoint(done, objects)?;
+    }
+    for _ in start.first_step..start.until {
         let step_started = Instant::now();
         let batch = loader.next_batch()?;
-        let (step, epoch, count, cursor) =
-            (batch.step, batch.epoch, batch.count, batch.cursor_after);
+        sync.before_step(batch.step, cursor, trainer);
+        let (step, epoch, count) = (batch.step, batch.epoch, batch.count);
+        cursor = batch.cursor_after;
         skipped = batch.skipped;
         let losses = trainer.train_step(step, to_tensor(batch, size, trainer.device()), sync)?;
         let record = StepRecord {
@@ -217,16 +263,9 @@ pub fn train(
                 .then(|| eval::swd_against_held_out(trainer, cfg, eval_images))
                 .transpose()?
                 .map(|report| (done, report));
-            let state = TrainingState {
-                step: done,
-                cursor,
-                world: replica.world,
-                config_hash: cfg.training_hash(),
-                identity: cfg.resume_identity(),
-                d_loss: losses.d_loss,
-                g_loss: losses.g_loss,
-                swd: swd.as_ref().map(|(_, report)| report.mean),
-            };
+            let losses = (losses.d_loss, losses.g_loss);
+            let mean = swd.as_ref().map(|(_, report)| report.mean);
+            let state = training_state(cfg, replica, done, cursor, losses, mean);
             let objects = checkpoint::capture(trainer, &state, &history, size, cfg.train.seed)?;
             sync.checkpoint(done, objects)?;
         }
@@ -257,11 +296,34 @@ pub fn train(
     };
     Ok(Summary {
         steps: done,
-        last: last.expect("at least one step ran: checked above"),
+        cursor,
+        last,
         images_per_s,
         skipped,
         swd,
     })
+}
+
+/// What a checkpoint of this run after `step` steps records besides the
+/// weights.
+fn training_state(
+    cfg: &Config,
+    replica: Replica,
+    step: u64,
+    cursor: DataCursor,
+    (d_loss, g_loss): (f32, f32),
+    swd: Option<f64>,
+) -> TrainingState {
+    TrainingState {
+        step,
+        cursor,
+        world: replica.world,
+        config_hash: cfg.training_hash(),
+        identity: cfg.resume_identity(),
+        d_loss,
+        g_loss,
+        swd,
+    }
 }
 
 fn prepare_output(cfg: &Config, out: &Path, history: &[LossRow]) -> anyhow::Result<LossLog> {
