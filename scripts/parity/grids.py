@@ -29,4 +29,5 @@ for row, seed in enumerate(seeds):
         grid = Image.open(runs / f"{trainer}-{steps}-{seed}" / "samples.png").convert("RGB")
         offset = (side - grid.width) // 2
         sheet.paste(grid, (60 + gap + col * (side + gap) + offset, y + offset))
-sheet.save(out, optimize=True)
+# A 256-colour palette keeps the picture small enough for the repository.
+sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(out, optimize=True)
