@@ -48,3 +48,12 @@ gpu-rehearse:
     cp target/release/worker target/gpu-rehearsal/cpu/
     xz -1 -T0 target/gpu-rehearsal/bin/* target/gpu-rehearsal/cpu/*
     OUT=target/gpu-rehearsal/out GPU_BIN=target/gpu-rehearsal scripts/gpu-check.sh --cpu
+
+# The CPU image from a release build (add --local-base where no registry can be reached).
+image *ARGS:
+    cargo build --release -p worker -p coordinator
+    deploy/image.sh {{ARGS}}
+
+# Validate the manifests and rehearse the cpu overlay in Docker containers.
+rehearse:
+    cargo test --workspace --test deploy --test rehearsal

@@ -221,7 +221,20 @@ impl Lease {
         let me = Holder::me(Some(ttl));
         let version = match store.put_if(&key, me.json(), Conditional::Absent).await? {
             Ok(version) => version,
-            Err(()) => take_over(store, &key, &what, &me, force).await?,
+            Err(()) => match take_over(store, &key, &what, &me, force).await {
+                // A coordinator replaced after it was killed (a pod on a lost
+                // node) finds its predecessor's lease: wait, once and bounded,
+                // for it to lapse. A live holder renews it and is still there.
+                Err(LeaseError::Held { holder, .. }) if lapses_soon(&holder, ttl) => {
+                    let wait = Duration::from_secs(holder.expires.saturating_sub(now()) + 1);
+                    tracing::warn!(%holder, wait_s = wait.as_secs(),
+                        "{what} is leased: waiting for the lease to lapse, in case its holder died \
+                         (--break-lease takes it over at once)");
+                    tokio::time::sleep(wait).await;
+                    take_over(store, &key, &what, &me, force).await?
+                }
+                taken => taken?,
+            },
         };
         let (lost_tx, lost) = watch::channel(None);
         let renewer = tokio::spawn(renew(store.clone(), key.clone(), me, version, ttl, lost_tx));
@@ -312,6 +325,12 @@ async fn take_over(
             })
         }
     }
+}
+
+/// Whether `holder`'s lease lapses within this coordinator's own `ttl`
+/// unless renewed (a longer one is not waited for).
+fn lapses_soon(holder: &Holder, ttl: Duration) -> bool {
+    holder.expires != 0 && holder.expires <= now() + ttl.as_secs()
 }
 
 /// Renews the lease every third of `ttl`; reports its loss on `lost`.

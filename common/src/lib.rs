@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod lease;
 pub mod logging;
+pub mod observe;
 pub mod pb;
 pub mod report;
 pub mod session;

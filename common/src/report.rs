@@ -13,6 +13,11 @@ pub const SUCCESS: u8 = 0;
 /// Exit status of a failure that running again may get past (a lost
 /// worker, a network outage): supervisors restart it.
 pub const FAILURE: u8 = 1;
+/// Exit status of a run that stopped on request (SIGTERM: an eviction, a
+/// node drain, Ctrl-C) after checkpointing, before its last step
+/// (sysexits' EX_TEMPFAIL): not done, so a Job starts the pod again and the
+/// run resumes from that checkpoint; by hand, run the same command.
+pub const STOPPED: u8 = 75;
 /// Exit status of a failure that running again cannot fix (sysexits'
 /// EX_CONFIG: configuration, data, credentials): Kubernetes fails the Job
 /// instead of restarting the pod (see deploy/).

@@ -144,7 +144,7 @@ impl SessionError {
     }
 
     /// Whether nothing listens at the address yet (connection refused, no
-    /// socket file): a coordinator that is still starting, as a pod's
+    /// socket file, a name not resolving yet): a coordinator that is still starting, as a pod's
     /// usually is when its workers start. A wrong TLS setting or a
     /// stranger at the address is not this.
     pub fn is_not_listening(&self) -> bool {
@@ -154,10 +154,17 @@ impl SessionError {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
         while let Some(e) = cause {
             if let Some(io) = e.downcast_ref::<std::io::Error>() {
-                return matches!(
-                    io.kind(),
-                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-                );
+                // A name that does not resolve yet: a Service whose DNS record
+                // appears with its pod (headless), or a container alias.
+                // std's getaddrinfo error has no kind of its own, only this text.
+                let unresolved = io
+                    .to_string()
+                    .starts_with("failed to lookup address information");
+                return unresolved
+                    || matches!(
+                        io.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    );
             }
             cause = e.source();
         }

@@ -67,6 +67,18 @@ pub enum StoreError {
         /// What kind of failure it is, and what to do about it.
         kind: Failure,
     },
+    /// A listing holds more objects than the caller takes.
+    #[error(
+        "{store} holds more than {limit} objects under `{prefix}`: point at the data set's own folder"
+    )]
+    TooMany {
+        /// Bucket and endpoint, or folder.
+        store: String,
+        /// What was listed.
+        prefix: String,
+        /// The most the caller takes.
+        limit: usize,
+    },
 }
 
 /// What kind of failure a store request met, read off the error and its
@@ -170,7 +182,7 @@ impl StoreError {
     pub fn failure(&self) -> Option<Failure> {
         match self {
             Self::Request { kind, .. } => Some(*kind),
-            Self::Url { .. } => None,
+            Self::Url { .. } | Self::TooMany { .. } => None,
         }
     }
 
@@ -464,6 +476,40 @@ impl Store {
             .iter()
             .filter_map(|p| p.filename().map(str::to_string))
             .collect())
+    }
+
+    /// Every object under `prefix`: its key below `prefix` and its size, at
+    /// most `limit` of them (a listing is a peer's answer: bounded).
+    pub async fn objects(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let base = self.path(prefix);
+        let skip = base.parts().count();
+        let mut listing = self.inner.list(Some(&base));
+        let mut found = Vec::new();
+        while let Some(meta) = listing
+            .try_next()
+            .await
+            .map_err(|e| self.error("listing", prefix, e))?
+        {
+            if found.len() == limit {
+                return Err(StoreError::TooMany {
+                    store: self.description.clone(),
+                    prefix: prefix.to_string(),
+                    limit,
+                });
+            }
+            let key: Vec<String> = meta
+                .location
+                .parts()
+                .skip(skip)
+                .map(|p| p.as_ref().to_string())
+                .collect();
+            found.push((key.join("/"), meta.size));
+        }
+        Ok(found)
     }
 
     /// Deletes every object under `prefix`.

@@ -34,6 +34,7 @@ use tracing::warn;
 
 use crate::peers::{NotReading, Peers};
 use crate::schedule::Schedule;
+use crate::telemetry;
 
 /// The size and chunking of both networks' gradients, known from the model
 /// configuration before any worker says anything.
@@ -260,6 +261,10 @@ impl Reducer {
             false => self.non_finite(&chunk, &parts)?,
         };
         self.finish_chunk(&chunk);
+        telemetry::reduced(
+            parts.iter().map(Bytes::len).sum(),
+            mean.bytes.len() * parts.len(),
+        );
         let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
         if net == pb::Net::Generator
             && chunk.index == 0

@@ -237,7 +237,13 @@ async fn watch_child(
     let notify = |event| Notice { origin, event };
     tokio::select! {
         status = watched.child.wait() => match status {
-            Ok(status) if status.success() => watched.drained().await,
+            // 75: the group stopped on request and this worker with it.
+            Ok(status)
+                if status.success()
+                    || status.code() == Some(i32::from(common::report::STOPPED)) =>
+            {
+                watched.drained().await
+            }
             Ok(status) => {
                 watched.drained().await;
                 let permanent = status.code() == Some(i32::from(common::report::CONFIG));

@@ -26,6 +26,7 @@ pub mod server;
 pub mod service;
 pub mod summary;
 pub mod supervise;
+pub mod telemetry;
 
 pub use error::{CoordinatorError, GroupFailure};
 pub use resume::ResumePolicy;

@@ -10,9 +10,10 @@ use clap::Parser;
 use common::ConfigError;
 use common::cli::ConfigArgs;
 use common::logging::{self, LogFormat};
+use common::observe;
 use common::report;
 use coordinator::display::{self, Echo, Verbosity};
-use coordinator::{CoordinatorError, Mode, Options, ResumePolicy, summary};
+use coordinator::{CoordinatorError, Mode, Options, Outcome, ResumePolicy, summary};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +62,13 @@ struct Cli {
     /// at each checkpoint and at the end (0: not measured).
     #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=100_000))]
     eval_images: usize,
+    /// Serve gRPC health (grpc.health.v1, plain text, no token) here for
+    /// Kubernetes' grpc probes, e.g. 0.0.0.0:8081.
+    #[arg(long, env = "GANCLUSTER_HEALTH_LISTEN")]
+    health_listen: Option<String>,
+    /// Serve Prometheus metrics at /metrics here, e.g. 0.0.0.0:9090.
+    #[arg(long, env = "GANCLUSTER_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -71,7 +79,7 @@ async fn main() -> ExitCode {
     let format = cli.log_format;
     common::tls::install_crypto();
     match train(cli).await {
-        Ok(()) => ExitCode::from(report::SUCCESS),
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             logging::failure(format, err.as_ref());
             ExitCode::from(exit_code(&err))
@@ -86,6 +94,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             cause
                 .downcast_ref::<CoordinatorError>()
                 .is_some_and(CoordinatorError::is_permanent)
+                || cause
+                    .downcast_ref::<observe::ObserveError>()
+                    .is_some_and(observe::ObserveError::is_permanent)
         });
     if permanent {
         report::CONFIG
@@ -94,12 +105,13 @@ fn exit_code(err: &anyhow::Error) -> u8 {
     }
 }
 
-async fn train(cli: Cli) -> anyhow::Result<()> {
+/// Trains; the exit status of a run that ended without error.
+async fn train(cli: Cli) -> anyhow::Result<u8> {
     let started = Instant::now();
     let cfg = cli.config.load()?;
     if cli.config.print_config {
         print!("{}", cfg.to_toml()?);
-        return Ok(());
+        return Ok(report::SUCCESS);
     }
     let verbosity = match (cli.verbose, cli.quiet) {
         (true, _) => Verbosity::Verbose,
@@ -144,10 +156,19 @@ async fn train(cli: Cli) -> anyhow::Result<()> {
         (None, true) => ResumePolicy::Fresh { force: cli.force },
         (None, false) => ResumePolicy::Latest,
     };
+    if let Some(address) = &cli.metrics_listen {
+        observe::serve_metrics(address)?;
+        coordinator::telemetry::describe();
+    }
+    let health = match &cli.health_listen {
+        Some(address) => Some(observe::Health::serve(address, observe::COORDINATOR).await?),
+        None => None,
+    };
     let options = Options {
         echo,
         eval_images: cli.eval_images,
         break_lease: cli.break_lease,
+        health,
     };
     match coordinator::run(cfg.clone(), mode, policy, &options, shutdown_signal).await {
         Ok(report) => {
@@ -156,13 +177,16 @@ async fn train(cli: Cli) -> anyhow::Result<()> {
                 LogFormat::Human => eprintln!("{text}"),
                 LogFormat::Json => tracing::info!(summary = %text, "summary"),
             }
-            Ok(())
+            Ok(match report.outcome {
+                Outcome::Finished { .. } => report::SUCCESS,
+                Outcome::Stopped { .. } => report::STOPPED,
+            })
         }
         // Nothing was asked that is not already done: a Job restarted
         // after success must stay successful.
         Err(done @ CoordinatorError::AlreadyDone { .. }) => {
             tracing::info!("{done}");
-            Ok(())
+            Ok(report::SUCCESS)
         }
         Err(err) => Err(err).context("training failed"),
     }

@@ -95,6 +95,9 @@ pub struct Options {
     pub eval_images: usize,
     /// Take the run's lease over from another coordinator.
     pub break_lease: bool,
+    /// The health service the readiness probe asks, if one is served:
+    /// SERVING from when workers can join until the servers stop.
+    pub health: Option<common::observe::Health>,
 }
 
 /// Environment variable that hands the S3 secret to local workers, which
@@ -217,6 +220,9 @@ where
         })?;
     let (servers, local_address) =
         Servers::start(listeners, &cfg, current.clone(), token, refusals.clone())?;
+    if let Some(health) = &options.health {
+        health.set(true).await;
+    }
     tracing::info!(
         workers,
         min_workers = settings.min,
@@ -251,6 +257,9 @@ where
         .await;
     if let Some(launcher) = watch.launcher.take() {
         launcher.shutdown().await;
+    }
+    if let Some(health) = &options.health {
+        health.set(false).await;
     }
     let served = servers.shutdown().await;
     let outcome = outcome?;

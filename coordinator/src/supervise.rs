@@ -43,6 +43,7 @@ use crate::run::outputs::Membership;
 use crate::run::{Outcome, Report};
 use crate::schedule::Schedule;
 use crate::service::Current;
+use crate::telemetry;
 
 /// Where the current generation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -449,6 +450,7 @@ impl Supervision<'_> {
                         match &event {
                             Event::StepDone(summary) => {
                                 progress.step(summary);
+                                telemetry::step(summary);
                                 clock.as_mut().reset(Instant::now() + step_timeout);
                             }
                             Event::SessionsOpen | Event::Transferring { .. } => {
@@ -490,6 +492,7 @@ impl Supervision<'_> {
                         first_step = formed.plan.first_step, state = formed.plan.describe(),
                         steps_retrained = formed.plan.retrained, "the group formed");
                     progress.formed(formed.plan.first_step, formed.world);
+                    telemetry::formed(life.generation(), formed.world);
                     // Every member must open its session soon after the group forms.
                     clock.as_mut().reset(Instant::now() + handshake);
                     continue;
@@ -541,6 +544,7 @@ impl Supervision<'_> {
                     Ok(()) => {
                         life.checkpoint_committed(step);
                         progress.checkpoint(checkpoint::name(step));
+                        telemetry::checkpoint(step);
                     }
                     Err(reason) => life.checkpoint_failed(step, reason),
                 }
@@ -557,6 +561,7 @@ impl Supervision<'_> {
                 let cause = regroup.cause;
                 self.regroup(regroup, life, group).await?;
                 progress.regrouped();
+                telemetry::regrouped();
                 Ok(Acted::Regrouped(cause))
             }
         }

@@ -8,7 +8,9 @@
 pub mod certs;
 pub mod client;
 pub mod cluster;
+pub mod manifests;
 pub mod moto;
+pub mod probes;
 pub mod process;
 pub mod pty;
 pub mod s3;

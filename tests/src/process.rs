@@ -23,6 +23,19 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// Panics with the child's output unless it exited with status `code`.
+    pub fn assert_code(self, code: u8) -> Self {
+        assert_eq!(
+            self.status.code(),
+            Some(i32::from(code)),
+            "child exited with {} instead of {code}:\n{}\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
     /// Panics with the child's output unless it exited with status 0.
     pub fn assert_success(self) -> Self {
         assert!(

@@ -56,8 +56,15 @@ struct Shared {
 }
 
 impl S3Server {
-    /// Starts a server on a free port with [`BUCKET`] created through the S3 API.
+    /// Starts a server on a free port of 127.0.0.1 with [`BUCKET`] created
+    /// through the S3 API.
     pub fn start() -> Self {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// The same on address `ip` (e.g. a container network's gateway, for
+    /// containers to reach).
+    pub fn start_on(ip: &str) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -65,7 +72,7 @@ impl S3Server {
             .expect("S3 server runtime");
         let root = tempfile::tempdir().expect("S3 server folder");
         let shared = Arc::new(Shared::default());
-        let endpoint = runtime.block_on(serve(root.path(), shared.clone()));
+        let endpoint = runtime.block_on(serve(root.path(), ip, shared.clone()));
         Self {
             runtime: Some(runtime),
             root,
@@ -74,7 +81,7 @@ impl S3Server {
         }
     }
 
-    /// `http://127.0.0.1:port`.
+    /// `http://ip:port`.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -138,7 +145,7 @@ fn service(root: &Path, auth: bool) -> S3Service {
     builder.build()
 }
 
-async fn serve(root: &Path, shared: Arc<Shared>) -> String {
+async fn serve(root: &Path, ip: &str, shared: Arc<Shared>) -> String {
     // CreateBucket through the S3 protocol layer, before credentials are
     // required (an operator's bootstrap step).
     let create = http::Request::put(format!("/{BUCKET}"))
@@ -154,7 +161,9 @@ async fn serve(root: &Path, shared: Arc<Shared>) -> String {
         created.status()
     );
 
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = TcpListener::bind((ip, 0))
+        .await
+        .unwrap_or_else(|e| panic!("binding the S3 server on {ip}: {e}"));
     let endpoint = format!("http://{}", listener.local_addr().expect("address"));
     let s3 = service(root, true);
     let bucket_root = root.join(BUCKET);

@@ -186,8 +186,11 @@ fn a_coordinator_killed_under_external_workers_comes_back_to_their_replicas() {
         (1, 2, 0),
         "{members:?}"
     );
+    // Killed while the reduced gradient was half broadcast, one worker may
+    // be a step ahead: its replica is then sent to the other, which is no
+    // loss either (steps_retrained is 0 above).
     assert!(
-        restart.first_step > 0 && restart.state == "replica",
+        restart.first_step > 0 && restart.state.starts_with("replica"),
         "{members:?}"
     );
     assert!(

@@ -230,7 +230,8 @@ fn a_flipped_byte_is_detected_and_the_previous_checkpoint_used() {
 }
 
 /// SIGTERM (eviction): the group checkpoints after the current step and the
-/// coordinator exits cleanly; the same command then resumes from there.
+/// coordinator exits saying the run is not done (75); the same command then
+/// resumes from there.
 #[test]
 fn sigterm_checkpoints_stops_cleanly_and_the_run_resumes() {
     let server = S3Server::start();
@@ -238,7 +239,8 @@ fn sigterm_checkpoints_stops_cleanly_and_the_run_resumes() {
     let running = Running::spawn(&mut coordinator(&server, "term", 100_000, 0, out.path()));
     wait_for_steps(out.path(), 3);
     running.terminate();
-    let done = running.wait(LIMIT).assert_success();
+    // Not done: exit 75, so that a Job starts the pod again.
+    let done = running.wait(LIMIT).assert_code(common::report::STOPPED);
     done.assert_says(&["stop requested"]);
     let name = latest(&server, "term");
     let step: u64 = name.trim_start_matches("step-").parse().unwrap();
@@ -261,7 +263,7 @@ fn a_worker_sigterm_checkpoints_and_stops_the_group() {
     let workers = children(running.id());
     assert_eq!(workers.len(), 2, "the coordinator's worker processes");
     terminate(workers[1]);
-    let done = running.wait(LIMIT).assert_success();
+    let done = running.wait(LIMIT).assert_code(common::report::STOPPED);
     done.assert_says(&["stop requested by a worker", "SIGTERM on"]);
     let name = latest(&server, "evict");
     let step: u64 = name.trim_start_matches("step-").parse().unwrap();

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use common::{Config, ShardSampler};
 use gancluster_tests::{
-    Finished, Frozen, Running, TINY, children, exited, read_f32, run, tiny_coordinator,
-    wait_for_address, wait_for_steps, workspace_bin,
+    Cluster, Finished, Frozen, Running, TINY, children, exited, free_port, read_f32, run,
+    tiny_coordinator, wait_for_address, wait_for_steps, workspace_bin,
 };
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
@@ -231,4 +231,23 @@ fn a_worker_gives_up_on_a_silent_coordinator() {
         "gave up on the coordinator after 3 s without it (coordinator.reconnect_timeout_s)",
         "coordinator.heartbeat_timeout_s",
     ]);
+}
+
+/// A worker pod started again after its run completed (the Indexed Job
+/// replacing one that failed after the end) finds no coordinator: it
+/// looks in the store, sees the run complete, and exits 0 at once instead
+/// of failing after `coordinator.join_timeout_s`.
+#[test]
+fn a_worker_started_after_its_run_completed_exits_cleanly() {
+    let cluster = Cluster::new(2, 4);
+    run(&mut cluster.coordinator(), LIMIT).assert_success();
+    let nobody = format!("http://127.0.0.1:{}", free_port());
+    let late = run(
+        cluster
+            .worker(&nobody, 1, "late-worker-token-0123456789")
+            .env("GANCLUSTER__COORDINATOR__JOIN_TIMEOUT_S", "600"),
+        LIMIT,
+    )
+    .assert_success();
+    late.assert_says(&["the run is already complete in the store"]);
 }

@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use gancluster_tests::moto::{BUCKET, Moto};
+use gancluster_tests::signals::kill9;
 use gancluster_tests::{Running, TINY, run, wait_until, workspace_bin};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -104,4 +105,25 @@ fn an_s3_run_is_leased_and_a_broken_lease_stops_its_holder() {
     breaker.terminate();
     let took = breaker.wait(LIMIT);
     took.assert_says(&["took over the lease on run `locked`"]);
+}
+
+/// A coordinator killed with SIGKILL (a pod on a lost node) leaves its S3
+/// lease behind; the one started in its place (the Job's next pod, no
+/// --break-lease) waits for it to lapse and takes the run over.
+#[test]
+fn a_killed_holders_s3_lease_is_taken_over_once_it_lapses() {
+    let moto = Moto::start();
+    let store = format!("s3://{BUCKET}/runs");
+    let dir = tempfile::tempdir().unwrap();
+    let first = Running::spawn(waiting(&dir.path().join("a"), &store).envs(moto.env()));
+    serving(&dir.path().join("a"));
+    kill9(first.id());
+    first.wait(LIMIT).assert_failure();
+    let second = Running::spawn(waiting(&dir.path().join("b"), &store).envs(moto.env()));
+    serving(&dir.path().join("b"));
+    second.terminate();
+    second.wait(LIMIT).assert_says(&[
+        "waiting for the lease to lapse",
+        "took over the lease on run `locked`",
+    ]);
 }

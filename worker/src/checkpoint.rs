@@ -147,6 +147,8 @@ impl Uploader {
                 .await
                 .map(|manifest| {
                     let bytes: u64 = manifest.objects.iter().map(|o| o.size).sum();
+                    metrics::histogram!("gancluster_worker_checkpoint_upload_seconds")
+                        .record(started.elapsed().as_secs_f64());
                     tracing::info!(
                         checkpoint = %checkpoints.location(step),
                         bytes,

@@ -23,6 +23,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use common::auth::Token;
 use common::checkpoint::{self as layout, Checkpoints, TrainingState};
+use common::observe::{self, Health};
 use common::session::{self, Clients, Donor, Notifier, Session, SessionError};
 use common::store::Store;
 use common::{Config, DataCursor, pb, report};
@@ -47,6 +48,15 @@ pub struct Connection {
     pub rank: Option<usize>,
 }
 
+/// Where this worker answers Kubernetes' probes and Prometheus' scrapes.
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    /// `host:port` of the gRPC health service, if served.
+    pub health: Option<String>,
+    /// `host:port` of `/metrics`, if served.
+    pub metrics: Option<String>,
+}
+
 /// The replica this worker holds between generations.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -57,7 +67,12 @@ struct Held {
 /// Joins the group at `connection`, trains as the assigned rank through
 /// every generation of the group, and returns once the coordinator has
 /// acknowledged the end of the run.
-pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow::Result<Summary> {
+pub fn run(
+    cfg: &Config,
+    connection: &Connection,
+    endpoints: &Endpoints,
+    eval_images: usize,
+) -> anyhow::Result<Summary> {
     let device = backend::device()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -66,6 +81,20 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         .build()
         .context("starting the gRPC runtime")?;
     let token = Token::new(&connection.token)?;
+    if let Some(address) = &endpoints.metrics {
+        let _inside = runtime.enter();
+        observe::serve_metrics(address)?;
+        crate::telemetry::describe();
+    }
+    let health = match &endpoints.health {
+        Some(address) => Some(runtime.block_on(Health::serve(address, observe::WORKER))?),
+        None => None,
+    };
+    let serving = |now: bool| {
+        if let Some(health) = &health {
+            runtime.block_on(health.set(now));
+        }
+    };
     let mut trainer = Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device);
     let initial = trainer.checksum();
     let checkpoints = Checkpoints::new(Store::open(&cfg.checkpoint)?, &cfg.checkpoint.run);
@@ -77,6 +106,7 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
     let mut lost_since: Option<Instant> = None;
     let mut joined_once = false;
     let mut first_try: Option<Instant> = None;
+    let mut store_checked: Option<Instant> = None;
     loop {
         let joining = Joining {
             cfg,
@@ -105,6 +135,16 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
             // The coordinator is not up yet (pods start in any order).
             Err(err) if !joined_once && err.is_not_listening() => {
                 let since = *first_try.get_or_insert_with(Instant::now);
+                // A pod started again after the run completed (its coordinator
+                // said so and exited) must not wait for one: the store tells.
+                if store_checked.is_none_or(|at: Instant| at.elapsed() >= STORE_RECHECK) {
+                    store_checked = Some(Instant::now());
+                    if complete_in_store(&runtime, &checkpoints, cfg) {
+                        info!(run = %cfg.checkpoint.run, steps = cfg.train.steps,
+                            "the run is already complete in the store and no coordinator answers: nothing to do");
+                        return Ok(Summary::complete(cfg.train.steps));
+                    }
+                }
                 if since.elapsed() >= Duration::from_secs(cfg.coordinator.join_timeout_s) {
                     return Err(anyhow::Error::new(err).context(format!(
                         "the coordinator did not come up within {} s (coordinator.join_timeout_s)",
@@ -118,6 +158,7 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
         };
         lost_since = None;
         joined_once = true;
+        serving(true);
         let replica = Replica {
             rank: joined.rank as usize,
             world: joined.world_size as usize,
@@ -188,6 +229,7 @@ pub fn run(cfg: &Config, connection: &Connection, eval_images: usize) -> anyhow:
                 (err, Some(session))
             }
         };
+        serving(false);
         match regrouping(&err) {
             Some(lost) if !lost || keeps_waiting(cfg, &mut lost_since) => {
                 info!(held = ?held.map(|h| h.step), reason = %report::render(err.as_ref()),
@@ -263,6 +305,18 @@ fn gave_up(cfg: &Config, err: anyhow::Error) -> anyhow::Error {
         "gave up on the coordinator after {} s without it (coordinator.reconnect_timeout_s)",
         cfg.coordinator.reconnect_timeout_s
     ))
+}
+
+/// How often a worker that finds no coordinator looks whether the run is
+/// already complete.
+const STORE_RECHECK: Duration = Duration::from_secs(5);
+
+/// Whether the run's latest checkpoint is its last step; a store that does
+/// not answer within [`STORE_RECHECK`] says nothing (joining goes on).
+fn complete_in_store(runtime: &Runtime, checkpoints: &Checkpoints, cfg: &Config) -> bool {
+    let latest =
+        runtime.block_on(async { tokio::time::timeout(STORE_RECHECK, checkpoints.latest()).await });
+    matches!(latest, Ok(Ok(Some(name))) if layout::parse_name(&name) == Some(cfg.train.steps))
 }
 
 /// Waits between attempts to reach a coordinator that is still starting.

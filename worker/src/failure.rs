@@ -8,12 +8,14 @@
 
 use common::ConfigError;
 use common::auth::TokenError;
+use common::observe::ObserveError;
 use common::report::caused_by;
 use common::session::SessionError;
 use common::store::StoreError;
 use common::tls::TlsError;
 
 use crate::data::DataError;
+use crate::fetch::FetchError;
 
 /// Whether `error` is one a restart would meet again.
 pub fn is_permanent(error: &anyhow::Error) -> bool {
@@ -24,6 +26,8 @@ pub fn is_permanent(error: &anyhow::Error) -> bool {
         || caused_by::<TlsError>(error)
         || find::<SessionError>(error).is_some_and(SessionError::is_permanent)
         || find::<StoreError>(error).is_some_and(StoreError::is_permanent)
+        || find::<ObserveError>(error).is_some_and(ObserveError::is_permanent)
+        || find::<FetchError>(error).is_some_and(FetchError::is_permanent)
 }
 
 /// The first error of type `T` in `error`'s chain.

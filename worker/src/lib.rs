@@ -12,6 +12,7 @@ pub mod eval;
 pub mod failure;
 #[cfg(feature = "faults")]
 pub mod faults;
+pub mod fetch;
 pub mod gan_step;
 pub mod model;
 pub mod norm;
@@ -22,3 +23,4 @@ pub mod plot;
 pub mod replica_loop;
 pub mod standalone;
 pub mod swd;
+pub mod telemetry;

@@ -29,6 +29,9 @@ struct Cli {
 enum Command {
     /// Train the DCGAN.
     Train(Box<TrainArgs>),
+    /// Copy a data set from S3 (e.g. CelebA uploaded to a bucket) into a
+    /// folder, as the data Job does for the training pods' volume.
+    FetchData(Box<FetchArgs>),
     /// Write the synthetic face data set to disk in CelebA's layout.
     Synth {
         /// Root folder; gets img_align_celeba/ and list_eval_partition.txt.
@@ -90,6 +93,26 @@ struct TrainArgs {
     /// After training, SWD against this many held-out images (0: skip).
     #[arg(long, default_value_t = 0, value_parser = bounded(0, 100_000))]
     eval_images: usize,
+    /// Serve gRPC health (grpc.health.v1, plain text, no token) here for
+    /// Kubernetes' grpc probes, e.g. 0.0.0.0:8081.
+    #[arg(long, env = "GANCLUSTER_HEALTH_LISTEN", requires = "coordinator")]
+    health_listen: Option<String>,
+    /// Serve Prometheus metrics at /metrics here, e.g. 0.0.0.0:9090.
+    #[arg(long, env = "GANCLUSTER_METRICS_LISTEN", requires = "coordinator")]
+    metrics_listen: Option<String>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+#[derive(Args)]
+struct FetchArgs {
+    /// Where the data set is: s3://bucket/prefix (reached with the
+    /// configuration's checkpoint.s3 settings) or file://folder.
+    #[arg(long, env = "GANCLUSTER_DATA_FROM")]
+    from: String,
+    /// The folder to fill (the volume the workers mount).
+    #[arg(long)]
+    to: PathBuf,
     #[command(flatten)]
     config: ConfigArgs,
 }
@@ -125,7 +148,7 @@ fn main() -> ExitCode {
     logging::init(format);
     common::tls::install_crypto();
     match run(cli) {
-        Ok(()) => ExitCode::from(report::SUCCESS),
+        Ok(code) => ExitCode::from(code),
         Err(err) => {
             logging::failure(format, err.as_ref());
             let code = match worker::failure::is_permanent(&err) {
@@ -137,14 +160,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+/// Runs the command; the exit status of one that ended without error.
+fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Train(args) => train(*args),
         Command::Synth { out, count, seed } => {
             synthetic::write_celeba(&out, count, seed)
                 .with_context(|| format!("writing the synthetic data set to {}", out.display()))?;
             tracing::info!(count, root = %out.display(), "wrote synthetic CelebA-layout data set");
-            Ok(())
+            Ok(report::SUCCESS)
         }
         Command::Bench(args) => {
             let result = bench::run(&args)?;
@@ -158,10 +182,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             );
             println!("{result}");
-            Ok(())
+            Ok(report::SUCCESS)
         }
-        Command::CheckBackend(args) => check_backend(*args),
-        Command::Parity(args) => parity(*args),
+        Command::FetchData(args) => fetch_data(*args).map(|()| report::SUCCESS),
+        Command::CheckBackend(args) => check_backend(*args).map(|()| report::SUCCESS),
+        Command::Parity(args) => parity(*args).map(|()| report::SUCCESS),
         Command::Swd {
             a,
             b,
@@ -175,7 +200,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             let report = swd::sliced_wasserstein(&a, &b, image_size, seed)?;
             println!("SWD x1e3: {report}");
-            Ok(())
+            Ok(report::SUCCESS)
         }
     }
 }
@@ -185,11 +210,13 @@ fn bounded(low: u64, high: u64) -> clap::builder::RangedU64ValueParser<usize> {
     clap::builder::RangedU64ValueParser::new().range(low..=high)
 }
 
-fn train(args: TrainArgs) -> anyhow::Result<()> {
+/// Trains; [`report::STOPPED`] when the group stopped on request before
+/// its last step (a Job then starts this pod again).
+fn train(args: TrainArgs) -> anyhow::Result<u8> {
     let cfg = args.config.load()?;
     if args.config.print_config {
         print!("{}", cfg.to_toml()?);
-        return Ok(());
+        return Ok(report::SUCCESS);
     }
     let summary = match args.coordinator {
         None => {
@@ -202,7 +229,11 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
                 token: args.token,
                 rank: args.rank,
             };
-            distributed::run(&cfg, &connection, args.eval_images)?
+            let endpoints = distributed::Endpoints {
+                health: args.health_listen,
+                metrics: args.metrics_listen,
+            };
+            distributed::run(&cfg, &connection, &endpoints, args.eval_images)?
         }
     };
     let (d_loss, g_loss) = summary
@@ -219,6 +250,37 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     if let Some(swd) = summary.swd {
         tracing::info!(%swd, "SWD x1e3 against held-out images");
     }
+    if summary.steps < cfg.train.steps {
+        tracing::info!(
+            steps = summary.steps,
+            of = cfg.train.steps,
+            "stopped on request before the last step (checkpointed)"
+        );
+        return Ok(report::STOPPED);
+    }
+    Ok(report::SUCCESS)
+}
+
+fn fetch_data(args: FetchArgs) -> anyhow::Result<()> {
+    let cfg = args.config.load()?;
+    if args.config.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the download runtime")?;
+    let fetched = runtime
+        .block_on(worker::fetch::fetch(&cfg, &args.from, &args.to))
+        .with_context(|| format!("fetching {} into {}", args.from, args.to.display()))?;
+    tracing::info!(
+        downloaded = fetched.downloaded,
+        kept = fetched.kept,
+        bytes = fetched.bytes,
+        to = %args.to.display(),
+        "the data set is in place"
+    );
     Ok(())
 }
 

@@ -161,6 +161,20 @@ pub struct Summary {
     pub swd: Option<SwdReport>,
 }
 
+impl Summary {
+    /// A run found complete before this replica trained anything.
+    pub fn complete(steps: u64) -> Self {
+        Self {
+            steps,
+            cursor: DataCursor::default(),
+            last: None,
+            images_per_s: 0.0,
+            skipped: 0,
+            swd: None,
+        }
+    }
+}
+
 /// Trains steps `start.first_step..start.until` on this replica's shard,
 /// or until a [`Directive`] stops it. Rank 0 writes the sample grid,
 /// loss CSV, effective config and final parameters to `cfg.output.dir`,
@@ -227,6 +241,8 @@ pub fn train(
     for _ in start.first_step..start.until {
         let step_started = Instant::now();
         let batch = loader.next_batch()?;
+        metrics::histogram!("gancluster_worker_data_wait_seconds")
+            .record(step_started.elapsed().as_secs_f64());
         sync.before_step(batch.step, cursor, trainer);
         let (step, epoch, count) = (batch.step, batch.epoch, batch.count);
         cursor = batch.cursor_after;
@@ -240,6 +256,9 @@ pub fn train(
         };
         let directive = sync.after_step(&record, trainer)?;
         done = step + 1;
+        metrics::histogram!("gancluster_worker_step_seconds")
+            .record(step_started.elapsed().as_secs_f64());
+        metrics::gauge!("gancluster_worker_step").set(step as f64);
         last = Some(losses);
         if let Some(log) = log.as_mut() {
             let row = LossRow::new(step, epoch, &losses, record.images_per_s);
