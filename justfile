@@ -57,3 +57,7 @@ image *ARGS:
 # Validate the manifests and rehearse the cpu overlay in Docker containers.
 rehearse:
     cargo test --workspace --test deploy --test rehearsal
+
+# Scaling with a fixed compute wait per step standing in for a GPU step (C ms), W = 1..8.
+bench-scaling:
+    cargo bench -p coordinator --bench allreduce -- --compute-ms 10,40,160 --world 1,2,4,8 --models 64 --iters 10

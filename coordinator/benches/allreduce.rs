@@ -2,6 +2,7 @@
 //! that moves the same bytes, measured like `shared/bench/gloo_allreduce.py`.
 //!
 //! `cargo bench -p coordinator --bench allreduce -- [--world 2,4,8] [--models 64] [--iters 10]`
+//! `cargo bench -p coordinator --bench allreduce -- --compute-ms 10,40,160 [--world 1,2,4,8]`
 //!
 //! For each world size W and each model (its image size; ngf = ndf = 64)
 //! this starts a coordinator and W worker *processes* (this executable
@@ -15,6 +16,15 @@
 //! ceiling runs the same star pattern with plain tokio sockets: each client
 //! writes S bytes, the server reads them all, then writes S bytes back to
 //! each client.
+//!
+//! With `--compute-ms C,…` it measures scaling instead: each client waits
+//! C/2 ms before the D all-reduce and C/2 ms before the G all-reduce, the
+//! time a GPU spends in the D and G backward passes, and the table gives
+//! the whole step (wait, all-reduces, report) and the scaling efficiency
+//! C / step time. The wait is a timer, not a busy loop: a GPU step does
+//! not occupy the host's cores, so on two cores the W clients and the
+//! coordinator share them only for what they really do, moving and adding
+//! bytes (on a cluster each worker would have cores of its own).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -75,6 +85,10 @@ async fn drive(args: &[String]) {
     let worlds: Vec<usize> = list(args, "--world", "2,4,8");
     let models: Vec<usize> = list(args, "--models", "64");
     let iters: usize = list(args, "--iters", "10")[0];
+    if args.iter().any(|a| a == "--compute-ms") {
+        let computes: Vec<f64> = list(args, "--compute-ms", "10,40,160");
+        return scaling(&worlds, &models, &computes, iters).await;
+    }
     println!(
         "| path | W | gradient | MB (f32) | wire | median ms | algbw GB/s | busbw GB/s | coordinator GB/s |"
     );
@@ -91,8 +105,9 @@ async fn drive(args: &[String]) {
             for (path, unix) in [("coordinator tcp", false), ("coordinator uds", true)] {
                 for format in ["f32", "bf16"] {
                     let width = if format == "f32" { 4 } else { 2 };
-                    let [d_ms, g_ms, step_ms] =
-                        through_coordinator(world, size, iters, format, unix).await;
+                    let [d_ms, g_ms, step_ms, _] =
+                        through_coordinator(world, size, iters, format, unix, Timing::default())
+                            .await;
                     row(path, world, "D", d, width, d_ms);
                     row(path, world, "G", g, width, g_ms);
                     row(path, world, "D+G", d + g, width, step_ms);
@@ -100,6 +115,41 @@ async fn drive(args: &[String]) {
             }
         }
     }
+}
+
+/// Step time and scaling efficiency with a compute wait of each of
+/// `computes` ms per step, through the coordinator over TCP.
+async fn scaling(worlds: &[usize], models: &[usize], computes: &[f64], iters: usize) {
+    println!("| model | C ms | W | wire | step ms | efficiency C/step | coordinator MB/step |");
+    println!("|---|---|---|---|---|---|---|");
+    for &size in models {
+        let cfg = config(size, iters, "f32", "memory://");
+        let elems = (cfg.model.discriminator_params() + cfg.model.generator_params()) as usize;
+        for &compute in computes {
+            for &world in worlds {
+                for (format, width) in [("f32", 4), ("bf16", 2)] {
+                    let step = Timing {
+                        compute_ms: compute,
+                    };
+                    let [.., step_ms] =
+                        through_coordinator(world, size, iters, format, false, step).await;
+                    // In and out of the coordinator, every member.
+                    let mb = 2.0 * world as f64 * (elems * width) as f64 / 1e6;
+                    println!(
+                        "| DCGAN-{size} | {compute} | {world} | {format} | {step_ms:.1} | {:.2} | {mb:.1} |",
+                        compute / step_ms
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What a client does besides all-reducing.
+#[derive(Debug, Clone, Copy, Default)]
+struct Timing {
+    /// The stand-in for a GPU step's backward passes, split between D and G.
+    compute_ms: f64,
 }
 
 fn row(path: &str, world: usize, what: &str, elems: usize, width: usize, ms: f64) {
@@ -175,14 +225,16 @@ async fn spawn_clients(world: usize, args: impl Fn(usize) -> Vec<String>) -> Vec
     outputs
 }
 
-/// Median ms of the D all-reduce, the G all-reduce and both, slowest rank per step.
+/// Median ms of the D all-reduce, the G all-reduce, both, and the whole
+/// step (with its compute wait), slowest rank per step.
 async fn through_coordinator(
     world: usize,
     image_size: usize,
     iters: usize,
     format: &str,
     unix: bool,
-) -> [f64; 3] {
+    timing: Timing,
+) -> [f64; 4] {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let mut address = format!("http://{}", listener.local_addr().expect("address"));
     let socket_dir = tempfile::tempdir().expect("socket folder");
@@ -222,6 +274,7 @@ async fn through_coordinator(
             &iters.to_string(),
             format,
             &store,
+            &timing.compute_ms.to_string(),
         ]
         .map(String::from)
         .to_vec()
@@ -231,7 +284,7 @@ async fn through_coordinator(
         .await
         .expect("coordinator task")
         .expect("coordinator run");
-    [0, 1, 2].map(|line| slowest_on_line(&outputs, line))
+    [0, 1, 2, 3].map(|line| slowest_on_line(&outputs, line))
 }
 
 async fn client(args: &[String]) {
@@ -243,6 +296,9 @@ async fn client(args: &[String]) {
         &args[4],
         &args[5],
     );
+    let compute_ms: f64 = args[6].parse().unwrap();
+    // Each backward pass's share of the step: D's, then G's.
+    let backward = Duration::from_secs_f64(compute_ms / 2.0 / 1e3);
     let cfg = config(image_size, iters, format, store);
     let token = Token::new(TOKEN).expect("token");
     let request = session::join_request(&cfg, Some(rank), 0, "bench".into(), None);
@@ -260,8 +316,10 @@ async fn client(args: &[String]) {
     };
     let (d, d_mean) = gradient(cfg.model.discriminator_params());
     let (g, g_mean) = gradient(cfg.model.generator_params());
-    let mut times: [Vec<String>; 3] = Default::default();
+    let mut times: [Vec<String>; 4] = Default::default();
     for step in 0..(iters + WARMUP) as u64 {
+        let step_started = Instant::now();
+        tokio::time::sleep(backward).await;
         let started = Instant::now();
         let reduced = session
             .all_reduce(step, Net::Discriminator, &d)
@@ -269,11 +327,13 @@ async fn client(args: &[String]) {
             .expect("D all-reduce");
         let d_ms = started.elapsed().as_secs_f64() * 1e3;
         assert!(reduced.mean == d_mean, "rank {rank}: wrong D mean");
+        tokio::time::sleep(backward).await;
+        let g_started = Instant::now();
         let reduced = session
             .all_reduce(step, Net::Generator, &g)
             .await
             .expect("G all-reduce");
-        let step_ms = started.elapsed().as_secs_f64() * 1e3;
+        let g_ms = g_started.elapsed().as_secs_f64() * 1e3;
         assert!(reduced.mean == g_mean, "rank {rank}: wrong G mean");
         if rank == 0 {
             answer_checkpoint(&mut session, &cfg, step).await;
@@ -284,8 +344,10 @@ async fn client(args: &[String]) {
             ..Default::default()
         };
         session.report(report).await.expect("report");
+        let whole_ms = step_started.elapsed().as_secs_f64() * 1e3;
         if step >= WARMUP as u64 {
-            for (column, ms) in times.iter_mut().zip([d_ms, step_ms - d_ms, step_ms]) {
+            let columns = [d_ms, g_ms, d_ms + g_ms, whole_ms];
+            for (column, ms) in times.iter_mut().zip(columns) {
                 column.push(ms.to_string());
             }
         }
