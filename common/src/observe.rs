@@ -117,15 +117,19 @@ impl Health {
             .await;
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .max_concurrent_streams(STREAMS_PER_CONNECTION)
-                .timeout(REQUEST_TIMEOUT)
-                .http2_keepalive_interval(Some(REQUEST_TIMEOUT))
-                .http2_keepalive_timeout(Some(REQUEST_TIMEOUT))
-                .add_service(server)
-                .serve_with_incoming(incoming),
-        );
+        let serving = tonic::transport::Server::builder()
+            .max_concurrent_streams(STREAMS_PER_CONNECTION)
+            .timeout(REQUEST_TIMEOUT)
+            .http2_keepalive_interval(Some(REQUEST_TIMEOUT))
+            .http2_keepalive_timeout(Some(REQUEST_TIMEOUT))
+            .add_service(server)
+            .serve_with_incoming(incoming);
+        tokio::spawn(async move {
+            // The probes then fail, and Kubernetes restarts the pod: say why.
+            if let Err(error) = serving.await {
+                tracing::error!(%address, %error, "the gRPC health service stopped");
+            }
+        });
         tracing::info!(%address, service, "gRPC health service listening");
         Ok(Self { reporter, service })
     }
