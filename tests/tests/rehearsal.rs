@@ -33,8 +33,8 @@ const LIMIT: Duration = Duration::from_secs(300);
 /// Containers, network and volume of one rehearsal, removed when dropped
 /// (also when the test fails).
 struct Docker {
+    /// Names every container, the network and the volume.
     prefix: String,
-    network: String,
     volume: String,
     containers: std::cell::RefCell<Vec<String>>,
 }
@@ -57,7 +57,6 @@ impl Docker {
         docker(&["network", "create", &prefix]);
         docker(&["volume", "create", &volume]);
         Self {
-            network: prefix.clone(),
             prefix,
             volume,
             containers: Default::default(),
@@ -71,7 +70,7 @@ impl Docker {
             "inspect",
             "-f",
             "{{(index .IPAM.Config 0).Gateway}}",
-            &self.network,
+            &self.prefix,
         ])
     }
 
@@ -88,7 +87,7 @@ impl Docker {
         let name = format!("{}-{name}", self.prefix);
         let env = c.environment(&secrets(), index);
         let argv = c.argv(&env);
-        let mut args: Vec<String> = ["run", "-d", "--name", &name, "--network", &self.network]
+        let mut args: Vec<String> = ["run", "-d", "--name", &name, "--network", &self.prefix]
             .map(String::from)
             .into();
         if let Some(alias) = alias {
@@ -169,6 +168,58 @@ impl Docker {
             name,
         ])
     }
+
+    /// Waits until container `name` says `service` is SERVING on its
+    /// health `port`; fails at once, with its logs, if it exits first.
+    fn serving(&self, name: &str, port: u16, service: &str) {
+        let ip = self.ip(name);
+        wait_until(LIMIT, &format!("{service} SERVING in {name}"), || {
+            if health(&ip, port, service) == Some(ServingStatus::Serving) {
+                return Some(());
+            }
+            self.alive(name);
+            None
+        });
+    }
+
+    /// Fails with its logs if container `name` has exited.
+    fn alive(&self, name: &str) {
+        let running = docker(&["inspect", "-f", "{{.State.Running}}", name]);
+        assert!(running == "true", "{name} exited:\n{}", self.logs(name));
+    }
+
+    /// Waits until the coordinator `name` reports step `step` on its
+    /// metrics `port`; the step it reported.
+    fn step_reaches(&self, name: &str, port: u16, step: f64) -> f64 {
+        let ip = self.ip(name);
+        wait_until(LIMIT, &format!("gancluster_step reaching {step}"), || {
+            let now = scrape(&ip, port).and_then(|t| metric(&t, "gancluster_step"));
+            match now {
+                Some(now) if now >= step => Some(now),
+                _ => {
+                    self.alive(name);
+                    None
+                }
+            }
+        })
+    }
+
+    /// What `fsGroup` does for the pods: the volume is theirs to write.
+    fn start_root_chown(&self, image: &str) {
+        docker(&[
+            "run",
+            "--rm",
+            "--user",
+            "0",
+            "-v",
+            &format!("{}:/data", self.volume),
+            "--entrypoint",
+            "/bin/chown",
+            image,
+            "10001:10001",
+            "/data",
+        ]);
+    }
 }
 
 impl Drop for Docker {
@@ -179,7 +230,7 @@ impl Drop for Docker {
         for name in self.containers.borrow().iter() {
             quiet(&["rm", "-f", name]);
         }
-        quiet(&["network", "rm", &self.network]);
+        quiet(&["network", "rm", &self.prefix]);
         quiet(&["volume", "rm", "-f", &self.volume]);
     }
 }
@@ -259,43 +310,6 @@ fn build_image(image: &str) {
 /// The text of `http://ip:port/metrics`.
 fn scrape(ip: &str, port: u16) -> Option<String> {
     get(ip, port, "/metrics")
-}
-
-impl Docker {
-    /// Waits until container `name` says `service` is SERVING on its
-    /// health `port`; fails at once, with its logs, if it exits first.
-    fn serving(&self, name: &str, port: u16, service: &str) {
-        let ip = self.ip(name);
-        wait_until(LIMIT, &format!("{service} SERVING in {name}"), || {
-            if health(&ip, port, service) == Some(ServingStatus::Serving) {
-                return Some(());
-            }
-            self.alive(name);
-            None
-        });
-    }
-
-    /// Fails with its logs if container `name` has exited.
-    fn alive(&self, name: &str) {
-        let running = docker(&["inspect", "-f", "{{.State.Running}}", name]);
-        assert!(running == "true", "{name} exited:\n{}", self.logs(name));
-    }
-
-    /// Waits until the coordinator `name` reports step `step` on its
-    /// metrics `port`; the step it reported.
-    fn step_reaches(&self, name: &str, port: u16, step: f64) -> f64 {
-        let ip = self.ip(name);
-        wait_until(LIMIT, &format!("gancluster_step reaching {step}"), || {
-            let now = scrape(&ip, port).and_then(|t| metric(&t, "gancluster_step"));
-            match now {
-                Some(now) if now >= step => Some(now),
-                _ => {
-                    self.alive(name);
-                    None
-                }
-            }
-        })
-    }
 }
 
 #[test]
@@ -448,25 +462,6 @@ fn the_cpu_overlay_runs_in_containers_survives_kills_and_finishes() {
         pods.logs(&w1b).contains("joined"),
         "the replacement worker joined the group"
     );
-}
-
-impl Docker {
-    /// What `fsGroup` does for the pods: the volume is theirs to write.
-    fn start_root_chown(&self, image: &str) {
-        docker(&[
-            "run",
-            "--rm",
-            "--user",
-            "0",
-            "-v",
-            &format!("{}:/data", self.volume),
-            "--entrypoint",
-            "/bin/chown",
-            image,
-            "10001:10001",
-            "/data",
-        ]);
-    }
 }
 
 /// Uploads every file under `folder` to `prefix` of the server's bucket

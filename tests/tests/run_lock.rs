@@ -35,6 +35,14 @@ fn waiting(out: &Path, store: &str) -> Command {
     cmd
 }
 
+/// A coordinator holding run `locked` of `store` on moto, serving, with
+/// its output in `dir`/a.
+fn s3_holder(moto: &Moto, dir: &Path, store: &str) -> Running {
+    let first = Running::spawn(waiting(&dir.join("a"), store).envs(moto.env()));
+    serving(&dir.join("a"));
+    first
+}
+
 /// Blocks until the coordinator in `out` is serving (it holds its locks then).
 fn serving(out: &Path) {
     let address = out.join("coordinator.addr");
@@ -77,11 +85,9 @@ fn a_second_coordinator_on_the_same_folder_store_run_is_refused() {
 /// first finds out at its next renewal and stops without writing more.
 #[test]
 fn an_s3_run_is_leased_and_a_broken_lease_stops_its_holder() {
-    let moto = Moto::start();
+    let (moto, dir) = (Moto::start(), tempfile::tempdir().unwrap());
     let store = format!("s3://{BUCKET}/runs");
-    let dir = tempfile::tempdir().unwrap();
-    let first = Running::spawn(waiting(&dir.path().join("a"), &store).envs(moto.env()));
-    serving(&dir.path().join("a"));
+    let first = s3_holder(&moto, dir.path(), &store);
     let refused = run(
         waiting(&dir.path().join("b"), &store).envs(moto.env()),
         LIMIT,
@@ -112,11 +118,9 @@ fn an_s3_run_is_leased_and_a_broken_lease_stops_its_holder() {
 /// --break-lease) waits for it to lapse and takes the run over.
 #[test]
 fn a_killed_holders_s3_lease_is_taken_over_once_it_lapses() {
-    let moto = Moto::start();
+    let (moto, dir) = (Moto::start(), tempfile::tempdir().unwrap());
     let store = format!("s3://{BUCKET}/runs");
-    let dir = tempfile::tempdir().unwrap();
-    let first = Running::spawn(waiting(&dir.path().join("a"), &store).envs(moto.env()));
-    serving(&dir.path().join("a"));
+    let first = s3_holder(&moto, dir.path(), &store);
     kill9(first.id());
     first.wait(LIMIT).assert_failure();
     let second = Running::spawn(waiting(&dir.path().join("b"), &store).envs(moto.env()));
