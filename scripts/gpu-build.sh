@@ -49,8 +49,9 @@ fi
 cat <<'EOF'
 
 Then, in the session that has a device (status says can_start_another), one call:
-  run(command="bash .gpu/gpu-check.sh", carry=[".gpu"], timeout_s=500)
-(the script stops itself after 8 minutes; a failing CUDA worker fails each
-step within seconds, leaving device time to fix, rebuild and run again),
+  run(command="bash .gpu/gpu-check.sh", carry=[".gpu"], timeout_s=570)
+(the script stops itself after 9 minutes, 5.5 of which the first CUDA
+process may spend autotuning; a CUDA worker that fails outright fails each
+step within seconds),
 and give_back afterwards unless you rerun at once. Record table.md in BENCHMARKS.md.
 EOF
