@@ -235,7 +235,7 @@ fn the_group_shrinks_without_a_lost_worker_and_grows_when_it_returns() {
     // The smaller group trains a few steps before the worker returns.
     wait_for_steps(&cluster.out(), shrunk.first_step as usize + 3);
     workers[lost] = worker(lost);
-    coordinator.wait(LIMIT).assert_success();
+    let finished = coordinator.wait(LIMIT).assert_success();
     for worker in workers {
         worker.wait(LIMIT).assert_success();
     }
@@ -244,6 +244,12 @@ fn the_group_shrinks_without_a_lost_worker_and_grows_when_it_returns() {
         .iter()
         .map(|g| (g.workers, g.steps_retrained, g.cause.as_str()))
         .collect();
+    // Why each generation ended, from the coordinator's log.
+    let reasons: Vec<&str> = finished
+        .stderr
+        .lines()
+        .filter(|l| l.contains("re-forms"))
+        .collect();
     assert_eq!(
         history,
         [
@@ -251,7 +257,8 @@ fn the_group_shrinks_without_a_lost_worker_and_grows_when_it_returns() {
             (1, 0, "member lost"),
             (2, 0, "member arrived")
         ],
-        "{members:?}"
+        "{members:?}\n{}",
+        reasons.join("\n")
     );
     let (k1, k2) = (members[1].first_step, members[2].first_step);
     assert!(0 < k1 && k1 < k2 && k2 < STEPS, "{members:?}");
