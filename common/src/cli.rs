@@ -43,7 +43,7 @@ pub struct ConfigArgs {
     /// Output folder [output.dir].
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// Gradient wire format, f32 or bf16 [allreduce.wire].
+    /// Gradient wire format, f32, bf16 or int8 [allreduce.wire].
     #[arg(long)]
     pub wire: Option<String>,
     /// Coordinator listen address [coordinator.listen].

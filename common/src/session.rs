@@ -383,6 +383,13 @@ pub struct Session {
     format: WireFormat,
     chunk_bytes: usize,
     control: Option<pb::Control>,
+    /// The next step whose gradients travel exact (a checkpoint follows it).
+    exact: Option<u64>,
+    /// This worker's residuals under error feedback, by network: what
+    /// int8 rounded away from its gradients and owes the next step. They
+    /// live with the session: a new generation starts without them, and
+    /// they are zero after every exact step, so a checkpoint needs none.
+    residuals: Residuals,
     step: Arc<AtomicU64>,
     heartbeat: Heartbeat,
 }
@@ -437,6 +444,8 @@ impl Session {
             format,
             chunk_bytes,
             control: None,
+            exact: None,
+            residuals: Residuals::default(),
             step,
         };
         let mut received = Received::default();
@@ -444,6 +453,7 @@ impl Session {
             match session.next().await? {
                 coordinator_message::Kind::Start(start) => {
                     let state = received.finish(&start)?;
+                    session.exact = start.exact_first.then_some(start.first_step);
                     return Ok(Opened {
                         session,
                         start,
@@ -485,6 +495,12 @@ impl Session {
 
     /// Sends this worker's gradient for (`step`, `net`) and returns the mean
     /// over all workers, as the coordinator computed it.
+    ///
+    /// Under error feedback the residual carried from earlier steps is
+    /// added before encoding, and what this encoding rounds away replaces
+    /// it once the mean is applied (not when every rank skips it). A step
+    /// the coordinator announced as exact travels in f32 and leaves no
+    /// residual.
     pub async fn all_reduce(
         &mut self,
         step: u64,
@@ -493,7 +509,17 @@ impl Session {
     ) -> Result<Reduced, SessionError> {
         self.step.store(step, Ordering::Relaxed);
         let chunking = Chunking::new(grads.len(), self.chunk_bytes, self.format);
-        let (format, outbound) = (self.format, &self.outbound);
+        let exact = self.exact == Some(step);
+        let format = match exact {
+            true => WireFormat::F32,
+            false => self.format,
+        };
+        let carried = match self.format.carries_residual() {
+            true => Some(self.residuals.of(net, grads.len())),
+            false => None,
+        };
+        let mut left = carried.as_ref().map(|_| vec![0.0f32; grads.len()]);
+        let outbound = &self.outbound;
         let header = |index: usize| pb::GradChunk {
             step,
             net: net as i32,
@@ -506,15 +532,25 @@ impl Session {
         };
         let send = async {
             for index in 0..chunking.count() {
+                let range = chunking.range(index);
+                let data = match (&carried, left.as_mut()) {
+                    (Some(carried), Some(left)) => wire::encode_carrying(
+                        &grads[range.clone()],
+                        &carried[range.clone()],
+                        &mut left[range],
+                        format,
+                    ),
+                    _ => wire::encode(&grads[range], format),
+                };
                 let chunk = pb::GradChunk {
-                    data: wire::encode(&grads[chunking.range(index)], format),
+                    data,
                     ..header(index)
                 };
                 send(outbound, worker_message::Kind::Chunk(chunk)).await?;
             }
             Ok::<_, SessionError>(())
         };
-        let (inbound, control) = (&mut self.inbound, &mut self.control);
+        let (inbound, control, announced) = (&mut self.inbound, &mut self.control, &mut self.exact);
         let receive = async {
             let mut mean = vec![0.0f32; grads.len()];
             let mut skip = false;
@@ -524,6 +560,9 @@ impl Session {
                 let chunk = match next(inbound).await? {
                     coordinator_message::Kind::Chunk(chunk) => chunk,
                     coordinator_message::Kind::Control(c) => {
+                        if c.exact_next {
+                            *announced = Some(c.step + 1);
+                        }
                         *control = Some(c);
                         continue;
                     }
@@ -557,6 +596,13 @@ impl Session {
         // that failed because it closed the stream.
         let mean = mean?;
         sent?;
+        // After an exact step nothing is carried, skipped or not, so the
+        // residual at a checkpoint is zero on every rank.
+        if let Some(left) = left
+            && (exact || !mean.skip)
+        {
+            self.residuals.replace(net, left);
+        }
         Ok(mean)
     }
 
@@ -800,6 +846,33 @@ impl Drop for Heartbeat {
     }
 }
 
+/// A worker's error-feedback residuals, one per network, made on first use.
+#[derive(Default)]
+struct Residuals {
+    discriminator: Option<Arc<[f32]>>,
+    generator: Option<Arc<[f32]>>,
+}
+
+impl Residuals {
+    fn slot(&mut self, net: pb::Net) -> &mut Option<Arc<[f32]>> {
+        match net {
+            pb::Net::Generator => &mut self.generator,
+            _ => &mut self.discriminator,
+        }
+    }
+
+    /// `net`'s residual (zeros before the first step).
+    fn of(&mut self, net: pb::Net, elems: usize) -> Arc<[f32]> {
+        let slot = self.slot(net);
+        slot.take_if(|r| r.len() != elems);
+        slot.get_or_insert_with(|| vec![0.0; elems].into()).clone()
+    }
+
+    fn replace(&mut self, net: pb::Net, residual: Vec<f32>) {
+        *self.slot(net) = Some(residual.into());
+    }
+}
+
 /// Queues `kind` towards the coordinator; a closed queue means the session is over.
 async fn send(
     outbound: &mpsc::Sender<pb::WorkerMessage>,
@@ -816,5 +889,6 @@ pub fn wire_format(format: WireFormat) -> pb::WireFormat {
     match format {
         WireFormat::F32 => pb::WireFormat::F32,
         WireFormat::Bf16 => pb::WireFormat::Bf16,
+        WireFormat::Int8 => pb::WireFormat::Int8,
     }
 }

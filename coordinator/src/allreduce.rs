@@ -20,6 +20,11 @@
 //! The first reduced chunk of each step's generator gradient is preceded
 //! by the [`Schedule`]'s decision for that step (checkpoint, stop), so every
 //! worker receives it before it can finish the step.
+//!
+//! Under error feedback (int8) the coordinator carries a residual of the
+//! mean per chunk, as each worker does of its gradient: what encoding the
+//! mean rounded away is added to the next step's mean. A step the schedule
+//! marks exact travels in f32 and empties it. It lives with the generation.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,12 +77,17 @@ impl Shape {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ChunkError {
-    /// Not the configured wire format.
-    #[error("sent a chunk in wire format {got} but allreduce.wire is {expected:?}")]
+    /// Not the wire format of this step.
+    #[error(
+        "sent a chunk of step {step} in wire format {got}, but that step travels as {expected:?} \
+         (allreduce.wire, or f32 for the step before a checkpoint under int8)"
+    )]
     Format {
+        /// The step.
+        step: u64,
         /// The format field as sent.
         got: i32,
-        /// The configured format.
+        /// The format of this step.
         expected: WireFormat,
     },
     /// A chunk of another gradient than the one being reduced.
@@ -181,6 +191,9 @@ struct Gradient {
     reduced: usize,
     /// A part was not finite and the policy is to skip.
     skip: bool,
+    /// How this step travels, fixed when its first chunk arrives (the
+    /// schedule decided it during the step before).
+    format: Option<WireFormat>,
 }
 
 impl Gradient {
@@ -194,6 +207,7 @@ impl Gradient {
             done: vec![false; chunking.count()],
             reduced: 0,
             skip: false,
+            format: None,
         }
     }
 
@@ -215,6 +229,8 @@ pub struct Reducer {
     nonfinite: NonFinite,
     current: Mutex<Gradient>,
     skipped: AtomicU64,
+    /// The mean's residual by (network, chunk index), under error feedback.
+    carried: Mutex<HashMap<(i32, u32), Vec<f32>>>,
 }
 
 impl Reducer {
@@ -237,6 +253,7 @@ impl Reducer {
             nonfinite,
             current: Mutex::new(Gradient::new(first_step, pb::Net::Discriminator, &shape)),
             skipped: AtomicU64::new(0),
+            carried: Mutex::default(),
         }
     }
 
@@ -244,28 +261,45 @@ impl Reducer {
     /// and broadcasts it before returning.
     pub async fn submit(&self, rank: usize, mut chunk: pb::GradChunk) -> Result<(), SubmitError> {
         let data = std::mem::take(&mut chunk.data);
-        let Some(parts) = self.accept(rank, &chunk, data)? else {
+        let Some((parts, format)) = self.accept(rank, &chunk, data)? else {
             return Ok(());
         };
-        let (format, world) = (self.shape.format, self.world);
+        let key = (chunk.net, chunk.index);
+        let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
+        let carried = self.shape.format.carries_residual().then(|| {
+            let elems = self.shape.of_net(net).range(chunk.index as usize).len();
+            let mut carried = self.carried.lock().expect("carried lock");
+            carried.remove(&key).unwrap_or_else(|| vec![0.0; elems])
+        });
+        let world = self.world;
         let reduce = {
             let parts = parts.clone();
-            move || wire::mean(&parts, format, world)
+            move || {
+                let mean = wire::mean(&parts, format, world, carried.as_deref());
+                (mean, carried)
+            }
         };
-        let mean = tokio::task::spawn_blocking(reduce)
+        let (mean, carried) = tokio::task::spawn_blocking(reduce)
             .await
-            .expect("reduction task panicked")
-            .expect("parts were checked against the shape");
+            .expect("reduction task panicked");
+        let mut mean = mean.expect("parts were checked against the shape");
+        // A mean that is not applied leaves the residual as it was; after
+        // an exact step there is none (f32 rounds nothing away).
+        if let Some(kept) = match mean.finite || format == WireFormat::F32 {
+            true => mean.residual.take(),
+            false => carried,
+        } {
+            self.carried.lock().expect("carried lock").insert(key, kept);
+        }
         let skip = match mean.finite {
             true => self.current.lock().expect("reducer lock").skip,
-            false => self.non_finite(&chunk, &parts)?,
+            false => self.non_finite(&chunk, &parts, format)?,
         };
         self.finish_chunk(&chunk);
         telemetry::reduced(
             parts.iter().map(Bytes::len).sum(),
             mean.bytes.len() * parts.len(),
         );
-        let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
         if net == pb::Net::Generator
             && chunk.index == 0
             && let Some(control) = self.schedule.control(chunk.step)
@@ -286,13 +320,14 @@ impl Reducer {
     }
 
     /// Checks `chunk` against the gradient being reduced and files its
-    /// payload; returns every rank's part when it completes the chunk.
+    /// payload; returns every rank's part and their format when it
+    /// completes the chunk.
     fn accept(
         &self,
         rank: usize,
         chunk: &pb::GradChunk,
         data: Bytes,
-    ) -> Result<Option<Vec<Bytes>>, ChunkError> {
+    ) -> Result<Option<(Vec<Bytes>, WireFormat)>, ChunkError> {
         let mut current = self.current.lock().expect("reducer lock");
         let g = &mut *current;
         let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
@@ -310,10 +345,17 @@ impl Reducer {
                 last: self.schedule.final_step(),
             });
         }
-        if chunk.format != wire_format(self.shape.format) as i32 {
+        let format = *g
+            .format
+            .get_or_insert_with(|| match self.schedule.exact(chunk.step) {
+                true => WireFormat::F32,
+                false => self.shape.format,
+            });
+        if chunk.format != wire_format(format) as i32 {
             return Err(ChunkError::Format {
+                step: chunk.step,
                 got: chunk.format,
-                expected: self.shape.format,
+                expected: format,
             });
         }
         let chunking = g.chunking;
@@ -334,7 +376,7 @@ impl Reducer {
             });
         };
         let elems = chunking.range(index as usize).len();
-        let expected = elems * self.shape.format.width();
+        let expected = format.encoded_len(elems);
         if data.len() != expected {
             return Err(ChunkError::Length {
                 index,
@@ -343,7 +385,7 @@ impl Reducer {
                     bytes: data.len(),
                     expected,
                     elems,
-                    format: self.shape.format,
+                    format,
                 },
             });
         }
@@ -361,14 +403,19 @@ impl Reducer {
         }
         let parts = g.slots.remove(&index).expect("slot present");
         g.done[index as usize] = true;
-        Ok(Some(parts.into_iter().flatten().collect()))
+        Ok(Some((parts.into_iter().flatten().collect(), format)))
     }
 
     /// A mean with NaN or Inf in it: halts the group, or marks the gradient
     /// skipped on every rank, naming who sent what.
-    fn non_finite(&self, chunk: &pb::GradChunk, parts: &[Bytes]) -> Result<bool, SubmitError> {
+    fn non_finite(
+        &self,
+        chunk: &pb::GradChunk,
+        parts: &[Bytes],
+        format: WireFormat,
+    ) -> Result<bool, SubmitError> {
         let ranks: Vec<usize> = (0..parts.len())
-            .filter(|&r| !wire::finite(&parts[r], self.shape.format))
+            .filter(|&r| !wire::finite(&parts[r], format))
             .collect();
         let culprits = match ranks.is_empty() {
             true => "every part is finite but their sum overflows".to_string(),
@@ -480,7 +527,7 @@ mod tests {
         Reducer::new(
             WORLD,
             Arc::new(Peers::new(WORLD, std::time::Duration::from_secs(1))),
-            Arc::new(Schedule::new(0, 10)),
+            Arc::new(Schedule::new(0, 10, false)),
             shape(),
             4,
             policy,

@@ -204,6 +204,7 @@ impl Group {
         let owed = self
             .schedule
             .resume_at(plan.first_step, self.known.committed);
+        let exact_first = self.schedule.exact(plan.first_step);
         let starts = plan
             .sources
             .iter()
@@ -216,6 +217,7 @@ impl Group {
                 position: plan.cursor.position,
                 batch_size: batch as u32,
                 checkpoint: owed,
+                exact_first,
             })
             .collect();
         let peers = Arc::new(Peers::new(world, s.heartbeat_timeout));

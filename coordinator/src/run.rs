@@ -193,7 +193,11 @@ where
     };
     let token = Token::new(&secret)?;
     let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
-    let schedule = Arc::new(Schedule::new(cfg.checkpoint.every, cfg.train.steps));
+    let schedule = Arc::new(Schedule::new(
+        cfg.checkpoint.every,
+        cfg.train.steps,
+        cfg.allreduce.wire.carries_residual(),
+    ));
     let refusals = Arc::new(Refusals::default());
     let first = Group::new(
         1,

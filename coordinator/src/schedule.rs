@@ -5,6 +5,11 @@
 //! generator gradient is reduced, and travels to every worker ahead of that
 //! chunk, so all replicas learn it during the same step and act on it
 //! after that step.
+//!
+//! Under error feedback (int8 wire) the step before each checkpoint
+//! travels exact, so no residual is left to save: the decision also says
+//! whether the next step is such a step, and a stop request takes effect
+//! one step later than otherwise, after a step announced as exact.
 
 use std::sync::Mutex;
 
@@ -14,6 +19,8 @@ use common::pb;
 pub struct Schedule {
     every: u64,
     steps: u64,
+    /// Checkpoints follow exact steps, announced a step ahead.
+    exact_before_checkpoints: bool,
     state: Mutex<State>,
 }
 
@@ -30,13 +37,38 @@ struct State {
 
 impl Schedule {
     /// A run of `steps` steps in total, checkpointing every `every` (0: never
-    /// on a schedule, only at the end and on a stop request).
-    pub fn new(every: u64, steps: u64) -> Self {
+    /// on a schedule, only at the end and on a stop request); with
+    /// `exact_before_checkpoints`, every checkpoint follows a step whose
+    /// gradients travel exact, announced a step ahead.
+    pub fn new(every: u64, steps: u64, exact_before_checkpoints: bool) -> Self {
         Self {
             every,
             steps,
+            exact_before_checkpoints,
             state: Mutex::default(),
         }
+    }
+
+    /// Whether the group checkpoints once `done` steps are done.
+    fn due(&self, state: &State, done: u64) -> bool {
+        done == self.steps
+            || (self.every > 0 && done.is_multiple_of(self.every))
+            || state.stop_after == Some(done)
+    }
+
+    /// Whether step `step`'s gradients travel exact (f32, carrying every
+    /// residual and leaving none) because a checkpoint follows it. Stable
+    /// from the decision for the step before (or the generation's start)
+    /// until the step is reduced.
+    pub fn exact(&self, step: u64) -> bool {
+        let state = self.state.lock().expect("schedule lock");
+        self.exact_locked(&state, step)
+    }
+
+    fn exact_locked(&self, state: &State, step: u64) -> bool {
+        self.exact_before_checkpoints
+            && step < state.stop_after.unwrap_or(self.steps)
+            && self.due(state, step + 1)
     }
 
     /// Asks the group to checkpoint and stop at the next step boundary;
@@ -50,21 +82,31 @@ impl Schedule {
     pub fn control(&self, step: u64) -> Option<pb::Control> {
         let done = step + 1;
         let mut state = self.state.lock().expect("schedule lock");
-        let stop = state.stop_requested && done < self.steps;
-        let checkpoint =
-            stop || done == self.steps || (self.every > 0 && done.is_multiple_of(self.every));
-        if stop {
-            state.stop_after.get_or_insert(done);
+        if state.stop_requested && state.stop_after.is_none() && done < self.steps {
+            // Under error feedback the last step must have been exact: stop
+            // here only if it was (a checkpoint was due anyway), else after
+            // the next step, announced as exact now.
+            let at = match !self.exact_before_checkpoints || self.due(&state, done) {
+                true => done,
+                false => done + 1,
+            };
+            if at < self.steps {
+                state.stop_after = Some(at);
+            }
         }
+        let stop = state.stop_after == Some(done);
+        let checkpoint = self.due(&state, done);
+        let exact_next = self.exact_locked(&state, done);
         if checkpoint {
             state.last_checkpoint = Some(done);
             state.asked.insert(done);
             state.unanswered.insert(done);
         }
-        (checkpoint || stop).then_some(pb::Control {
+        (checkpoint || stop || exact_next).then_some(pb::Control {
             step,
             checkpoint,
             stop,
+            exact_next,
         })
     }
 
@@ -134,7 +176,7 @@ mod tests {
 
     #[test]
     fn checkpoints_every_k_steps_and_at_the_end() {
-        let schedule = Schedule::new(4, 10);
+        let schedule = Schedule::new(4, 10, false);
         assert_eq!(
             decisions(&schedule, 0..10),
             [(3, true, false), (7, true, false), (9, true, false)]
@@ -146,7 +188,7 @@ mod tests {
 
     #[test]
     fn only_checkpoints_asked_for_can_be_answered_and_only_once() {
-        let schedule = Schedule::new(4, 10);
+        let schedule = Schedule::new(4, 10, false);
         assert!(!schedule.answer(4), "not asked for yet");
         decisions(&schedule, 0..4);
         assert!(!schedule.answer(3) && schedule.answer(4));
@@ -155,7 +197,7 @@ mod tests {
 
     #[test]
     fn a_stop_request_checkpoints_and_stops_at_the_next_step() {
-        let schedule = Schedule::new(0, 10);
+        let schedule = Schedule::new(0, 10, false);
         assert_eq!(decisions(&schedule, 0..3), []);
         assert!(schedule.request_stop());
         assert!(!schedule.request_stop(), "only the first request counts");
@@ -171,7 +213,7 @@ mod tests {
     /// committed.
     #[test]
     fn a_new_generation_forgets_the_old_groups_later_decisions() {
-        let schedule = Schedule::new(2, 10);
+        let schedule = Schedule::new(2, 10, false);
         decisions(&schedule, 0..6);
         assert!(schedule.answer(2));
         schedule.request_stop();
@@ -189,5 +231,55 @@ mod tests {
         assert!(!schedule.resume_at(6, Some(6)), "6 is committed");
         assert!(!schedule.resume_at(5, None), "5 was never asked for");
         assert_eq!(decisions(&schedule, 5..6), [(5, true, true)]);
+    }
+
+    fn announced(schedule: &Schedule, steps: std::ops::Range<u64>) -> Vec<(u64, bool, bool, bool)> {
+        steps
+            .filter_map(|s| schedule.control(s))
+            .map(|c| (c.step, c.checkpoint, c.stop, c.exact_next))
+            .collect()
+    }
+
+    /// Under error feedback each checkpoint follows a step announced exact
+    /// one step ahead, so every worker knows before it encodes that step.
+    #[test]
+    fn with_error_feedback_the_step_before_each_checkpoint_is_announced_exact() {
+        let schedule = Schedule::new(4, 10, true);
+        assert_eq!(
+            announced(&schedule, 0..10),
+            [
+                (2, false, false, true),
+                (3, true, false, false),
+                (6, false, false, true),
+                (7, true, false, false),
+                (8, false, false, true),
+                (9, true, false, false)
+            ]
+        );
+        let exact: Vec<u64> = (0..10).filter(|&s| schedule.exact(s)).collect();
+        assert_eq!(exact, [3, 7, 9]);
+        assert!(!Schedule::new(4, 10, false).exact(3), "f32 never needs it");
+    }
+
+    /// A stop needs an exact last step: it comes one step later, unless
+    /// the step just done was exact anyway.
+    #[test]
+    fn with_error_feedback_a_stop_waits_for_an_exact_step() {
+        let schedule = Schedule::new(0, 10, true);
+        assert_eq!(announced(&schedule, 0..2), []);
+        assert!(schedule.request_stop());
+        assert_eq!(announced(&schedule, 2..3), [(2, false, false, true)]);
+        assert!(schedule.exact(3) && schedule.trains(3) && !schedule.trains(4));
+        assert_eq!(announced(&schedule, 3..4), [(3, true, true, false)]);
+        assert_eq!(schedule.stopped_after(), Some(4));
+
+        let scheduled = Schedule::new(4, 10, true);
+        announced(&scheduled, 0..3);
+        scheduled.request_stop();
+        assert_eq!(
+            announced(&scheduled, 3..4),
+            [(3, true, true, false)],
+            "step 3 was exact for the checkpoint at 4: stop there"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The all-reduce over real gRPC on loopback: whatever order chunks arrive
-//! in, every worker gets exactly the rank-ordered sum divided by N.
+//! in, every worker gets exactly the rank-ordered sum divided by N (under
+//! int8, with each side's carried residual, as the reference computes it).
 
 use std::time::Duration;
 
@@ -61,6 +62,72 @@ fn reference(grads: &[Vec<f32>], format: WireFormat) -> Vec<f32> {
 
 /// One rank's gradients: per step, the discriminator's then the generator's.
 type Gradients = Vec<[Vec<f32>; 2]>;
+
+/// What every rank must receive, per step and network.
+fn expected(grads: &[Gradients], format: WireFormat) -> Gradients {
+    if format == WireFormat::Int8 {
+        return int8_reference(grads);
+    }
+    (0..STEPS as usize)
+        .map(|step| {
+            [0, 1].map(|net| {
+                let per_rank: Vec<Vec<f32>> = grads.iter().map(|g| g[step][net].clone()).collect();
+                reference(&per_rank, format)
+            })
+        })
+        .collect()
+}
+
+/// int8 with error feedback, element by element: each rank adds what it
+/// carried and keeps what its encoding dropped, the coordinator does the
+/// same with the mean, and the last step (a checkpoint follows it)
+/// travels in f32 and leaves nothing carried.
+fn int8_reference(grads: &[Gradients]) -> Gradients {
+    let world = grads.len();
+    let zeros = |net: usize| vec![0.0f32; grads[0][0][net].len()];
+    let mut carried: Vec<[Vec<f32>; 2]> = (0..world).map(|_| [zeros(0), zeros(1)]).collect();
+    let mut carried_mean = [zeros(0), zeros(1)];
+    let mut out = Vec::new();
+    for step in 0..STEPS as usize {
+        let format = match step as u64 == STEPS - 1 {
+            true => WireFormat::F32,
+            false => WireFormat::Int8,
+        };
+        out.push([0, 1].map(|net| {
+            let mut sum: Option<Vec<f32>> = None;
+            for (rank_grads, rank_carried) in grads.iter().zip(carried.iter_mut()) {
+                let mut left = zeros(net);
+                let bytes = wire::encode_carrying(
+                    &rank_grads[step][net],
+                    &rank_carried[net],
+                    &mut left,
+                    format,
+                );
+                rank_carried[net] = left;
+                let mut sent = zeros(net);
+                wire::decode_into(&bytes, format, &mut sent).unwrap();
+                match sum.as_mut() {
+                    None => sum = Some(sent),
+                    Some(sum) => sum.iter_mut().zip(&sent).for_each(|(a, v)| *a += v),
+                }
+            }
+            let mean: Vec<f32> = sum
+                .unwrap()
+                .iter()
+                .zip(&carried_mean[net])
+                .map(|(s, c)| s / world as f32 + c)
+                .collect();
+            let mut received = zeros(net);
+            wire::decode_into(&wire::encode(&mean, format), format, &mut received).unwrap();
+            carried_mean[net] = match format {
+                WireFormat::F32 => zeros(net),
+                _ => mean.iter().zip(&received).map(|(m, r)| m - r).collect(),
+            };
+            received
+        }));
+    }
+    out
+}
 
 async fn worker(
     address: String,
@@ -173,13 +240,10 @@ async fn check(world: usize, format: WireFormat) {
         .unwrap()
         .unwrap();
 
+    let expected = expected(&grads, format);
     for step in 0..STEPS as usize {
         for net in 0..2 {
-            let per_rank: Vec<Vec<f32>> = grads.iter().map(|g| g[step][net].clone()).collect();
-            let expected: Vec<u32> = reference(&per_rank, format)
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
+            let expected: Vec<u32> = expected[step][net].iter().map(|v| v.to_bits()).collect();
             for result in &results {
                 let got: Vec<u32> = result[step][net].iter().map(|v| v.to_bits()).collect();
                 assert!(
@@ -202,4 +266,13 @@ async fn f32_mean_is_bitwise_the_rank_ordered_reference() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bf16_mean_is_reduced_in_f32_and_identical_everywhere() {
     check(3, WireFormat::Bf16).await;
+}
+
+/// Error feedback on both sides, replicas identical, and the last step
+/// exact: what a checkpoint after it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn int8_mean_carries_every_residual_and_is_identical_everywhere() {
+    for world in [1, 3] {
+        check(world, WireFormat::Int8).await;
+    }
 }

@@ -89,6 +89,60 @@ fn a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     again.assert_says(&["already complete"]);
 }
 
+/// int8 with error feedback: every checkpoint follows an exact step, so a
+/// run resumed from one ends bitwise equal to one that never stopped (and
+/// the coordinator's per-step checksums kept both workers' replicas
+/// identical throughout); the compression changed the result.
+#[test]
+fn an_int8_run_resumes_bitwise_from_its_checkpoints() {
+    let server = S3Server::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let int8 = |run_id: &str, steps: u64, out: &Path| {
+        let mut cmd = coordinator(&server, run_id, steps, 3, out);
+        cmd.args(["--wire", "int8"]);
+        run(&mut cmd, LIMIT).assert_success()
+    };
+    int8("whole", 6, dirs[0].path());
+    int8("split", 3, dirs[1].path());
+    int8("split", 6, dirs[1].path()).assert_says(&["resuming", "step-000000003"]);
+    assert_eq!(
+        params(dirs[0].path()),
+        params(dirs[1].path()),
+        "an int8 run resumed at step 3 differs from the uninterrupted one"
+    );
+    train(&server, "f32", 6, 3, dirs[2].path()).assert_success();
+    assert_ne!(
+        params(dirs[0].path()),
+        params(dirs[2].path()),
+        "int8 trained exactly as f32: the wire format was not applied"
+    );
+}
+
+/// SIGTERM under int8: the stop waits for a step announced exact, then the
+/// group checkpoints, exits 75, and the run resumes from there.
+#[test]
+fn an_int8_run_stopped_by_sigterm_resumes() {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(&server, "term8", 100_000, 0, out.path());
+    cmd.args(["--wire", "int8"]);
+    let running = Running::spawn(&mut cmd);
+    wait_for_steps(out.path(), 3);
+    running.terminate();
+    running
+        .wait(LIMIT)
+        .assert_code(common::report::STOPPED)
+        .assert_says(&["stop requested"]);
+    let name = latest(&server, "term8");
+    let step: u64 = name.trim_start_matches("step-").parse().unwrap();
+    let mut resume = coordinator(&server, "term8", step + 2, 0, out.path());
+    resume.args(["--wire", "int8"]);
+    run(&mut resume, LIMIT)
+        .assert_success()
+        .assert_says(&[name.as_str()]);
+    assert_eq!(latest(&server, "term8"), format!("step-{:09}", step + 2));
+}
+
 /// A checkpoint of 2 workers resumes with 3: the rest of the epoch is
 /// re-sharded from the data cursor and the run completes.
 #[test]
@@ -189,7 +243,13 @@ fn an_outage_beyond_the_retries_never_commits_a_partial_checkpoint() {
             && log.contains("the newest committed checkpoint is step-000000002"),
         "{log}"
     );
-    assert_eq!(server.latest_at_outage().as_deref(), Some("step-000000002"));
+    // When step 4's upload began, `latest` named step 2 or nothing yet (the
+    // coordinator commits step 2 while rank 0 trains on): never step 4.
+    let at_outage = server.latest_at_outage();
+    assert!(
+        matches!(at_outage.as_deref(), None | Some("step-000000002")),
+        "latest was {at_outage:?} when step 4's upload began"
+    );
     assert_eq!(latest(&server, "lost"), "step-000000002");
     assert!(!checkpoint_object(&server, "lost", 4, "manifest.json").exists());
 }

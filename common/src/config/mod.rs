@@ -364,7 +364,8 @@ impl Default for CoordinatorConfig {
 pub struct AllReduceConfig {
     /// Bytes per gradient chunk on the wire.
     pub chunk_bytes: usize,
-    /// `f32` (exact) or `bf16` (half the bytes, reduced in f32).
+    /// `f32` (exact), `bf16` (half the bytes, reduced in f32) or `int8`
+    /// (a quarter, with error feedback; exact before each checkpoint).
     pub wire: crate::wire::WireFormat,
     /// What a gradient with NaN or ±Inf in it does to the run.
     pub nonfinite: NonFinite,
