@@ -222,6 +222,7 @@ impl Gradient {
 
 /// Collects chunks from all ranks and broadcasts each mean as it completes.
 pub struct Reducer {
+    generation: u64,
     world: usize,
     peers: Arc<Peers>,
     schedule: Arc<Schedule>,
@@ -234,10 +235,12 @@ pub struct Reducer {
 }
 
 impl Reducer {
-    /// A reducer for `world` ranks answering through `peers`, announcing
-    /// `schedule`'s decisions, expecting gradients of `shape` from
-    /// `first_step` on, treating non-finite means as `nonfinite` says.
+    /// A reducer of generation `generation` for `world` ranks answering
+    /// through `peers`, announcing `schedule`'s decisions, expecting
+    /// gradients of `shape` from `first_step` on, treating non-finite means
+    /// as `nonfinite` says.
     pub fn new(
+        generation: u64,
         world: usize,
         peers: Arc<Peers>,
         schedule: Arc<Schedule>,
@@ -246,6 +249,7 @@ impl Reducer {
         nonfinite: NonFinite,
     ) -> Self {
         Self {
+            generation,
             world,
             peers,
             schedule,
@@ -302,7 +306,7 @@ impl Reducer {
         );
         if net == pb::Net::Generator
             && chunk.index == 0
-            && let Some(control) = self.schedule.control(chunk.step)
+            && let Some(control) = self.schedule.control(self.generation, chunk.step)
         {
             self.peers
                 .broadcast(coordinator_message::Kind::Control(control))
@@ -525,6 +529,7 @@ mod tests {
 
     fn reducer(policy: NonFinite) -> Reducer {
         Reducer::new(
+            0,
             WORLD,
             Arc::new(Peers::new(WORLD, std::time::Duration::from_secs(1))),
             Arc::new(Schedule::new(0, 10, false)),

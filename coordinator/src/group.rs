@@ -201,9 +201,9 @@ impl Group {
             .elastic
             .per_worker(s.batch_size, s.max, world)
             .expect("checked for every allowed group size when the run started");
-        let owed = self
-            .schedule
-            .resume_at(plan.first_step, self.known.committed);
+        let owed =
+            self.schedule
+                .resume_at(self.generation(), plan.first_step, self.known.committed);
         let exact_first = self.schedule.exact(plan.first_step);
         let starts = plan
             .sources
@@ -224,6 +224,7 @@ impl Group {
         let formed = Formed {
             world,
             reducer: Reducer::new(
+                self.generation(),
                 world,
                 peers.clone(),
                 self.schedule.clone(),

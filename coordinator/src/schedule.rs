@@ -26,6 +26,9 @@ pub struct Schedule {
 
 #[derive(Default)]
 struct State {
+    /// The generation whose decisions count (a stale one's chunks may
+    /// still be reduced while its members regroup).
+    generation: u64,
     stop_requested: bool,
     stop_after: Option<u64>,
     last_checkpoint: Option<u64>,
@@ -78,10 +81,15 @@ impl Schedule {
         !std::mem::replace(&mut state.stop_requested, true)
     }
 
-    /// What the group does after step `step` (0-based), or `None` to carry on.
-    pub fn control(&self, step: u64) -> Option<pb::Control> {
+    /// What generation `generation` does after step `step` (0-based), or
+    /// `None` to carry on; always `None` for a generation already replaced,
+    /// whose decisions the next one makes again.
+    pub fn control(&self, generation: u64, step: u64) -> Option<pb::Control> {
         let done = step + 1;
         let mut state = self.state.lock().expect("schedule lock");
+        if generation != state.generation {
+            return None;
+        }
         if state.stop_requested && state.stop_after.is_none() && done < self.steps {
             // Under error feedback the last step must have been exact: stop
             // here only if it was (a checkpoint was due anyway), else after
@@ -131,13 +139,14 @@ impl Schedule {
         step < self.final_step()
     }
 
-    /// A new generation starts at `first_step`. Decisions made for later
-    /// steps were the old group's and are made again; checkpoints asked of
-    /// it and not reported on are forgotten (its rank 0 may be gone).
-    /// Returns whether the new rank 0 must checkpoint `first_step` before
-    /// training: it was asked for, and `committed` is not it.
-    pub fn resume_at(&self, first_step: u64, committed: Option<u64>) -> bool {
+    /// Generation `generation` starts at `first_step`. Decisions made for
+    /// later steps were the old group's and are made again; checkpoints
+    /// asked of it and not reported on are forgotten (its rank 0 may be
+    /// gone). Returns whether the new rank 0 must checkpoint `first_step`
+    /// before training: it was asked for, and `committed` is not it.
+    pub fn resume_at(&self, generation: u64, first_step: u64, committed: Option<u64>) -> bool {
         let mut state = self.state.lock().expect("schedule lock");
+        state.generation = generation;
         state.unanswered.clear();
         state.asked.retain(|&s| s <= first_step);
         state.last_checkpoint = state.asked.last().copied();
@@ -167,9 +176,14 @@ impl Schedule {
 mod tests {
     use super::*;
 
+    /// The generation the schedule decides for now.
+    fn generation(schedule: &Schedule) -> u64 {
+        schedule.state.lock().unwrap().generation
+    }
+
     fn decisions(schedule: &Schedule, steps: std::ops::Range<u64>) -> Vec<(u64, bool, bool)> {
         steps
-            .filter_map(|s| schedule.control(s))
+            .filter_map(|s| schedule.control(generation(schedule), s))
             .map(|c| (c.step, c.checkpoint, c.stop))
             .collect()
     }
@@ -220,7 +234,7 @@ mod tests {
         decisions(&schedule, 6..8);
         assert_eq!(schedule.stopped_after(), Some(7));
         assert!(
-            schedule.resume_at(6, Some(4)),
+            schedule.resume_at(2, 6, Some(4)),
             "6 was asked for, 4 is committed"
         );
         assert_eq!(
@@ -228,14 +242,14 @@ mod tests {
             (Some(6), None)
         );
         assert!(schedule.answer(6) && !schedule.answer(4));
-        assert!(!schedule.resume_at(6, Some(6)), "6 is committed");
-        assert!(!schedule.resume_at(5, None), "5 was never asked for");
+        assert!(!schedule.resume_at(3, 6, Some(6)), "6 is committed");
+        assert!(!schedule.resume_at(4, 5, None), "5 was never asked for");
         assert_eq!(decisions(&schedule, 5..6), [(5, true, true)]);
     }
 
     fn announced(schedule: &Schedule, steps: std::ops::Range<u64>) -> Vec<(u64, bool, bool, bool)> {
         steps
-            .filter_map(|s| schedule.control(s))
+            .filter_map(|s| schedule.control(generation(schedule), s))
             .map(|c| (c.step, c.checkpoint, c.stop, c.exact_next))
             .collect()
     }
@@ -281,5 +295,18 @@ mod tests {
             [(3, true, true, false)],
             "step 3 was exact for the checkpoint at 4: stop there"
         );
+    }
+
+    /// A replaced generation's last chunks may still be reduced while its
+    /// members regroup: its decisions must not change the new one's.
+    #[test]
+    fn a_replaced_generation_decides_nothing() {
+        let schedule = Schedule::new(0, 10, true);
+        schedule.resume_at(1, 0, None);
+        schedule.resume_at(2, 3, None);
+        schedule.request_stop();
+        assert_eq!(schedule.control(1, 3), None, "generation 1 was replaced");
+        assert!(!schedule.exact(3) && schedule.trains(9));
+        assert_eq!(announced(&schedule, 3..4), [(3, false, false, true)]);
     }
 }
