@@ -204,6 +204,27 @@ fn the_pods_flags_env_keys_and_ports_are_ones_the_binaries_accept() {
             "{overlay}: the workers' --coordinator"
         );
 
+        // The GPU overlay's workers run the CUDA image on a GPU each; the
+        // coordinator (no burn) and every CPU pod the CPU image.
+        let gpu = overlay == "overlays/gpu";
+        let worker_tag = if gpu { ":cuda" } else { ":cpu" };
+        assert!(
+            workers.image.ends_with(worker_tag),
+            "{overlay}: workers run {}",
+            workers.image
+        );
+        assert!(
+            coordinator.image.ends_with(":cpu"),
+            "{overlay}: the coordinator runs {}",
+            coordinator.image
+        );
+        assert_eq!(
+            workers.raw["resources"]["limits"]["nvidia.com/gpu"].as_str() == Some("1"),
+            gpu,
+            "{overlay}: GPU limit {}",
+            workers.raw["resources"]
+        );
+
         // As many worker pods as the coordinator waits for, each its rank.
         let job = &find(&objects, "Job", "gancluster-workers")["spec"];
         let expected: u64 = coordinator.flag("--workers").unwrap().parse().unwrap();
