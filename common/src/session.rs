@@ -514,10 +514,10 @@ impl Session {
             true => WireFormat::F32,
             false => self.format,
         };
-        let carried = match self.format.carries_residual() {
-            true => Some(self.residuals.of(net, grads.len())),
-            false => None,
-        };
+        let carried = self
+            .format
+            .carries_residual()
+            .then(|| self.residuals.take(net, grads.len()));
         let mut left = carried.as_ref().map(|_| vec![0.0f32; grads.len()]);
         let outbound = &self.outbound;
         let header = |index: usize| pb::GradChunk {
@@ -592,17 +592,18 @@ impl Session {
             Ok(Reduced { mean, skip })
         };
         let (sent, mean) = tokio::join!(send, receive);
+        // What this encoding left replaces the residual once the mean is
+        // applied; after an exact step nothing is carried, skipped or not,
+        // so the residual at a checkpoint is zero on every rank.
+        if let (Some(carried), Some(left)) = (carried, left) {
+            let applied = sent.is_ok() && mean.as_ref().is_ok_and(|m| exact || !m.skip);
+            self.residuals
+                .put(net, if applied { left } else { carried });
+        }
         // The coordinator's last word (a regroup, an abort) explains a send
         // that failed because it closed the stream.
         let mean = mean?;
         sent?;
-        // After an exact step nothing is carried, skipped or not, so the
-        // residual at a checkpoint is zero on every rank.
-        if let Some(left) = left
-            && (exact || !mean.skip)
-        {
-            self.residuals.replace(net, left);
-        }
         Ok(mean)
     }
 
@@ -846,30 +847,34 @@ impl Drop for Heartbeat {
     }
 }
 
-/// A worker's error-feedback residuals, one per network, made on first use.
+/// A worker's error-feedback residuals, one per network (empty before the
+/// first step). Taken out for an all-reduce and put back after it, so the
+/// gradients' worth of floats is never copied.
 #[derive(Default)]
 struct Residuals {
-    discriminator: Option<Arc<[f32]>>,
-    generator: Option<Arc<[f32]>>,
+    discriminator: Vec<f32>,
+    generator: Vec<f32>,
 }
 
 impl Residuals {
-    fn slot(&mut self, net: pb::Net) -> &mut Option<Arc<[f32]>> {
+    fn slot(&mut self, net: pb::Net) -> &mut Vec<f32> {
         match net {
             pb::Net::Generator => &mut self.generator,
             _ => &mut self.discriminator,
         }
     }
 
-    /// `net`'s residual (zeros before the first step).
-    fn of(&mut self, net: pb::Net, elems: usize) -> Arc<[f32]> {
-        let slot = self.slot(net);
-        slot.take_if(|r| r.len() != elems);
-        slot.get_or_insert_with(|| vec![0.0; elems].into()).clone()
+    /// `net`'s residual (zeros before the first step), until [`Self::put`].
+    fn take(&mut self, net: pb::Net, elems: usize) -> Vec<f32> {
+        let residual = std::mem::take(self.slot(net));
+        match residual.len() == elems {
+            true => residual,
+            false => vec![0.0; elems],
+        }
     }
 
-    fn replace(&mut self, net: pb::Net, residual: Vec<f32>) {
-        *self.slot(net) = Some(residual.into());
+    fn put(&mut self, net: pb::Net, residual: Vec<f32>) {
+        *self.slot(net) = residual;
     }
 }
 

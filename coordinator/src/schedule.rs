@@ -70,7 +70,7 @@ impl Schedule {
 
     fn exact_locked(&self, state: &State, step: u64) -> bool {
         self.exact_before_checkpoints
-            && step < state.stop_after.unwrap_or(self.steps)
+            && step < self.final_locked(state)
             && self.due(state, step + 1)
     }
 
@@ -131,7 +131,11 @@ impl Schedule {
     /// The step count the group trains to: `train.steps`, or where a stop
     /// request ends it.
     pub fn final_step(&self) -> u64 {
-        self.stopped_after().unwrap_or(self.steps)
+        self.final_locked(&self.state.lock().expect("schedule lock"))
+    }
+
+    fn final_locked(&self, state: &State) -> u64 {
+        state.stop_after.unwrap_or(self.steps)
     }
 
     /// Whether step `step` (0-based) is one the group trains.
@@ -181,10 +185,19 @@ mod tests {
         schedule.state.lock().unwrap().generation
     }
 
-    fn decisions(schedule: &Schedule, steps: std::ops::Range<u64>) -> Vec<(u64, bool, bool)> {
+    /// (step, checkpoint, stop, exact_next) of each decision for `steps`.
+    fn announced(schedule: &Schedule, steps: std::ops::Range<u64>) -> Vec<(u64, bool, bool, bool)> {
         steps
             .filter_map(|s| schedule.control(generation(schedule), s))
-            .map(|c| (c.step, c.checkpoint, c.stop))
+            .map(|c| (c.step, c.checkpoint, c.stop, c.exact_next))
+            .collect()
+    }
+
+    /// The same without exact_next, which only error feedback sets.
+    fn decisions(schedule: &Schedule, steps: std::ops::Range<u64>) -> Vec<(u64, bool, bool)> {
+        announced(schedule, steps)
+            .into_iter()
+            .map(|(step, checkpoint, stop, _)| (step, checkpoint, stop))
             .collect()
     }
 
@@ -245,13 +258,6 @@ mod tests {
         assert!(!schedule.resume_at(3, 6, Some(6)), "6 is committed");
         assert!(!schedule.resume_at(4, 5, None), "5 was never asked for");
         assert_eq!(decisions(&schedule, 5..6), [(5, true, true)]);
-    }
-
-    fn announced(schedule: &Schedule, steps: std::ops::Range<u64>) -> Vec<(u64, bool, bool, bool)> {
-        steps
-            .filter_map(|s| schedule.control(generation(schedule), s))
-            .map(|c| (c.step, c.checkpoint, c.stop, c.exact_next))
-            .collect()
     }
 
     /// Under error feedback each checkpoint follows a step announced exact
