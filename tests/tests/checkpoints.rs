@@ -49,6 +49,17 @@ fn checkpoint_object(server: &S3Server, run_id: &str, step: u64, name: &str) -> 
     server.object_path(&format!("runs/{run_id}/checkpoints/step-{step:09}/{name}"))
 }
 
+/// When step 4's upload (and its outage) began, `latest` named step 2 or
+/// nothing yet — the coordinator commits step 2 while rank 0 trains on —,
+/// never the checkpoint still being written.
+fn assert_latest_complete_when_step_4_upload_began(server: &S3Server) {
+    let at_outage = server.latest_at_outage();
+    assert!(
+        matches!(at_outage.as_deref(), None | Some("step-000000002")),
+        "latest was {at_outage:?} when step 4's upload began"
+    );
+}
+
 /// Train 2K steps in one go; train K, stop, resume to 2K: bitwise equal.
 #[test]
 fn a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
@@ -203,11 +214,7 @@ fn an_outage_during_an_upload_is_retried_and_latest_stays_valid() {
         server.refused() > 0,
         "the outage never refused a connection:\n{log}"
     );
-    assert_eq!(
-        server.latest_at_outage().as_deref(),
-        Some("step-000000002"),
-        "during the upload of step 4, latest named the previous complete checkpoint"
-    );
+    assert_latest_complete_when_step_4_upload_began(&server);
     assert_eq!(latest(&server, "outage"), "step-000000006");
     for step in [2, 4, 6] {
         assert!(
@@ -243,13 +250,7 @@ fn an_outage_beyond_the_retries_never_commits_a_partial_checkpoint() {
             && log.contains("the newest committed checkpoint is step-000000002"),
         "{log}"
     );
-    // When step 4's upload began, `latest` named step 2 or nothing yet (the
-    // coordinator commits step 2 while rank 0 trains on): never step 4.
-    let at_outage = server.latest_at_outage();
-    assert!(
-        matches!(at_outage.as_deref(), None | Some("step-000000002")),
-        "latest was {at_outage:?} when step 4's upload began"
-    );
+    assert_latest_complete_when_step_4_upload_began(&server);
     assert_eq!(latest(&server, "lost"), "step-000000002");
     assert!(!checkpoint_object(&server, "lost", 4, "manifest.json").exists());
 }
