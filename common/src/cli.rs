@@ -46,6 +46,10 @@ pub struct ConfigArgs {
     /// Gradient wire format, f32, bf16 or int8 [allreduce.wire].
     #[arg(long)]
     pub wire: Option<String>,
+    /// All-reduce every this many steps, averaging parameters and Adam
+    /// moments in between rounds of local steps [train.sync_every].
+    #[arg(long)]
+    pub sync_every: Option<u64>,
     /// Coordinator listen address [coordinator.listen].
     #[arg(long)]
     pub listen: Option<String>,
@@ -88,6 +92,7 @@ impl ConfigArgs {
                 self.out.as_ref().map(|p| p.display().to_string()),
             ),
             ("allreduce.wire", text(&self.wire)),
+            ("train.sync_every", num(self.sync_every)),
             ("coordinator.listen", text(&self.listen)),
             ("checkpoint.store", text(&self.store)),
             ("checkpoint.run", text(&self.run)),

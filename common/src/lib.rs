@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod bundle;
+pub mod cadence;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

@@ -4,6 +4,7 @@
 //! `cargo bench -p coordinator --bench allreduce -- [--world 2,4,8] [--models 64] [--iters 10]`
 //! `cargo bench -p coordinator --bench allreduce -- --compute-ms 10,40,160 [--world 1,2,4,8]`
 //! `… -- --wire int8` measures only the wire formats named (default: all).
+//! `… -- --compute-ms 10,40 --sync-every 1,8` adds post-local SGD rows.
 //!
 //! For each world size W and each model (its image size; ngf = ndf = 64)
 //! this starts a coordinator and W worker *processes* (this executable
@@ -26,12 +27,19 @@
 //! not occupy the host's cores, so on two cores the W clients and the
 //! coordinator share them only for what they really do, moving and adding
 //! bytes (on a cluster each worker would have cores of its own).
+//!
+//! `--sync-every H` (`train.sync_every`) times post-local SGD: each step
+//! waits C ms, and only the last of each round of H all-reduces, the
+//! networks' state (parameters and both Adam moments, 3× a gradient) in
+//! f32. Its step time is the slowest rank's round, median over rounds,
+//! divided by H (a round of one step is the plain step).
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::Config;
 use common::auth::Token;
+use common::cadence::Cadence;
 use common::pb::{self, Net};
 use common::session;
 use common::wire::WireFormat;
@@ -51,11 +59,18 @@ const FORMATS: [(&str, WireFormat); 3] = [
     ("int8", WireFormat::Int8),
 ];
 
-fn config(image_size: usize, iters: usize, format: &str, store: &str) -> Config {
-    // One step per iteration; rank 0 answers the last step's checkpoint
-    // with a stand-in in the driver's store.
+/// Steps of a run timing `iters` steps in rounds of `sync_every`: one
+/// warm-up round, then whole rounds.
+fn total_steps(iters: usize, sync_every: usize) -> usize {
+    WARMUP * sync_every + iters.div_ceil(sync_every) * sync_every
+}
+
+fn config(image_size: usize, steps: usize, format: &str, store: &str, sync_every: usize) -> Config {
+    // Rank 0 answers the last step's checkpoint with a stand-in in the
+    // driver's store.
     let overrides = [
-        ("train.steps", (iters + WARMUP).to_string()),
+        ("train.steps", steps.to_string()),
+        ("train.sync_every", sync_every.to_string()),
         ("allreduce.wire", format.to_string()),
         ("checkpoint.every", "0".to_string()),
         ("model.image_size", image_size.to_string()),
@@ -106,7 +121,8 @@ async fn drive(args: &[String]) {
     let formats = formats(args);
     if args.iter().any(|a| a == "--compute-ms") {
         let computes: Vec<f64> = list(args, "--compute-ms", "10,40,160");
-        return scaling(&worlds, &models, &computes, iters, &formats).await;
+        let syncs: Vec<usize> = list(args, "--sync-every", "1");
+        return scaling(&worlds, &models, &computes, &syncs, iters, &formats).await;
     }
     println!(
         "| path | W | gradient | MB (f32) | wire | median ms | algbw GB/s | busbw GB/s | coordinator GB/s |"
@@ -114,7 +130,7 @@ async fn drive(args: &[String]) {
     println!("|---|---|---|---|---|---|---|---|---|");
     for &world in &worlds {
         for &size in &models {
-            let cfg = config(size, iters, "f32", "memory://");
+            let cfg = config(size, total_steps(iters, 1), "f32", "memory://", 1);
             let d = cfg.model.discriminator_params() as usize;
             let g = cfg.model.generator_params() as usize;
             for (what, elems) in [("D", d), ("G", g), ("D+G", d + g)] {
@@ -141,28 +157,42 @@ async fn scaling(
     worlds: &[usize],
     models: &[usize],
     computes: &[f64],
+    syncs: &[usize],
     iters: usize,
     formats: &[(&str, WireFormat)],
 ) {
-    println!("| model | C ms | W | wire | step ms | efficiency C/step | coordinator MB/step |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| model | C ms | W | sync_every | wire | step ms | efficiency C/step | coordinator MB/step |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for &size in models {
-        let cfg = config(size, iters, "f32", "memory://");
-        let elems = (cfg.model.discriminator_params() + cfg.model.generator_params()) as usize;
+        let cfg = config(size, total_steps(iters, 1), "f32", "memory://", 1);
+        let params = cfg.model.discriminator_params() + cfg.model.generator_params();
         for &compute in computes {
             for &world in worlds {
-                for &(name, format) in formats {
-                    let step = Timing {
-                        compute_ms: compute,
-                    };
-                    let [.., step_ms] =
-                        through_coordinator(world, size, iters, name, false, step).await;
-                    // In and out of the coordinator, every member.
-                    let mb = 2.0 * world as f64 * format.encoded_len(elems) as f64 / 1e6;
-                    println!(
-                        "| DCGAN-{size} | {compute} | {world} | {name} | {step_ms:.1} | {:.2} | {mb:.1} |",
-                        compute / step_ms
-                    );
+                for &sync_every in syncs {
+                    let cadence = Cadence::new(sync_every as u64);
+                    let elems = cadence.elements(params) as usize;
+                    // Averaging travels in f32 only (config validation).
+                    let formats = formats
+                        .iter()
+                        .filter(|(_, f)| !cadence.averages() || *f == WireFormat::F32);
+                    for &(name, format) in formats {
+                        let step = Timing {
+                            compute_ms: compute,
+                            sync_every,
+                        };
+                        let [.., step_ms] =
+                            through_coordinator(world, size, iters, name, false, step).await;
+                        // In and out of the coordinator, every member, per step.
+                        let mb = 2.0 * world as f64 * format.encoded_len(elems) as f64
+                            / sync_every as f64
+                            / 1e6;
+                        println!(
+                            "| DCGAN-{size} | {compute} | {world} | {sync_every} | {name} | {step_ms:.1} | {:.2} | {mb:.1} |",
+                            compute / step_ms
+                        );
+                    }
                 }
             }
         }
@@ -170,10 +200,21 @@ async fn scaling(
 }
 
 /// What a client does besides all-reducing.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 struct Timing {
     /// The stand-in for a GPU step's backward passes, split between D and G.
     compute_ms: f64,
+    /// Steps per round (`train.sync_every`).
+    sync_every: usize,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            compute_ms: 0.0,
+            sync_every: 1,
+        }
+    }
 }
 
 /// One table row; `wire` is None for the raw pump, which moves f32 bytes.
@@ -208,6 +249,12 @@ fn slowest_per_iteration(outputs: &[String]) -> f64 {
 }
 
 fn slowest_on_line(outputs: &[String], line: usize) -> f64 {
+    slowest_per_round(outputs, line, 1)
+}
+
+/// Median over rounds of `every` iterations of the slowest rank's round,
+/// per iteration, from line `line` of each client's output.
+fn slowest_per_round(outputs: &[String], line: usize, every: usize) -> f64 {
     let per_rank: Vec<Vec<f64>> = outputs
         .iter()
         .map(|o| {
@@ -219,12 +266,13 @@ fn slowest_on_line(outputs: &[String], line: usize) -> f64 {
                 .collect()
         })
         .collect();
-    let iters = per_rank[0].len();
+    let rounds = per_rank[0].len() / every;
+    let round = |r: &Vec<f64>, i: usize| r[i * every..(i + 1) * every].iter().sum::<f64>();
     median(
-        (0..iters)
-            .map(|i| per_rank.iter().map(|r| r[i]).fold(0.0, f64::max))
+        (0..rounds)
+            .map(|i| per_rank.iter().map(|r| round(r, i)).fold(0.0, f64::max))
             .collect(),
-    )
+    ) / every as f64
 }
 
 async fn spawn_clients(world: usize, args: impl Fn(usize) -> Vec<String>) -> Vec<String> {
@@ -265,7 +313,8 @@ async fn through_coordinator(
     let mut address = format!("http://{}", listener.local_addr().expect("address"));
     let socket_dir = tempfile::tempdir().expect("socket folder");
     let store = format!("file://{}", socket_dir.path().join("store").display());
-    let mut cfg = config(image_size, iters, format, &store);
+    let steps = total_steps(iters, timing.sync_every);
+    let mut cfg = config(image_size, steps, format, &store, timing.sync_every);
     cfg.output.dir = socket_dir.path().to_path_buf();
     let unix = unix.then(|| {
         let bound = coordinator::server::LocalSocket::bind(socket_dir.path()).expect("unix socket");
@@ -301,6 +350,7 @@ async fn through_coordinator(
             format,
             &store,
             &timing.compute_ms.to_string(),
+            &timing.sync_every.to_string(),
         ]
         .map(String::from)
         .to_vec()
@@ -310,7 +360,13 @@ async fn through_coordinator(
         .await
         .expect("coordinator task")
         .expect("coordinator run");
-    [0, 1, 2, 3].map(|line| slowest_on_line(&outputs, line))
+    let [d, g, both] = [0, 1, 2].map(|line| slowest_on_line(&outputs, line));
+    [
+        d,
+        g,
+        both,
+        slowest_per_round(&outputs, 3, timing.sync_every),
+    ]
 }
 
 async fn client(args: &[String]) {
@@ -323,9 +379,12 @@ async fn client(args: &[String]) {
         &args[5],
     );
     let compute_ms: f64 = args[6].parse().unwrap();
+    let sync_every: usize = args[7].parse().unwrap();
+    let cadence = Cadence::new(sync_every as u64);
     // Each backward pass's share of the step: D's, then G's.
     let backward = Duration::from_secs_f64(compute_ms / 2.0 / 1e3);
-    let cfg = config(image_size, iters, format, store);
+    let steps = total_steps(iters, sync_every);
+    let cfg = config(image_size, steps, format, store, sync_every);
     let token = Token::new(TOKEN).expect("token");
     let request = session::join_request(&cfg, Some(rank), 0, "bench".into(), None);
     let (joined, mut session, _) = session::rendezvous(address, &token, request, &cfg)
@@ -340,8 +399,8 @@ async fn client(args: &[String]) {
             .collect();
         (mine, mean)
     };
-    let (d, d_mean) = gradient(cfg.model.discriminator_params());
-    let (g, g_mean) = gradient(cfg.model.generator_params());
+    let (d, d_mean) = gradient(cadence.elements(cfg.model.discriminator_params()));
+    let (g, g_mean) = gradient(cadence.elements(cfg.model.generator_params()));
     // f32 and bf16 carry these small integers exactly; int8 within a few of
     // its steps (its rounding and the residuals carried into the next step).
     let exact = cfg.allreduce.wire != WireFormat::Int8;
@@ -356,24 +415,30 @@ async fn client(args: &[String]) {
         }
     };
     let mut times: [Vec<String>; 4] = Default::default();
-    for step in 0..(iters + WARMUP) as u64 {
+    let warm = (WARMUP * sync_every) as u64;
+    for step in 0..steps as u64 {
         let step_started = Instant::now();
+        let syncs = cadence.syncs(step);
         tokio::time::sleep(backward).await;
         let started = Instant::now();
-        let reduced = session
-            .all_reduce(step, Net::Discriminator, &d)
-            .await
-            .expect("D all-reduce");
+        if syncs {
+            let reduced = session
+                .all_reduce(step, Net::Discriminator, &d)
+                .await
+                .expect("D all-reduce");
+            assert!(close(&reduced.mean, &d_mean), "rank {rank}: wrong D mean");
+        }
         let d_ms = started.elapsed().as_secs_f64() * 1e3;
-        assert!(close(&reduced.mean, &d_mean), "rank {rank}: wrong D mean");
         tokio::time::sleep(backward).await;
         let g_started = Instant::now();
-        let reduced = session
-            .all_reduce(step, Net::Generator, &g)
-            .await
-            .expect("G all-reduce");
+        if syncs {
+            let reduced = session
+                .all_reduce(step, Net::Generator, &g)
+                .await
+                .expect("G all-reduce");
+            assert!(close(&reduced.mean, &g_mean), "rank {rank}: wrong G mean");
+        }
         let g_ms = g_started.elapsed().as_secs_f64() * 1e3;
-        assert!(close(&reduced.mean, &g_mean), "rank {rank}: wrong G mean");
         if rank == 0 {
             answer_checkpoint(&mut session, &cfg, step).await;
         }
@@ -384,10 +449,11 @@ async fn client(args: &[String]) {
         };
         session.report(report).await.expect("report");
         let whole_ms = step_started.elapsed().as_secs_f64() * 1e3;
-        if step >= WARMUP as u64 {
-            let columns = [d_ms, g_ms, d_ms + g_ms, whole_ms];
+        if step >= warm {
+            let all_reduces = [d_ms, g_ms, d_ms + g_ms].map(|ms| syncs.then_some(ms));
+            let columns = all_reduces.into_iter().chain([Some(whole_ms)]);
             for (column, ms) in times.iter_mut().zip(columns) {
-                column.push(ms.to_string());
+                column.extend(ms.map(|ms| ms.to_string()));
             }
         }
     }

@@ -9,7 +9,8 @@
 //!
 //! Members are trusted to be workers, not to be correct. The group reduces
 //! exactly one gradient at a time, in training order (step s's
-//! discriminator, then its generator, then step s+1's discriminator…), and
+//! discriminator, then its generator, then step s+1's discriminator…, or
+//! only every `train.sync_every`-th step's, whose state is averaged), and
 //! its shape is known in advance from the model configuration: a chunk for
 //! any other step or network, of another shape or format, with a payload
 //! that does not match its header, or sent twice, is refused and blamed on
@@ -32,6 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use common::Config;
+use common::cadence::Cadence;
 use common::config::NonFinite;
 use common::pb::{self, coordinator_message};
 use common::wire::{self, Chunking, WireError, WireFormat};
@@ -41,27 +43,32 @@ use crate::peers::{NotReading, Peers};
 use crate::schedule::Schedule;
 use crate::telemetry;
 
-/// The size and chunking of both networks' gradients, known from the model
-/// configuration before any worker says anything.
+/// The size and chunking of what both networks all-reduce, and at which
+/// steps, known from the configuration before any worker says anything.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
     /// Element encoding every chunk must use.
     pub format: WireFormat,
-    /// The discriminator's gradient.
+    /// The discriminator's gradient (or state, when averaging).
     pub discriminator: Chunking,
-    /// The generator's gradient.
+    /// The generator's gradient (or state, when averaging).
     pub generator: Chunking,
+    /// Which steps all-reduce (`train.sync_every`).
+    pub cadence: Cadence,
 }
 
 impl Shape {
-    /// The gradients of `cfg`'s model, chunked as `cfg.allreduce` says.
+    /// What `cfg`'s model all-reduces, chunked as `cfg.allreduce` says.
     pub fn of(cfg: &Config) -> Self {
         let (format, bytes) = (cfg.allreduce.wire, cfg.allreduce.chunk_bytes);
-        let chunking = |elems: u64| Chunking::new(elems as usize, bytes, format);
+        let cadence = Cadence::new(cfg.train.sync_every);
+        let chunking =
+            |params: u64| Chunking::new(cadence.elements(params) as usize, bytes, format);
         Self {
             format,
             discriminator: chunking(cfg.model.discriminator_params()),
             generator: chunking(cfg.model.generator_params()),
+            cadence,
         }
     }
 
@@ -215,7 +222,11 @@ impl Gradient {
     fn next(&self, shape: &Shape) -> Self {
         match self.net {
             pb::Net::Discriminator => Self::new(self.step, pb::Net::Generator, shape),
-            _ => Self::new(self.step + 1, pb::Net::Discriminator, shape),
+            _ => Self::new(
+                shape.cadence.next_sync(self.step + 1),
+                pb::Net::Discriminator,
+                shape,
+            ),
         }
     }
 }
@@ -237,7 +248,7 @@ pub struct Reducer {
 impl Reducer {
     /// A reducer of generation `generation` for `world` ranks answering
     /// through `peers`, announcing `schedule`'s decisions, expecting
-    /// gradients of `shape` from `first_step` on, treating non-finite means
+    /// all-reduces of `shape` from `first_step`'s round on, treating non-finite means
     /// as `nonfinite` says.
     pub fn new(
         generation: u64,
@@ -255,7 +266,11 @@ impl Reducer {
             schedule,
             shape,
             nonfinite,
-            current: Mutex::new(Gradient::new(first_step, pb::Net::Discriminator, &shape)),
+            current: Mutex::new(Gradient::new(
+                shape.cadence.next_sync(first_step),
+                pb::Net::Discriminator,
+                &shape,
+            )),
             skipped: AtomicU64::new(0),
             carried: Mutex::default(),
         }
@@ -457,8 +472,9 @@ impl Reducer {
         self.skipped.load(Ordering::Relaxed)
     }
 
-    /// Steps whose both gradients are reduced: every report up to this
-    /// step (exclusive) may have been sent.
+    /// The step whose all-reduce the group waits for: every report before
+    /// it may have been sent (when averaging, the local steps of its round
+    /// too).
     pub fn steps_reduced(&self) -> u64 {
         self.current.lock().expect("reducer lock").step
     }
@@ -524,16 +540,21 @@ mod tests {
             format: WireFormat::F32,
             discriminator: Chunking::new(10, 16, WireFormat::F32),
             generator: Chunking::new(5, 16, WireFormat::F32),
+            cadence: Cadence::new(1),
         }
     }
 
     fn reducer(policy: NonFinite) -> Reducer {
+        reducer_of(shape(), policy)
+    }
+
+    fn reducer_of(shape: Shape, policy: NonFinite) -> Reducer {
         Reducer::new(
             0,
             WORLD,
             Arc::new(Peers::new(WORLD, std::time::Duration::from_secs(1))),
-            Arc::new(Schedule::new(0, 10, false)),
-            shape(),
+            Arc::new(Schedule::new(0, 20, false)),
+            shape,
             4,
             policy,
         )
@@ -586,6 +607,46 @@ mod tests {
         assert_eq!(reducer.steps_reduced(), 4);
         all(&reducer, pb::Net::Generator, &[4, 1]).await;
         assert_eq!(reducer.steps_reduced(), 5, "step 4 is fully reduced");
+    }
+
+    /// Under post-local SGD (rounds of 3 from step 4) only each round's
+    /// last step all-reduces: a chunk for a local step is refused, and
+    /// the reports of a round's local steps may come before its average.
+    #[tokio::test]
+    async fn averaging_reduces_only_the_last_step_of_each_round() {
+        let reducer = reducer_of(
+            Shape {
+                cadence: Cadence::new(3),
+                ..shape()
+            },
+            NonFinite::Halt,
+        );
+        assert_eq!(reducer.steps_reduced(), 5, "steps 4 and 5 train alone");
+        match reducer.submit(0, d(0)).await {
+            Err(SubmitError::Chunk(e)) => assert!(
+                e.to_string().contains(
+                    "step 4 while the group reduces the Discriminator gradient of step 5"
+                ),
+                "{e}"
+            ),
+            other => panic!("a local step's chunk was accepted: {other:?}"),
+        }
+        for (net, lengths) in [
+            (pb::Net::Discriminator, &[4, 4, 2][..]),
+            (pb::Net::Generator, &[4, 1][..]),
+        ] {
+            for rank in 0..WORLD {
+                for (index, &len) in lengths.iter().enumerate() {
+                    let c = chunk(5, net, index as u32, &[1.0; 4][..len]);
+                    reducer.submit(rank, c).await.unwrap();
+                }
+            }
+        }
+        assert_eq!(
+            reducer.steps_reduced(),
+            8,
+            "the next round averages at step 8"
+        );
     }
 
     #[tokio::test]
@@ -669,5 +730,14 @@ mod tests {
         let shape = Shape::of(&cfg);
         assert_eq!(shape.discriminator.total, 2_765_568);
         assert_eq!(shape.generator.total, 3_576_704);
+        let mut averaging = cfg;
+        averaging.train.sync_every = 4;
+        let shape = Shape::of(&averaging);
+        assert_eq!(
+            shape.discriminator.total,
+            3 * 2_765_568,
+            "parameters and moments"
+        );
+        assert_eq!(shape.generator.total, 3 * 3_576_704);
     }
 }

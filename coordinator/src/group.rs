@@ -232,7 +232,7 @@ impl Group {
                 plan.first_step,
                 s.nonfinite,
             ),
-            reports: Reports::new(world, plan.first_step),
+            reports: Reports::new(world, plan.first_step, s.shape.cadence),
             peers,
             plan,
             starts,

@@ -2,13 +2,15 @@
 //! progress display shows.
 //!
 //! Every worker reports a checksum of its trainable parameters after each
-//! step. Once all ranks reported a step, the checksums must agree; any
-//! difference stops the run, since the replicas would otherwise silently
-//! train different models.
+//! step. Once all ranks reported a step that all-reduced, the checksums
+//! must agree; any difference stops the run, since the replicas would
+//! otherwise silently train different models. (Between the averaging
+//! steps of post-local SGD replicas differ by design.)
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use common::cadence::Cadence;
 use common::pb;
 
 /// Replicas hold different parameters after a step.
@@ -44,8 +46,9 @@ pub struct StepSummary {
     pub images_per_s: f64,
     /// The slowest rank's all-reduce wait.
     pub allreduce_ms: f64,
-    /// The parameter checksum every rank reported after the step.
-    pub checksum: u64,
+    /// The parameter checksum every rank reported after the step, at steps
+    /// that all-reduce (None after a local step).
+    pub checksum: Option<u64>,
 }
 
 /// A report the coordinator cannot accept; its sender is at fault.
@@ -67,11 +70,13 @@ pub enum ReportError {
     Duplicate(u64),
 }
 
-/// Collects reports until each step is complete. Only steps whose
-/// gradients are reduced can be reported, so at most two steps are ever
-/// pending, whatever a member sends.
+/// Collects reports until each step is complete. Only steps before the
+/// all-reduce the group waits for can be reported, so at most two rounds
+/// of steps (two steps, without averaging) are ever pending, whatever a
+/// member sends.
 pub struct Reports {
     world: usize,
+    cadence: Cadence,
     state: Mutex<State>,
 }
 
@@ -84,10 +89,12 @@ struct State {
 }
 
 impl Reports {
-    /// Reports of `world` ranks, from `first_step` on.
-    pub fn new(world: usize, first_step: u64) -> Self {
+    /// Reports of `world` ranks, from `first_step` on, compared at the
+    /// steps `cadence` all-reduces.
+    pub fn new(world: usize, first_step: u64, cadence: Cadence) -> Self {
         Self {
             world,
+            cadence,
             state: Mutex::new(State {
                 pending: BTreeMap::new(),
                 next: first_step,
@@ -135,7 +142,7 @@ impl Reports {
             .flatten()
             .collect();
         state.next = step + 1;
-        Ok(Some(summarise(step, &reports)))
+        Ok(Some(summarise(step, &reports, self.cadence.syncs(step))))
     }
 
     /// The last step `rank` reported, if any.
@@ -144,9 +151,14 @@ impl Reports {
     }
 }
 
-fn summarise(step: u64, reports: &[pb::StepReport]) -> Result<StepSummary, Divergence> {
+/// `reports` of `step`, whose checksums must agree when it `synced`.
+fn summarise(
+    step: u64,
+    reports: &[pb::StepReport],
+    synced: bool,
+) -> Result<StepSummary, Divergence> {
     let checksums: Vec<u64> = reports.iter().map(|r| r.checksum).collect();
-    if checksums.iter().any(|c| *c != checksums[0]) {
+    if synced && checksums.iter().any(|c| *c != checksums[0]) {
         return Err(Divergence { step, checksums });
     }
     let first = &reports[0];
@@ -159,7 +171,7 @@ fn summarise(step: u64, reports: &[pb::StepReport]) -> Result<StepSummary, Diver
         d_fake: first.d_fake,
         images_per_s: reports.iter().map(|r| r.images_per_s).sum(),
         allreduce_ms: reports.iter().map(|r| r.allreduce_ms).fold(0.0, f64::max),
-        checksum: first.checksum,
+        checksum: synced.then_some(first.checksum),
     })
 }
 
@@ -179,7 +191,7 @@ mod tests {
 
     #[test]
     fn a_step_completes_when_every_rank_reported() {
-        let reports = Reports::new(2, 0);
+        let reports = Reports::new(2, 0, Cadence::new(1));
         assert!(reports.add(1, report(0, 7), 1).unwrap().is_none());
         let summary = reports.add(0, report(0, 7), 1).unwrap().unwrap().unwrap();
         assert_eq!((summary.step, summary.images_per_s), (0, 20.0));
@@ -188,7 +200,7 @@ mod tests {
 
     #[test]
     fn differing_checksums_are_a_divergence_naming_the_step() {
-        let reports = Reports::new(3, 4);
+        let reports = Reports::new(3, 4, Cadence::new(1));
         reports.add(0, report(4, 1), 5).unwrap();
         reports.add(2, report(4, 1), 5).unwrap();
         let err = reports
@@ -204,7 +216,7 @@ mod tests {
     /// member cannot make the coordinator hold reports for arbitrary steps.
     #[test]
     fn early_and_repeated_reports_are_refused() {
-        let reports = Reports::new(2, 0);
+        let reports = Reports::new(2, 0, Cadence::new(1));
         let early = reports.add(0, report(9, 1), 1).unwrap_err();
         assert!(
             early
@@ -222,5 +234,27 @@ mod tests {
             reports.add(1, report(0, 1), 1),
             Err(ReportError::Duplicate(0))
         ));
+    }
+
+    /// Under post-local SGD replicas differ between averaging steps, and
+    /// only there; the checksums of a local step are not compared.
+    #[test]
+    fn only_averaging_steps_compare_checksums() {
+        let reports = Reports::new(2, 0, Cadence::new(2));
+        reports.add(0, report(0, 1), 1).unwrap();
+        let local = reports.add(1, report(0, 2), 1).unwrap().unwrap().unwrap();
+        assert_eq!(local.checksum, None);
+        reports.add(0, report(1, 5), 3).unwrap();
+        let synced = reports.add(1, report(1, 5), 3).unwrap().unwrap().unwrap();
+        assert_eq!(synced.checksum, Some(5));
+        reports.add(0, report(2, 1), 3).unwrap();
+        reports.add(0, report(3, 1), 5).unwrap();
+        reports.add(1, report(2, 7), 3).unwrap().unwrap().unwrap();
+        let err = reports
+            .add(1, report(3, 2), 5)
+            .unwrap()
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.step, 3);
     }
 }

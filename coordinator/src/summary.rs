@@ -103,7 +103,7 @@ mod tests {
                 d_fake: 0.31,
                 images_per_s: 1200.0,
                 allreduce_ms: 3.0,
-                checksum: 0,
+                checksum: Some(0),
             }),
             restarts: 1,
             generations: 2,

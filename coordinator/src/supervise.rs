@@ -186,10 +186,14 @@ impl Lifecycle {
             }
             Event::StepDone(summary) => {
                 self.done = summary.step + 1;
-                self.verified = Some(Verified {
-                    step: self.done,
-                    checksum: summary.checksum,
-                });
+                // After a local step (post-local SGD) replicas differ: the
+                // verified state stays at the last averaging step.
+                if let Some(checksum) = summary.checksum {
+                    self.verified = Some(Verified {
+                        step: self.done,
+                        checksum,
+                    });
+                }
                 self.throughput.0 += summary.images_per_s;
                 self.throughput.1 += 1;
                 self.last = Some(summary);
@@ -803,7 +807,7 @@ mod tests {
             d_fake: 0.5,
             images_per_s: 1.0,
             allreduce_ms: 1.0,
-            checksum: 77,
+            checksum: Some(77),
         })
     }
 

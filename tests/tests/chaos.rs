@@ -101,6 +101,37 @@ fn sigkill_of_a_random_worker_mid_step_loses_no_step() {
     }
 }
 
+/// Post-local SGD (`train.sync_every = 2`): a worker killed as the group
+/// averages (step 5, the last of a round) is replaced, and both go back to
+/// the start of the round, the only state replicas share: the survivor's
+/// replica after step 4 travels, the round is trained again, and the run
+/// ends bitwise equal to an uninterrupted one.
+#[test]
+fn sigkill_while_averaging_retrains_the_round_and_ends_bitwise_equal() {
+    const STEPS: u64 = 12;
+    let averaging = |cluster: Cluster| cluster.env("GANCLUSTER__TRAIN__SYNC_EVERY", "2");
+    let whole = averaging(local(2, STEPS, 0));
+    run(&mut whole.coordinator(), LIMIT).assert_success();
+    let reference = whole.params();
+    let cluster = averaging(local(2, STEPS, 1)).env("GANCLUSTER_FAULT", "kill:1:5");
+    run(&mut cluster.coordinator(), LIMIT)
+        .assert_success()
+        .assert_says(&["the group re-forms generation=1 lost=[1]"]);
+    let members = cluster.membership();
+    assert_eq!(members.len(), 2, "{members:?}");
+    let second = &members[1];
+    assert_eq!(
+        (second.workers, second.first_step, second.cause.as_str()),
+        (2, 4, "member lost"),
+        "{members:?}"
+    );
+    assert!(second.state.starts_with("replica"), "{members:?}");
+    assert!(
+        bitwise_equal(&reference, &cluster.params()),
+        "killed rank 1 while averaging step 5; the final parameters differ"
+    );
+}
+
 /// `kill -9` from outside, at a moment the test does not choose precisely
 /// (after a random number of logged steps): the same guarantee.
 #[test]

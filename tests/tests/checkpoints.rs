@@ -129,6 +129,76 @@ fn an_int8_run_resumes_bitwise_from_its_checkpoints() {
     );
 }
 
+/// Post-local SGD (`--sync-every 2`): two workers train apart and average
+/// their parameters and Adam moments every second step. The coordinator
+/// compares their checksums at each averaging step, so the run finishing
+/// in one generation shows the averages made them identical; a run resumed
+/// at its checkpoint ends bitwise equal to the uninterrupted one; and
+/// training apart changed the result.
+#[test]
+fn a_post_local_sgd_run_averages_replicas_and_resumes_bitwise() {
+    let server = S3Server::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let local = |run_id: &str, steps: u64, out: &Path| {
+        let mut cmd = coordinator(&server, run_id, steps, 2, out);
+        cmd.args(["--sync-every", "2"]);
+        let done = run(&mut cmd, LIMIT).assert_success();
+        let text = format!("{}{}", done.stdout, done.stderr);
+        assert!(
+            text.contains("0 (1 generations"),
+            "the group re-formed (a divergence?):\n{text}"
+        );
+        done
+    };
+    local("whole", 8, dirs[0].path());
+    local("split", 4, dirs[1].path());
+    local("split", 8, dirs[1].path()).assert_says(&["resuming", "step-000000004"]);
+    assert_eq!(
+        params(dirs[0].path()),
+        params(dirs[1].path()),
+        "a post-local SGD run resumed at step 4 differs from the uninterrupted one"
+    );
+    train(&server, "every-step", 8, 2, dirs[2].path()).assert_success();
+    assert_ne!(
+        params(dirs[0].path()),
+        params(dirs[2].path()),
+        "training apart gave the result of all-reducing every step"
+    );
+}
+
+/// SIGTERM under post-local SGD: the stop waits for the end of the round
+/// (replicas agree only after averaging), the group checkpoints there,
+/// exits 75, and the run resumes from that checkpoint.
+#[test]
+fn a_post_local_sgd_run_stopped_by_sigterm_resumes_at_a_round() {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(&server, "term-local", 100_000, 0, out.path());
+    cmd.args(["--sync-every", "4"]);
+    let running = Running::spawn(&mut cmd);
+    wait_for_steps(out.path(), 3);
+    running.terminate();
+    running
+        .wait(LIMIT)
+        .assert_code(common::report::STOPPED)
+        .assert_says(&["stop requested"]);
+    let name = latest(&server, "term-local");
+    let step: u64 = name.trim_start_matches("step-").parse().unwrap();
+    assert!(
+        step > 0 && step.is_multiple_of(4),
+        "stopped at {name}, not at the end of a round"
+    );
+    let mut resume = coordinator(&server, "term-local", step + 4, 0, out.path());
+    resume.args(["--sync-every", "4"]);
+    run(&mut resume, LIMIT)
+        .assert_success()
+        .assert_says(&[name.as_str()]);
+    assert_eq!(
+        latest(&server, "term-local"),
+        format!("step-{:09}", step + 4)
+    );
+}
+
 /// SIGTERM under int8: the stop waits for a step announced exact, then the
 /// group checkpoints, exits 75, and the run resumes from there.
 #[test]

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use common::auth::Token;
+use common::cadence::Cadence;
 use common::checkpoint::{self as layout, Checkpoints, TrainingState};
 use common::observe::{self, Health};
 use common::session::{self, Clients, Donor, Notifier, Session, SessionError};
@@ -178,6 +179,7 @@ pub fn run(
             waited_ms: 0.0,
             uploader: &mut uploader,
             snapshot: None,
+            cadence: Cadence::new(cfg.train.sync_every),
         };
         let trained = begin(
             cfg,
@@ -586,8 +588,11 @@ struct Remote<'a> {
     session: Option<Session>,
     waited_ms: f64,
     uploader: &'a mut Uploader,
-    /// The state before the step in progress, its step and data cursor.
+    /// The state before the step in progress (or its round, under
+    /// post-local SGD), its step and data cursor.
     snapshot: Option<(u64, DataCursor, Snapshot<TrainBackend>)>,
+    /// Where rounds start (`train.sync_every`).
+    cadence: Cadence,
 }
 
 impl Remote<'_> {
@@ -622,8 +627,33 @@ impl GradientReducer for Remote<'_> {
 }
 
 impl StepSync for Remote<'_> {
+    /// Keeps the state to go back to: before this step, or under post-local
+    /// SGD before this round (replicas agree only there).
     fn before_step(&mut self, step: u64, cursor: DataCursor, trainer: &Trainer<TrainBackend>) {
-        self.snapshot = Some((step, cursor, trainer.snapshot()));
+        if self.cadence.starts_round(step) {
+            self.snapshot = Some((step, cursor, trainer.snapshot()));
+        }
+    }
+
+    fn average(&mut self, step: u64, trainer: &mut Trainer<TrainBackend>) -> anyhow::Result<()> {
+        for (net, wire_net) in [
+            (Net::Discriminator, pb::Net::Discriminator),
+            (Net::Generator, pb::Net::Generator),
+        ] {
+            let state = trainer.averaging_state(net)?;
+            let started = Instant::now();
+            let runtime = self.runtime;
+            let averaged = runtime.block_on(self.session().all_reduce(step, wire_net, &state))?;
+            self.waited_ms += started.elapsed().as_secs_f64() * 1e3;
+            // Averaging needs the halt policy (config validation), so a
+            // non-finite state ends the run at the coordinator instead.
+            anyhow::ensure!(
+                !averaged.skip,
+                "the coordinator skipped averaging step {step}: a non-finite state cannot be skipped"
+            );
+            trainer.load_averaged(net, &averaged.mean)?;
+        }
+        Ok(())
     }
 
     fn after_step(

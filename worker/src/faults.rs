@@ -98,6 +98,15 @@ impl<S: StepSync> StepSync for Faulty<'_, S> {
         self.inner.after_step(record, trainer)
     }
 
+    fn average(&mut self, step: u64, trainer: &mut Trainer<TrainBackend>) -> anyhow::Result<()> {
+        if self.fault == Some(Fault::Kill(step)) {
+            tracing::warn!(step, "{FAULT_ENV}: SIGKILL before averaging");
+            // SAFETY: kill(2) on our own pid has no memory effects.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        self.inner.average(step, trainer)
+    }
+
     fn checkpoint(&mut self, steps: u64, objects: Vec<(String, Bytes)>) -> anyhow::Result<()> {
         self.inner.checkpoint(steps, objects)
     }

@@ -20,6 +20,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
+use crate::averaging::{self, AveragingError};
 use crate::model::{Discriminator, Generator, WeightInit};
 use crate::params;
 
@@ -341,6 +342,34 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.generator = self.opt_g.step(self.lr, self.generator.clone(), grads);
     }
 
+    /// `net`'s parameters and Adam moments as one flat vector, for
+    /// post-local SGD's averaging step ([`averaging`]).
+    pub fn averaging_state(&self, net: Net) -> Result<Vec<f32>, AveragingError> {
+        match net {
+            Net::Discriminator => averaging::state(&self.discriminator, &self.opt_d),
+            Net::Generator => averaging::state(&self.generator, &self.opt_g),
+        }
+    }
+
+    /// Takes `averaged` (the group's mean of [`Trainer::averaging_state`])
+    /// as `net`'s parameters and Adam moments; on error nothing changes.
+    pub fn load_averaged(&mut self, net: Net, averaged: &[f32]) -> Result<(), AveragingError> {
+        match net {
+            Net::Discriminator => {
+                let mut opt = self.opt_d.clone();
+                self.discriminator =
+                    averaging::load(self.discriminator.clone(), &mut opt, averaged)?;
+                self.opt_d = opt;
+            }
+            Net::Generator => {
+                let mut opt = self.opt_g.clone();
+                self.generator = averaging::load(self.generator.clone(), &mut opt, averaged)?;
+                self.opt_g = opt;
+            }
+        }
+        Ok(())
+    }
+
     /// G(z) in training mode, tracked for a later generator step.
     pub fn generate(&self, z: Tensor<B, 2>) -> Tensor<B, 4> {
         self.generator.forward(z)
@@ -562,6 +591,60 @@ mod tests {
         assert_eq!(first.d_loss.to_bits(), again.d_loss.to_bits());
         assert_eq!(t.checksum(), checksum);
         assert_eq!(t.sample_pixels(4, 1).unwrap(), pixels, "running statistics");
+    }
+
+    /// Post-local SGD's averaging: two replicas that trained apart load
+    /// the mean of their states and are then the same replica, parameters
+    /// and Adam moments alike (the next step on the same data and noise
+    /// gives the same bits); a state of the wrong length changes nothing.
+    #[test]
+    fn replicas_that_load_their_averaged_state_train_on_identically() {
+        let device = Default::default();
+        let (model, train) = tiny();
+        let mut a = Trainer::<B>::new(&model, &train, &device);
+        let mut b = Trainer::<B>::new(&model, &train, &device).for_rank(1);
+        assert!(matches!(
+            a.averaging_state(Net::Generator),
+            Err(AveragingError::NoState(_))
+        ));
+        for step in 0..2 {
+            for t in [&mut a, &mut b] {
+                t.train_step(step, real_batch(&device), &mut LocalReducer::default())
+                    .unwrap();
+            }
+        }
+        assert_ne!(a.checksum(), b.checksum());
+        for net in [Net::Discriminator, Net::Generator] {
+            let (sa, sb) = (
+                a.averaging_state(net).unwrap(),
+                b.averaging_state(net).unwrap(),
+            );
+            let len = match net {
+                Net::Discriminator => params::trainable_len(a.discriminator()),
+                Net::Generator => params::trainable_len(a.generator()),
+            };
+            assert_eq!(sa.len(), 3 * len);
+            assert_ne!(sa[2 * len..], sb[2 * len..], "second moments differ before");
+            let mean: Vec<f32> = sa.iter().zip(&sb).map(|(x, y)| (x + y) / 2.0).collect();
+            let before = a.checksum();
+            assert!(matches!(
+                a.load_averaged(net, &mean[1..]),
+                Err(AveragingError::Length { .. })
+            ));
+            assert_eq!(a.checksum(), before, "a refused state changes nothing");
+            a.load_averaged(net, &mean).unwrap();
+            b.load_averaged(net, &mean).unwrap();
+            assert_eq!(a.averaging_state(net).unwrap(), mean, "loaded as averaged");
+        }
+        assert_eq!(a.checksum(), b.checksum());
+        b.set_rank(0);
+        let next = |t: &mut Trainer<B>| {
+            let l = t
+                .train_step(2, real_batch(&device), &mut LocalReducer::default())
+                .unwrap();
+            (l.d_loss.to_bits(), l.g_loss.to_bits(), t.checksum())
+        };
+        assert_eq!(next(&mut a), next(&mut b));
     }
 
     #[test]

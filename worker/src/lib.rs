@@ -2,6 +2,7 @@
 //! training loop, run standalone or as one replica of a coordinator-driven
 //! data-parallel group.
 
+pub mod averaging;
 pub mod backend;
 pub mod bench;
 pub mod check_backend;

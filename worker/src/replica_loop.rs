@@ -2,9 +2,10 @@
 //!
 //! The loop is the same in both modes; what differs is the [`StepSync`]:
 //! standalone training applies its own gradients, a distributed replica
-//! exchanges them with the coordinator, reports each step and learns from
-//! it when to checkpoint or stop. Rank 0 writes the run's artifacts and
-//! its checkpoints.
+//! exchanges them with the coordinator (or, under post-local SGD, trains
+//! alone and averages its state every `train.sync_every` steps), reports
+//! each step and learns from it when to checkpoint or stop. Rank 0 writes
+//! the run's artifacts and its checkpoints.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -12,6 +13,7 @@ use std::time::Instant;
 use anyhow::Context;
 use burn::tensor::{Tensor, TensorData};
 use bytes::Bytes;
+use common::cadence::Cadence;
 use common::checkpoint::TrainingState;
 use common::{Config, DataCursor, ShardSampler};
 use tracing::info;
@@ -125,6 +127,11 @@ pub trait StepSync: GradientReducer {
         trainer: &mut Trainer<TrainBackend>,
     ) -> anyhow::Result<Directive>;
 
+    /// Post-local SGD (`train.sync_every` > 1): after step `step`, the
+    /// last of its round, replaces both networks' parameters and Adam
+    /// moments with the group's mean.
+    fn average(&mut self, step: u64, trainer: &mut Trainer<TrainBackend>) -> anyhow::Result<()>;
+
     /// Saves `objects` as the checkpoint after `steps` steps (rank 0 only,
     /// and only when a [`Directive`] asked for it).
     fn checkpoint(&mut self, steps: u64, objects: Vec<(String, Bytes)>) -> anyhow::Result<()>;
@@ -137,6 +144,11 @@ impl StepSync for LocalReducer {
         _: &mut Trainer<TrainBackend>,
     ) -> anyhow::Result<Directive> {
         Ok(Directive::default())
+    }
+
+    /// The mean of one replica is itself.
+    fn average(&mut self, _: u64, _: &mut Trainer<TrainBackend>) -> anyhow::Result<()> {
+        Ok(())
     }
 
     fn checkpoint(&mut self, _: u64, _: Vec<(String, Bytes)>) -> anyhow::Result<()> {
@@ -194,6 +206,14 @@ pub fn train(
         start.first_step,
         start.until
     );
+    let cadence = Cadence::new(cfg.train.sync_every);
+    anyhow::ensure!(
+        cadence.starts_round(start.first_step),
+        "step {} does not start a round of train.sync_every = {} steps: replicas agree, and \
+         training can resume, only where a round starts",
+        start.first_step,
+        cadence.every()
+    );
     let out = &cfg.output.dir;
     let writes = replica.rank == 0;
     let mut history = start.history;
@@ -247,7 +267,18 @@ pub fn train(
         let (step, epoch, count) = (batch.step, batch.epoch, batch.count);
         cursor = batch.cursor_after;
         skipped = batch.skipped;
-        let losses = trainer.train_step(step, to_tensor(batch, size, trainer.device()), sync)?;
+        let real = to_tensor(batch, size, trainer.device());
+        let losses = match cadence.averages() {
+            false => trainer.train_step(step, real, sync)?,
+            true => {
+                let mut alone = LocalReducer::new(cfg.allreduce.nonfinite);
+                let losses = trainer.train_step(step, real, &mut alone)?;
+                if cadence.syncs(step) {
+                    sync.average(step, trainer)?;
+                }
+                losses
+            }
+        };
         let record = StepRecord {
             step,
             epoch,

@@ -175,6 +175,10 @@ pub struct TrainConfig {
     /// What a group with fewer workers than it started with keeps
     /// constant (see [`ElasticBatch`]).
     pub elastic_batch: ElasticBatch,
+    /// All-reduce every this many steps (post-local SGD: each replica
+    /// trains alone in between, then all average their parameters and
+    /// Adam moments); 1 all-reduces every step's gradients.
+    pub sync_every: u64,
 }
 
 /// What stays constant when the group shrinks below the workers it was
@@ -232,6 +236,7 @@ impl Default for TrainConfig {
             seed: 42,
             log_every: 10,
             elastic_batch: ElasticBatch::PerWorker,
+            sync_every: 1,
         }
     }
 }
@@ -660,6 +665,41 @@ mod tests {
             text.contains("model.image_size") && text.contains("16, 32, 64, 128"),
             "{text}"
         );
+    }
+
+    /// Post-local SGD needs its rounds to end where the run ends and where
+    /// it checkpoints, f32 averaging and the halt policy; each refusal
+    /// names the key and why.
+    #[test]
+    fn sync_every_refuses_what_would_leave_replicas_apart() {
+        let load = |extra: &[(&str, &str)]| {
+            let mut overrides = vec![
+                ("train.sync_every".to_string(), "4".to_string()),
+                ("train.steps".to_string(), "40".to_string()),
+                ("checkpoint.every".to_string(), "8".to_string()),
+            ];
+            overrides.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            let overrides: Vec<(&str, String)> = overrides
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect();
+            Config::load_with_env(None, &overrides, env(&[])).map_err(|e| e.to_string())
+        };
+        assert_eq!(load(&[]).unwrap().train.sync_every, 4);
+        let refused = [
+            (("train.steps", "42"), "multiple of train.sync_every"),
+            (("checkpoint.every", "6"), "multiple of train.sync_every"),
+            (("allreduce.wire", "int8"), "averaged"),
+            (("allreduce.nonfinite", "skip"), "halt"),
+            (("train.sync_every", "0"), "from 1 to 10000"),
+        ];
+        for ((key, value), why) in refused {
+            let err = load(&[(key, value)]).unwrap_err();
+            assert!(
+                err.contains(key) && err.contains(why),
+                "{key} = {value}: {err}"
+            );
+        }
     }
 
     #[test]

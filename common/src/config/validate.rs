@@ -72,7 +72,48 @@ impl Config {
             1024..=MAX_CHUNK_BYTES / 2,
         )?;
         self.validate_checkpoint()?;
+        self.validate_sync_every()?;
         self.validate_tls()
+    }
+
+    /// Post-local SGD: replicas agree only at averaging steps, so the
+    /// run's end and every checkpoint must fall on one, and what averages
+    /// is state, not a gradient a rank could skip alone or round away.
+    fn validate_sync_every(&self) -> Result<(), ConfigError> {
+        let h = self.train.sync_every;
+        within("train.sync_every", h, 1..=10_000)?;
+        if h == 1 {
+            return Ok(());
+        }
+        check(
+            "train.steps",
+            self.train.steps,
+            self.train.steps.is_multiple_of(h),
+            &format!("a multiple of train.sync_every ({h}): the run ends on an averaging step"),
+        )?;
+        check(
+            "checkpoint.every",
+            self.checkpoint.every,
+            self.checkpoint.every.is_multiple_of(h),
+            &format!(
+                "0 or a multiple of train.sync_every ({h}): replicas are identical, and \
+                 checkpointable, only after an averaging step"
+            ),
+        )?;
+        check(
+            "allreduce.wire",
+            self.allreduce.wire,
+            self.allreduce.wire == crate::wire::WireFormat::F32,
+            "\"f32\" with train.sync_every > 1: parameters and Adam moments are averaged \
+             exactly (compress gradients with sync_every = 1 instead)",
+        )?;
+        check(
+            "allreduce.nonfinite",
+            self.allreduce.nonfinite,
+            self.allreduce.nonfinite == super::NonFinite::Halt,
+            "\"halt\" with train.sync_every > 1: a rank that skipped a local step alone \
+             would leave the replicas' optimizer states apart",
+        )
     }
 
     fn validate_coordinator(&self) -> Result<(), ConfigError> {
