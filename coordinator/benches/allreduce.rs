@@ -419,26 +419,30 @@ async fn client(args: &[String]) {
     for step in 0..steps as u64 {
         let step_started = Instant::now();
         let syncs = cadence.syncs(step);
-        tokio::time::sleep(backward).await;
-        let started = Instant::now();
-        if syncs {
-            let reduced = session
-                .all_reduce(step, Net::Discriminator, &d)
-                .await
-                .expect("D all-reduce");
-            assert!(close(&reduced.mean, &d_mean), "rank {rank}: wrong D mean");
+        // Each network's backward pass, then its all-reduce (if this step has one).
+        let mut net_ms = [0.0; 2];
+        for ((net, mine, want), ms) in [
+            (Net::Discriminator, &d, &d_mean),
+            (Net::Generator, &g, &g_mean),
+        ]
+        .into_iter()
+        .zip(&mut net_ms)
+        {
+            tokio::time::sleep(backward).await;
+            let started = Instant::now();
+            if syncs {
+                let reduced = session
+                    .all_reduce(step, net, mine)
+                    .await
+                    .unwrap_or_else(|e| panic!("{net:?} all-reduce: {e}"));
+                assert!(
+                    close(&reduced.mean, want),
+                    "rank {rank}: wrong {net:?} mean"
+                );
+            }
+            *ms = started.elapsed().as_secs_f64() * 1e3;
         }
-        let d_ms = started.elapsed().as_secs_f64() * 1e3;
-        tokio::time::sleep(backward).await;
-        let g_started = Instant::now();
-        if syncs {
-            let reduced = session
-                .all_reduce(step, Net::Generator, &g)
-                .await
-                .expect("G all-reduce");
-            assert!(close(&reduced.mean, &g_mean), "rank {rank}: wrong G mean");
-        }
-        let g_ms = g_started.elapsed().as_secs_f64() * 1e3;
+        let [d_ms, g_ms] = net_ms;
         if rank == 0 {
             answer_checkpoint(&mut session, &cfg, step).await;
         }

@@ -100,70 +100,96 @@ fn a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     again.assert_says(&["already complete"]);
 }
 
+/// Final parameters of three runs checkpointing every `half` steps: with
+/// `mode`'s flags to 2·`half` steps in one go, the same stopped at `half`
+/// and resumed, and the default mode in one go. `check` sees every run of
+/// `mode`.
+fn whole_split_and_default(mode: &[&str], half: u64, check: impl Fn(&Finished)) -> [Vec<u8>; 3] {
+    let server = S3Server::start();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let in_mode = |run_id: &str, steps: u64, out: &Path| {
+        let mut cmd = coordinator(&server, run_id, steps, half, out);
+        cmd.args(mode);
+        let done = run(&mut cmd, LIMIT).assert_success();
+        check(&done);
+        done
+    };
+    in_mode("whole", 2 * half, dirs[0].path());
+    in_mode("split", half, dirs[1].path());
+    in_mode("split", 2 * half, dirs[1].path())
+        .assert_says(&["resuming", &format!("step-{half:09}")]);
+    train(&server, "default", 2 * half, half, dirs[2].path()).assert_success();
+    [0, 1, 2].map(|i| params(dirs[i].path()))
+}
+
 /// int8 with error feedback: every checkpoint follows an exact step, so a
 /// run resumed from one ends bitwise equal to one that never stopped (and
 /// the coordinator's per-step checksums kept both workers' replicas
 /// identical throughout); the compression changed the result.
 #[test]
 fn an_int8_run_resumes_bitwise_from_its_checkpoints() {
-    let server = S3Server::start();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let int8 = |run_id: &str, steps: u64, out: &Path| {
-        let mut cmd = coordinator(&server, run_id, steps, 3, out);
-        cmd.args(["--wire", "int8"]);
-        run(&mut cmd, LIMIT).assert_success()
-    };
-    int8("whole", 6, dirs[0].path());
-    int8("split", 3, dirs[1].path());
-    int8("split", 6, dirs[1].path()).assert_says(&["resuming", "step-000000003"]);
+    let [whole, split, f32] = whole_split_and_default(&["--wire", "int8"], 3, |_| ());
     assert_eq!(
-        params(dirs[0].path()),
-        params(dirs[1].path()),
+        whole, split,
         "an int8 run resumed at step 3 differs from the uninterrupted one"
     );
-    train(&server, "f32", 6, 3, dirs[2].path()).assert_success();
     assert_ne!(
-        params(dirs[0].path()),
-        params(dirs[2].path()),
+        whole, f32,
         "int8 trained exactly as f32: the wire format was not applied"
     );
 }
 
 /// Post-local SGD (`--sync-every 2`): two workers train apart and average
 /// their parameters and Adam moments every second step. The coordinator
-/// compares their checksums at each averaging step, so the run finishing
+/// compares their checksums at each averaging step, so every run finishing
 /// in one generation shows the averages made them identical; a run resumed
 /// at its checkpoint ends bitwise equal to the uninterrupted one; and
 /// training apart changed the result.
 #[test]
 fn a_post_local_sgd_run_averages_replicas_and_resumes_bitwise() {
-    let server = S3Server::start();
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let local = |run_id: &str, steps: u64, out: &Path| {
-        let mut cmd = coordinator(&server, run_id, steps, 2, out);
-        cmd.args(["--sync-every", "2"]);
-        let done = run(&mut cmd, LIMIT).assert_success();
+    let one_generation = |done: &Finished| {
         let text = format!("{}{}", done.stdout, done.stderr);
         assert!(
             text.contains("0 (1 generations"),
             "the group re-formed (a divergence?):\n{text}"
         );
-        done
     };
-    local("whole", 8, dirs[0].path());
-    local("split", 4, dirs[1].path());
-    local("split", 8, dirs[1].path()).assert_says(&["resuming", "step-000000004"]);
+    let [whole, split, every_step] =
+        whole_split_and_default(&["--sync-every", "2"], 4, one_generation);
     assert_eq!(
-        params(dirs[0].path()),
-        params(dirs[1].path()),
+        whole, split,
         "a post-local SGD run resumed at step 4 differs from the uninterrupted one"
     );
-    train(&server, "every-step", 8, 2, dirs[2].path()).assert_success();
     assert_ne!(
-        params(dirs[0].path()),
-        params(dirs[2].path()),
+        whole, every_step,
         "training apart gave the result of all-reducing every step"
     );
+}
+
+/// Starts a long run `run_id` with `mode`'s flags, SIGTERMs it once it has
+/// trained 3 steps, expects it to checkpoint and exit 75, then resumes it
+/// for `more` steps from that checkpoint. Returns the step it stopped at.
+fn stopped_by_sigterm_and_resumed(run_id: &str, mode: &[&str], more: u64) -> u64 {
+    let server = S3Server::start();
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(&server, run_id, 100_000, 0, out.path());
+    cmd.args(mode);
+    let running = Running::spawn(&mut cmd);
+    wait_for_steps(out.path(), 3);
+    running.terminate();
+    running
+        .wait(LIMIT)
+        .assert_code(common::report::STOPPED)
+        .assert_says(&["stop requested"]);
+    let name = latest(&server, run_id);
+    let step: u64 = name.trim_start_matches("step-").parse().unwrap();
+    let mut resume = coordinator(&server, run_id, step + more, 0, out.path());
+    resume.args(mode);
+    run(&mut resume, LIMIT)
+        .assert_success()
+        .assert_says(&[name.as_str()]);
+    assert_eq!(latest(&server, run_id), format!("step-{:09}", step + more));
+    step
 }
 
 /// SIGTERM under post-local SGD: the stop waits for the end of the round
@@ -171,31 +197,10 @@ fn a_post_local_sgd_run_averages_replicas_and_resumes_bitwise() {
 /// exits 75, and the run resumes from that checkpoint.
 #[test]
 fn a_post_local_sgd_run_stopped_by_sigterm_resumes_at_a_round() {
-    let server = S3Server::start();
-    let out = tempfile::tempdir().unwrap();
-    let mut cmd = coordinator(&server, "term-local", 100_000, 0, out.path());
-    cmd.args(["--sync-every", "4"]);
-    let running = Running::spawn(&mut cmd);
-    wait_for_steps(out.path(), 3);
-    running.terminate();
-    running
-        .wait(LIMIT)
-        .assert_code(common::report::STOPPED)
-        .assert_says(&["stop requested"]);
-    let name = latest(&server, "term-local");
-    let step: u64 = name.trim_start_matches("step-").parse().unwrap();
+    let step = stopped_by_sigterm_and_resumed("term-local", &["--sync-every", "4"], 4);
     assert!(
         step > 0 && step.is_multiple_of(4),
-        "stopped at {name}, not at the end of a round"
-    );
-    let mut resume = coordinator(&server, "term-local", step + 4, 0, out.path());
-    resume.args(["--sync-every", "4"]);
-    run(&mut resume, LIMIT)
-        .assert_success()
-        .assert_says(&[name.as_str()]);
-    assert_eq!(
-        latest(&server, "term-local"),
-        format!("step-{:09}", step + 4)
+        "stopped after step {step}, not at the end of a round"
     );
 }
 
@@ -203,25 +208,7 @@ fn a_post_local_sgd_run_stopped_by_sigterm_resumes_at_a_round() {
 /// group checkpoints, exits 75, and the run resumes from there.
 #[test]
 fn an_int8_run_stopped_by_sigterm_resumes() {
-    let server = S3Server::start();
-    let out = tempfile::tempdir().unwrap();
-    let mut cmd = coordinator(&server, "term8", 100_000, 0, out.path());
-    cmd.args(["--wire", "int8"]);
-    let running = Running::spawn(&mut cmd);
-    wait_for_steps(out.path(), 3);
-    running.terminate();
-    running
-        .wait(LIMIT)
-        .assert_code(common::report::STOPPED)
-        .assert_says(&["stop requested"]);
-    let name = latest(&server, "term8");
-    let step: u64 = name.trim_start_matches("step-").parse().unwrap();
-    let mut resume = coordinator(&server, "term8", step + 2, 0, out.path());
-    resume.args(["--wire", "int8"]);
-    run(&mut resume, LIMIT)
-        .assert_success()
-        .assert_says(&[name.as_str()]);
-    assert_eq!(latest(&server, "term8"), format!("step-{:09}", step + 2));
+    stopped_by_sigterm_and_resumed("term8", &["--wire", "int8"], 2);
 }
 
 /// A checkpoint of 2 workers resumes with 3: the rest of the epoch is
