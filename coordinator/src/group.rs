@@ -131,6 +131,7 @@ impl Group {
             config_hash: settings.config_hash.clone(),
             run: settings.run.clone(),
             steps: settings.steps,
+            cadence: settings.shape.cadence,
             heartbeat_interval: settings.heartbeat_interval,
         });
         Self {

@@ -17,6 +17,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use common::cadence::Cadence;
 use common::pb;
 use common::untrusted::shown;
 use tonic::Status;
@@ -61,9 +62,11 @@ pub enum JoinError {
         /// The group's.
         group: u64,
     },
-    /// The replica it holds is of another run, or past its end.
+    /// The replica it holds is of another run, past its end, or inside a
+    /// round of post-local SGD (where replicas differ).
     #[error(
-        "it holds {held}, but this coordinator trains run `{run}` to step {steps}: start the worker afresh"
+        "it holds {held}, but this coordinator trains run `{run}` to step {steps} in rounds of \
+         {every} (train.sync_every; replicas agree only where a round starts): start the worker afresh"
     )]
     Held {
         /// What it holds, escaped.
@@ -72,6 +75,8 @@ pub enum JoinError {
         run: String,
         /// Our last step.
         steps: u64,
+        /// Steps per round.
+        every: u64,
     },
     /// The requested rank is taken or out of range.
     #[error("rank {0} is taken or outside the group (ask for 0..workers-1, or -1 for any)")]
@@ -153,6 +158,8 @@ pub struct Terms {
     pub run: String,
     /// `train.steps`: no replica can be past it.
     pub steps: u64,
+    /// `train.sync_every`: a replica is held only where a round starts.
+    pub cadence: Cadence,
     /// How often members send heartbeats.
     pub heartbeat_interval: Duration,
 }
@@ -208,11 +215,16 @@ impl Rendezvous {
             return Err(JoinError::Host(request.host.len()));
         }
         let held = match &request.held {
-            Some(h) if h.run != terms.run || h.step > terms.steps => {
+            Some(h)
+                if h.run != terms.run
+                    || h.step > terms.steps
+                    || !terms.cadence.starts_round(h.step) =>
+            {
                 return Err(JoinError::Held {
                     held: format!("a replica of run {} at step {}", shown(&h.run), h.step),
                     run: terms.run.clone(),
                     steps: terms.steps,
+                    every: terms.cadence.every(),
                 });
             }
             Some(h) => Some(Held::from_wire(h)),
@@ -401,6 +413,7 @@ mod tests {
             config_hash: "h".into(),
             run: "run".into(),
             steps: 100,
+            cadence: Cadence::new(4),
             heartbeat_interval: BEAT,
         })
     }
@@ -482,6 +495,14 @@ mod tests {
             })
         };
         assert!(wrong(past_the_end).contains("to step 100"));
+        let inside_a_round = |r: &mut pb::JoinRequest| {
+            r.held = Some(pb::Held {
+                run: "run".into(),
+                step: 6,
+                ..Default::default()
+            })
+        };
+        assert!(wrong(inside_a_round).contains("in rounds of 4"));
         group.admit(request(0), 1).unwrap();
         assert!(wrong(|r| r.initial_checksum = 6).contains("initial parameter checksum"));
         assert!(wrong(|r| r.requested_rank = 0).contains("rank 0 is taken"));
