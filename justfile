@@ -61,3 +61,7 @@ rehearse:
 # Scaling with a fixed compute wait per step standing in for a GPU step (C ms), W = 1..8.
 bench-scaling:
     cargo bench -p coordinator --bench allreduce -- --compute-ms 10,40,160 --world 1,2,4,8 --models 64 --iters 10
+
+# The same with post-local SGD (train.sync_every = H): one averaging step per round of H.
+bench-sync-every:
+    cargo bench -p coordinator --bench allreduce -- --compute-ms 10,40 --world 1,4 --models 64 --iters 64 --sync-every 1,8,32,64 --wire f32

@@ -243,9 +243,15 @@ fn the_group_shrinks_without_a_lost_worker_and_grows_when_it_returns() {
     const STEPS: u64 = 400;
     let mut rng = ChaCha8Rng::seed_from_u64(SEEDS[0]);
     let (lost, after) = (rng.random_range(0..2), rng.random_range(2..12));
+    // The handshake deadline is raised because this test once saw an
+    // extra 2-worker generation (same first step, nothing retrained) under
+    // the full suite's load, which fits a member that took longer than the
+    // default 10 s to open its session after the group formed; unverified
+    // (the assertion below prints the coordinator's reasons if it recurs).
     let cluster = local(2, STEPS, 2)
         .env("GANCLUSTER__COORDINATOR__MIN_WORKERS", "1")
-        .env("GANCLUSTER__COORDINATOR__REJOIN_TIMEOUT_S", "2");
+        .env("GANCLUSTER__COORDINATOR__REJOIN_TIMEOUT_S", "2")
+        .env("GANCLUSTER__COORDINATOR__HANDSHAKE_TIMEOUT_S", "60");
     let listen = format!("127.0.0.1:{}", free_port());
     let address = format!("http://{listen}");
     let coordinator = Running::spawn(&mut cluster.external_coordinator(TOKEN, &listen));
