@@ -5,14 +5,15 @@
 //! steps, and so does post-local SGD (`train.sync_every` = 4, two workers)
 //! against the same two workers all-reducing every step.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
 use common::Config;
 use common::wire::{self, WireFormat};
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
 use worker::eval::swd_against_held_out;
-use worker::gan_step::{GradientReducer, LocalReducer, Net, Trainer, Update, step_noise};
+use worker::gan_step::{GradientReducer, LocalReducer, Net, Trainer, Update};
 use worker::replica_loop::to_tensor;
 
 const EVAL_IMAGES: usize = 256;
@@ -73,98 +74,166 @@ fn train(reducer: &mut impl GradientReducer) -> Trained {
     }
 }
 
-/// `world` replicas in process, each with its share of the global batch,
-/// its shard and its noise, means computed as the coordinator computes
-/// them (f32, rank order). With `every` = 1 they all-reduce every step's
+/// The coordinator's mean, in process: each of `world` replica threads
+/// hands in its vector and gets back the mean of all, computed as the
+/// coordinator computes it (f32, rank order). A replica that fails, or one
+/// that does not hand in within [`MEAN_LIMIT`], fails the others too
+/// instead of leaving them waiting.
+#[derive(Clone)]
+struct InProcessMean {
+    world: usize,
+    parts: Arc<Mutex<Vec<Vec<f32>>>>,
+    meeting: Arc<(Mutex<Meeting>, Condvar)>,
+}
+
+/// Where the replicas' threads meet.
+#[derive(Default)]
+struct Meeting {
+    arrived: usize,
+    round: u64,
+    abandoned: bool,
+}
+
+const MEAN_LIMIT: Duration = Duration::from_secs(600);
+
+impl InProcessMean {
+    fn new(world: usize) -> Self {
+        Self {
+            world,
+            parts: Arc::new(Mutex::new(vec![Vec::new(); world])),
+            meeting: Arc::default(),
+        }
+    }
+
+    /// Waits until every replica got here.
+    fn meet(&self) {
+        let (state, signal) = &*self.meeting;
+        let mut s = state.lock().unwrap();
+        let round = s.round;
+        s.arrived += 1;
+        if s.arrived == self.world {
+            s.arrived = 0;
+            s.round += 1;
+            signal.notify_all();
+            return;
+        }
+        let (s, waited) = signal
+            .wait_timeout_while(s, MEAN_LIMIT, |s| s.round == round && !s.abandoned)
+            .unwrap();
+        assert!(!s.abandoned, "another replica failed");
+        assert!(
+            !waited.timed_out(),
+            "a replica did not arrive within {MEAN_LIMIT:?}"
+        );
+    }
+
+    /// Called as a replica thread ends: if it is panicking, the others stop waiting.
+    fn leave(&self) {
+        if std::thread::panicking() {
+            let (state, signal) = &*self.meeting;
+            if let Ok(mut s) = state.lock() {
+                s.abandoned = true;
+            }
+            signal.notify_all();
+        }
+    }
+
+    fn mean(&self, rank: usize, values: Vec<f32>) -> Vec<f32> {
+        let len = values.len();
+        self.parts.lock().unwrap()[rank] = values;
+        self.meet();
+        let parts: Vec<_> = self
+            .parts
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| wire::encode(p, WireFormat::F32))
+            .collect();
+        // Nobody hands in the next vector before everyone has read this one.
+        self.meet();
+        let mean = wire::mean(&parts, WireFormat::F32, self.world, None).unwrap();
+        assert!(mean.finite, "the mean is not finite");
+        let mut out = vec![0.0; len];
+        wire::decode_into(&mean.bytes, WireFormat::F32, &mut out).unwrap();
+        out
+    }
+}
+
+/// Tells the other replicas when its thread panics.
+struct Leaving(InProcessMean);
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// A replica's all-reduce of every gradient through an [`InProcessMean`].
+struct Member {
+    rank: usize,
+    group: InProcessMean,
+}
+
+impl GradientReducer for Member {
+    fn reduce(&mut self, _step: u64, _net: Net, grads: Vec<f32>) -> anyhow::Result<Update> {
+        Ok(Update::Apply(self.group.mean(self.rank, grads)))
+    }
+}
+
+/// `world` replicas on threads, each with its share of the global batch,
+/// its shard and its noise. With `every` = 1 they all-reduce every step's
 /// gradients (what a group does by default); with more they train on their
 /// own gradients and take the mean of their parameters and Adam moments at
 /// the last step of every round (post-local SGD). Returns rank 0's SWD
 /// after [`STEPS`] steps.
 fn train_group(world: usize, every: u64) -> f64 {
-    let cfg = config();
-    let device = backend::device().unwrap();
-    let mut replicas: Vec<_> = (0..world)
+    let group = InProcessMean::new(world);
+    let replicas: Vec<_> = (0..world)
         .map(|rank| {
-            let trainer =
-                Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device).for_rank(rank);
-            (trainer, loader(&cfg, world, rank, BATCH / world))
+            let group = group.clone();
+            std::thread::spawn(move || {
+                let _leaving = Leaving(group.clone());
+                let cfg = config();
+                let device = backend::device().unwrap();
+                let mut trainer =
+                    Trainer::<TrainBackend>::new(&cfg.model, &cfg.train, &device).for_rank(rank);
+                let mut loader = loader(&cfg, world, rank, BATCH / world);
+                let mut member = Member { rank, group };
+                for step in 0..STEPS {
+                    let real = to_tensor(loader.next_batch().unwrap(), SIZE, &device);
+                    if every == 1 {
+                        trainer.train_step(step, real, &mut member).unwrap();
+                        continue;
+                    }
+                    trainer
+                        .train_step(step, real, &mut LocalReducer::default())
+                        .unwrap();
+                    if (step + 1).is_multiple_of(every) {
+                        for net in [Net::Discriminator, Net::Generator] {
+                            let state = trainer.averaging_state(net).unwrap();
+                            let averaged = member.group.mean(rank, state);
+                            trainer.load_averaged(net, &averaged).unwrap();
+                        }
+                    }
+                }
+                let swd = (rank == 0).then(|| {
+                    swd_against_held_out(&trainer, &cfg, EVAL_IMAGES)
+                        .unwrap()
+                        .mean
+                });
+                (trainer.checksum(), swd)
+            })
         })
         .collect();
-    let mean = |parts: Vec<Vec<f32>>| {
-        let len = parts[0].len();
-        let parts: Vec<_> = parts
-            .iter()
-            .map(|p| wire::encode(p, WireFormat::F32))
-            .collect();
-        let mean = wire::mean(&parts, WireFormat::F32, world, None).unwrap();
-        assert!(mean.finite, "the mean is not finite");
-        let mut out = vec![0.0; len];
-        wire::decode_into(&mean.bytes, WireFormat::F32, &mut out).unwrap();
-        out
-    };
-    for step in 0..STEPS {
-        let reals: Vec<_> = replicas
-            .iter_mut()
-            .map(|(_, loader)| to_tensor(loader.next_batch().unwrap(), SIZE, &device))
-            .collect();
-        if every == 1 {
-            // Trainer::train_step, with the all-reduce between replicas.
-            let fakes: Vec<_> = (0..world)
-                .map(|rank| {
-                    let z = step_noise(
-                        cfg.train.seed,
-                        rank,
-                        step,
-                        BATCH / world,
-                        cfg.model.nz,
-                        &device,
-                    );
-                    replicas[rank].0.generate(z)
-                })
-                .collect();
-            let d = (0..world)
-                .map(|r| {
-                    let fake = fakes[r].clone().detach();
-                    replicas[r].0.discriminator_step(reals[r].clone(), fake).0
-                })
-                .collect();
-            let d = mean(d);
-            replicas
-                .iter_mut()
-                .for_each(|(t, _)| t.apply_discriminator(&d));
-            let g = (0..world)
-                .map(|r| replicas[r].0.generator_step(fakes[r].clone()).0)
-                .collect();
-            let g = mean(g);
-            replicas.iter_mut().for_each(|(t, _)| t.apply_generator(&g));
-            continue;
-        }
-        for ((trainer, _), real) in replicas.iter_mut().zip(reals) {
-            trainer
-                .train_step(step, real, &mut LocalReducer::default())
-                .unwrap();
-        }
-        if (step + 1).is_multiple_of(every) {
-            for net in [Net::Discriminator, Net::Generator] {
-                let states = replicas
-                    .iter()
-                    .map(|(t, _)| t.averaging_state(net).unwrap())
-                    .collect();
-                let averaged = mean(states);
-                for (trainer, _) in &mut replicas {
-                    trainer.load_averaged(net, &averaged).unwrap();
-                }
-            }
-        }
-    }
-    let checksums: Vec<u64> = replicas.iter().map(|(t, _)| t.checksum()).collect();
+    let ends: Vec<(u64, Option<f64>)> = replicas
+        .into_iter()
+        .map(|r| r.join().expect("a replica thread panicked"))
+        .collect();
     assert!(
-        checksums.iter().all(|c| *c == checksums[0]),
+        ends.iter().all(|(c, _)| *c == ends[0].0),
         "replicas differ at the end"
     );
-    swd_against_held_out(&replicas[0].0, &cfg, EVAL_IMAGES)
-        .unwrap()
-        .mean
+    ends[0].1.expect("rank 0 measured SWD")
 }
 
 /// The f32 run, trained once for both tests (the other waits for it).
