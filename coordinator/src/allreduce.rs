@@ -248,8 +248,8 @@ pub struct Reducer {
 impl Reducer {
     /// A reducer of generation `generation` for `world` ranks answering
     /// through `peers`, announcing `schedule`'s decisions, expecting
-    /// all-reduces of `shape` from `first_step`'s round on, treating non-finite means
-    /// as `nonfinite` says.
+    /// all-reduces of `shape` from `first_step`'s round on, treating
+    /// non-finite means as `nonfinite` says.
     pub fn new(
         generation: u64,
         world: usize,
@@ -574,6 +574,18 @@ mod tests {
         }
     }
 
+    /// Every rank sends all chunks of `net`'s gradient of `step` (ones).
+    async fn every_rank_sends(reducer: &Reducer, step: u64, net: pb::Net) {
+        let chunking = shape().of_net(net);
+        for rank in 0..WORLD {
+            for index in 0..chunking.count() {
+                let len = chunking.range(index).len();
+                let c = chunk(step, net, index as u32, &[1.0; 4][..len]);
+                reducer.submit(rank, c).await.unwrap();
+            }
+        }
+    }
+
     fn d(index: u32) -> pb::GradChunk {
         chunk(4, pb::Net::Discriminator, index, &[1.0; 4])
     }
@@ -594,18 +606,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_group_moves_from_d_to_g_to_the_next_step_once_each_is_reduced() {
-        async fn all(reducer: &Reducer, net: pb::Net, lengths: &[usize]) {
-            for rank in 0..WORLD {
-                for (index, &len) in lengths.iter().enumerate() {
-                    let c = chunk(4, net, index as u32, &[1.0; 4][..len]);
-                    reducer.submit(rank, c).await.unwrap();
-                }
-            }
-        }
         let reducer = reducer(NonFinite::Halt);
-        all(&reducer, pb::Net::Discriminator, &[4, 4, 2]).await;
+        every_rank_sends(&reducer, 4, pb::Net::Discriminator).await;
         assert_eq!(reducer.steps_reduced(), 4);
-        all(&reducer, pb::Net::Generator, &[4, 1]).await;
+        every_rank_sends(&reducer, 4, pb::Net::Generator).await;
         assert_eq!(reducer.steps_reduced(), 5, "step 4 is fully reduced");
     }
 
@@ -631,17 +635,8 @@ mod tests {
             ),
             other => panic!("a local step's chunk was accepted: {other:?}"),
         }
-        for (net, lengths) in [
-            (pb::Net::Discriminator, &[4, 4, 2][..]),
-            (pb::Net::Generator, &[4, 1][..]),
-        ] {
-            for rank in 0..WORLD {
-                for (index, &len) in lengths.iter().enumerate() {
-                    let c = chunk(5, net, index as u32, &[1.0; 4][..len]);
-                    reducer.submit(rank, c).await.unwrap();
-                }
-            }
-        }
+        every_rank_sends(&reducer, 5, pb::Net::Discriminator).await;
+        every_rank_sends(&reducer, 5, pb::Net::Generator).await;
         assert_eq!(
             reducer.steps_reduced(),
             8,

@@ -480,29 +480,21 @@ mod tests {
         assert!(wrong(|r| r.config_hash = "other".into()).contains("configuration hash \"other\""));
         assert!(wrong(|r| r.requested_rank = -5).contains("rank -5 is taken or outside"));
         assert!(wrong(|r| r.host = "h".repeat(300)).contains("300 bytes"));
-        let other_run = |r: &mut pb::JoinRequest| {
+        let holding = |run: &str, step: u64| {
+            let mut r = request(-1);
             r.held = Some(pb::Held {
-                run: "other".into(),
+                run: run.into(),
+                step,
                 ..Default::default()
-            })
+            });
+            group.admit(r, 1).unwrap_err().to_string()
         };
-        assert!(wrong(other_run).contains("a replica of run \"other\" at step 0"));
-        let past_the_end = |r: &mut pb::JoinRequest| {
-            r.held = Some(pb::Held {
-                run: "run".into(),
-                step: 101,
-                ..Default::default()
-            })
-        };
-        assert!(wrong(past_the_end).contains("to step 100"));
-        let inside_a_round = |r: &mut pb::JoinRequest| {
-            r.held = Some(pb::Held {
-                run: "run".into(),
-                step: 6,
-                ..Default::default()
-            })
-        };
-        assert!(wrong(inside_a_round).contains("in rounds of 4"));
+        assert!(holding("other", 0).contains("a replica of run \"other\" at step 0"));
+        assert!(holding("run", 101).contains("to step 100"), "past the end");
+        assert!(
+            holding("run", 6).contains("in rounds of 4"),
+            "inside a round"
+        );
         group.admit(request(0), 1).unwrap();
         assert!(wrong(|r| r.initial_checksum = 6).contains("initial parameter checksum"));
         assert!(wrong(|r| r.requested_rank = 0).contains("rank 0 is taken"));

@@ -117,19 +117,19 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
                 return param;
             }
             let (dims, device) = (value.dims(), value.device());
-            let [values, first, second] = self.parts.map(|part| {
-                let (head, rest) = part.split_at(value.shape().num_elements());
-                (head, rest)
-            });
-            self.parts = [values.1, first.1, second.1];
+            let split = self
+                .parts
+                .map(|part| part.split_at(value.shape().num_elements()));
+            self.parts = split.map(|(_, rest)| rest);
+            let [values, first, second] = split.map(|(head, _)| head);
             let tensor = |flat: &[f32]| TensorData::new(flat.to_vec(), dims);
             match self.records.get(&param.id) {
                 Some(AdaptorRecord::V1(record)) => {
                     let old = record.clone().into_state::<D>().momentum;
                     let momentum = AdaptiveMomentumState {
                         time: old.time,
-                        moment_1: Tensor::from_data(tensor(first.0), &device),
-                        moment_2: Tensor::from_data(tensor(second.0), &device),
+                        moment_1: Tensor::from_data(tensor(first), &device),
+                        moment_2: Tensor::from_data(tensor(second), &device),
                         max_moment_2: old.max_moment_2,
                     };
                     let record = AdaptorRecordV1::from_state(AdamState { momentum });
@@ -139,7 +139,7 @@ pub fn load<B: AutodiffBackend, M: AutodiffModule<B>>(
                     self.missing.get_or_insert(param.id);
                 }
             }
-            param.map(|_| Tensor::from_data(tensor(values.0), &device).require_grad())
+            param.map(|_| Tensor::from_data(tensor(values), &device).require_grad())
         }
     }
     let len = params::trainable_len(&module);
