@@ -50,6 +50,10 @@ pub struct ConfigArgs {
     /// moments in between rounds of local steps [train.sync_every].
     #[arg(long)]
     pub sync_every: Option<u64>,
+    /// Under post-local SGD, steps that all-reduce their gradients before
+    /// local steps begin [train.sync_warmup].
+    #[arg(long)]
+    pub sync_warmup: Option<u64>,
     /// Coordinator listen address [coordinator.listen].
     #[arg(long)]
     pub listen: Option<String>,
@@ -93,6 +97,7 @@ impl ConfigArgs {
             ),
             ("allreduce.wire", text(&self.wire)),
             ("train.sync_every", num(self.sync_every)),
+            ("train.sync_warmup", num(self.sync_warmup)),
             ("coordinator.listen", text(&self.listen)),
             ("checkpoint.store", text(&self.store)),
             ("checkpoint.run", text(&self.run)),

@@ -171,12 +171,14 @@ async fn scaling(
         for &compute in computes {
             for &world in worlds {
                 for &sync_every in syncs {
-                    let cadence = Cadence::new(sync_every as u64);
-                    let elems = cadence.elements(params) as usize;
+                    // No warm-up here: every round carries what step 0's does.
+                    let cadence = Cadence::new(sync_every as u64, 0);
+                    let elems = cadence.elements(0, params) as usize;
                     // Averaging travels in f32 only (config validation).
+                    let averages = !cadence.shares_gradients(0);
                     let formats = formats
                         .iter()
-                        .filter(|(_, f)| !cadence.averages() || *f == WireFormat::F32);
+                        .filter(|(_, f)| !averages || *f == WireFormat::F32);
                     for &(name, format) in formats {
                         let step = Timing {
                             compute_ms: compute,
@@ -380,7 +382,7 @@ async fn client(args: &[String]) {
     );
     let compute_ms: f64 = args[6].parse().unwrap();
     let sync_every: usize = args[7].parse().unwrap();
-    let cadence = Cadence::new(sync_every as u64);
+    let cadence = Cadence::new(sync_every as u64, 0);
     // Each backward pass's share of the step: D's, then G's.
     let backward = Duration::from_secs_f64(compute_ms / 2.0 / 1e3);
     let steps = total_steps(iters, sync_every);
@@ -399,8 +401,9 @@ async fn client(args: &[String]) {
             .collect();
         (mine, mean)
     };
-    let (d, d_mean) = gradient(cadence.elements(cfg.model.discriminator_params()));
-    let (g, g_mean) = gradient(cadence.elements(cfg.model.generator_params()));
+    // No warm-up: every all-reduce carries what step 0's round does.
+    let (d, d_mean) = gradient(cadence.elements(0, cfg.model.discriminator_params()));
+    let (g, g_mean) = gradient(cadence.elements(0, cfg.model.generator_params()));
     // f32 and bf16 carry these small integers exactly; int8 within a few of
     // its steps (its rounding and the residuals carried into the next step).
     let exact = cfg.allreduce.wire != WireFormat::Int8;

@@ -49,34 +49,37 @@ use crate::telemetry;
 pub struct Shape {
     /// Element encoding every chunk must use.
     pub format: WireFormat,
-    /// The discriminator's gradient (or state, when averaging).
-    pub discriminator: Chunking,
-    /// The generator's gradient (or state, when averaging).
-    pub generator: Chunking,
-    /// Which steps all-reduce (`train.sync_every`).
+    /// The discriminator's trainable parameters.
+    pub discriminator: u64,
+    /// The generator's trainable parameters.
+    pub generator: u64,
+    /// Bytes per chunk (`allreduce.chunk_bytes`).
+    pub chunk_bytes: usize,
+    /// Which steps all-reduce, and what (`train.sync_every`, `train.sync_warmup`).
     pub cadence: Cadence,
 }
 
 impl Shape {
     /// What `cfg`'s model all-reduces, chunked as `cfg.allreduce` says.
     pub fn of(cfg: &Config) -> Self {
-        let (format, bytes) = (cfg.allreduce.wire, cfg.allreduce.chunk_bytes);
-        let cadence = Cadence::new(cfg.train.sync_every);
-        let chunking =
-            |params: u64| Chunking::new(cadence.elements(params) as usize, bytes, format);
         Self {
-            format,
-            discriminator: chunking(cfg.model.discriminator_params()),
-            generator: chunking(cfg.model.generator_params()),
-            cadence,
+            format: cfg.allreduce.wire,
+            discriminator: cfg.model.discriminator_params(),
+            generator: cfg.model.generator_params(),
+            chunk_bytes: cfg.allreduce.chunk_bytes,
+            cadence: Cadence::of(&cfg.train),
         }
     }
 
-    fn of_net(&self, net: pb::Net) -> Chunking {
-        match net {
+    /// How `net`'s all-reduce of step `step` is chunked: its gradient, or
+    /// its state when the step averages.
+    fn of_net(&self, net: pb::Net, step: u64) -> Chunking {
+        let params = match net {
             pb::Net::Generator => self.generator,
             _ => self.discriminator,
-        }
+        };
+        let elements = self.cadence.elements(step, params) as usize;
+        Chunking::new(elements, self.chunk_bytes, self.format)
     }
 }
 
@@ -205,7 +208,7 @@ struct Gradient {
 
 impl Gradient {
     fn new(step: u64, net: pb::Net, shape: &Shape) -> Self {
-        let chunking = shape.of_net(net);
+        let chunking = shape.of_net(net, step);
         Self {
             step,
             net,
@@ -286,7 +289,11 @@ impl Reducer {
         let key = (chunk.net, chunk.index);
         let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
         let carried = self.shape.format.carries_residual().then(|| {
-            let elems = self.shape.of_net(net).range(chunk.index as usize).len();
+            let elems = self
+                .shape
+                .of_net(net, chunk.step)
+                .range(chunk.index as usize)
+                .len();
             let mut carried = self.carried.lock().expect("carried lock");
             carried.remove(&key).unwrap_or_else(|| vec![0.0; elems])
         });
@@ -538,9 +545,10 @@ mod tests {
     fn shape() -> Shape {
         Shape {
             format: WireFormat::F32,
-            discriminator: Chunking::new(10, 16, WireFormat::F32),
-            generator: Chunking::new(5, 16, WireFormat::F32),
-            cadence: Cadence::new(1),
+            discriminator: 10,
+            generator: 5,
+            chunk_bytes: 16,
+            cadence: Cadence::new(1, 0),
         }
     }
 
@@ -561,7 +569,17 @@ mod tests {
     }
 
     fn chunk(step: u64, net: pb::Net, index: u32, values: &[f32]) -> pb::GradChunk {
-        let chunking = shape().of_net(net);
+        chunk_of(&shape(), step, net, index, values)
+    }
+
+    fn chunk_of(
+        shape: &Shape,
+        step: u64,
+        net: pb::Net,
+        index: u32,
+        values: &[f32],
+    ) -> pb::GradChunk {
+        let chunking = shape.of_net(net, step);
         pb::GradChunk {
             step,
             net: net as i32,
@@ -574,13 +592,13 @@ mod tests {
         }
     }
 
-    /// Every rank sends all chunks of `net`'s gradient of `step` (ones).
+    /// Every rank sends all chunks of what `net` all-reduces at `step` (ones).
     async fn every_rank_sends(reducer: &Reducer, step: u64, net: pb::Net) {
-        let chunking = shape().of_net(net);
+        let chunking = reducer.shape.of_net(net, step);
         for rank in 0..WORLD {
             for index in 0..chunking.count() {
                 let len = chunking.range(index).len();
-                let c = chunk(step, net, index as u32, &[1.0; 4][..len]);
+                let c = chunk_of(&reducer.shape, step, net, index as u32, &[1.0; 4][..len]);
                 reducer.submit(rank, c).await.unwrap();
             }
         }
@@ -620,7 +638,7 @@ mod tests {
     async fn averaging_reduces_only_the_last_step_of_each_round() {
         let reducer = reducer_of(
             Shape {
-                cadence: Cadence::new(3),
+                cadence: Cadence::new(3, 0),
                 ..shape()
             },
             NonFinite::Halt,
@@ -642,6 +660,42 @@ mod tests {
             8,
             "the next round averages at step 8"
         );
+    }
+
+    /// With a warm-up to step 6 and rounds of 3, steps 4 and 5 all-reduce
+    /// their gradients, then step 8 averages the state, three times the
+    /// elements; a gradient's length is refused there.
+    #[tokio::test]
+    async fn a_warm_up_reduces_gradients_then_the_rounds_average_state() {
+        let reducer = reducer_of(
+            Shape {
+                cadence: Cadence::new(3, 6),
+                ..shape()
+            },
+            NonFinite::Halt,
+        );
+        for step in [4, 5] {
+            assert_eq!(
+                reducer.steps_reduced(),
+                step,
+                "step {step} shares gradients"
+            );
+            every_rank_sends(&reducer, step, pb::Net::Discriminator).await;
+            every_rank_sends(&reducer, step, pb::Net::Generator).await;
+        }
+        assert_eq!(reducer.steps_reduced(), 8, "steps 6 and 7 train alone");
+        match reducer
+            .submit(0, chunk(8, pb::Net::Discriminator, 0, &[1.0; 4]))
+            .await
+        {
+            Err(SubmitError::Chunk(e)) => {
+                assert!(e.to_string().contains("it has 30 elements"), "{e}")
+            }
+            other => panic!("a gradient-sized chunk was accepted at an averaging step: {other:?}"),
+        }
+        every_rank_sends(&reducer, 8, pb::Net::Discriminator).await;
+        every_rank_sends(&reducer, 8, pb::Net::Generator).await;
+        assert_eq!(reducer.steps_reduced(), 11);
     }
 
     #[tokio::test]
@@ -722,17 +776,24 @@ mod tests {
             },
             ..Config::default()
         };
+        let total = |shape: Shape, net, step| shape.of_net(net, step).total;
         let shape = Shape::of(&cfg);
-        assert_eq!(shape.discriminator.total, 2_765_568);
-        assert_eq!(shape.generator.total, 3_576_704);
+        assert_eq!(total(shape, pb::Net::Discriminator, 9), 2_765_568);
+        assert_eq!(total(shape, pb::Net::Generator, 9), 3_576_704);
         let mut averaging = cfg;
         averaging.train.sync_every = 4;
+        averaging.train.sync_warmup = 8;
         let shape = Shape::of(&averaging);
         assert_eq!(
-            shape.discriminator.total,
+            total(shape, pb::Net::Discriminator, 7),
+            2_765_568,
+            "a warm-up step's gradient"
+        );
+        assert_eq!(
+            total(shape, pb::Net::Discriminator, 11),
             3 * 2_765_568,
             "parameters and moments"
         );
-        assert_eq!(shape.generator.total, 3 * 3_576_704);
+        assert_eq!(total(shape, pb::Net::Generator, 11), 3 * 3_576_704);
     }
 }

@@ -413,7 +413,7 @@ mod tests {
             config_hash: "h".into(),
             run: "run".into(),
             steps: 100,
-            cadence: Cadence::new(4),
+            cadence: Cadence::new(4, 0),
             heartbeat_interval: BEAT,
         })
     }

@@ -191,7 +191,7 @@ mod tests {
 
     #[test]
     fn a_step_completes_when_every_rank_reported() {
-        let reports = Reports::new(2, 0, Cadence::new(1));
+        let reports = Reports::new(2, 0, Cadence::new(1, 0));
         assert!(reports.add(1, report(0, 7), 1).unwrap().is_none());
         let summary = reports.add(0, report(0, 7), 1).unwrap().unwrap().unwrap();
         assert_eq!((summary.step, summary.images_per_s), (0, 20.0));
@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn differing_checksums_are_a_divergence_naming_the_step() {
-        let reports = Reports::new(3, 4, Cadence::new(1));
+        let reports = Reports::new(3, 4, Cadence::new(1, 0));
         reports.add(0, report(4, 1), 5).unwrap();
         reports.add(2, report(4, 1), 5).unwrap();
         let err = reports
@@ -216,7 +216,7 @@ mod tests {
     /// member cannot make the coordinator hold reports for arbitrary steps.
     #[test]
     fn early_and_repeated_reports_are_refused() {
-        let reports = Reports::new(2, 0, Cadence::new(1));
+        let reports = Reports::new(2, 0, Cadence::new(1, 0));
         let early = reports.add(0, report(9, 1), 1).unwrap_err();
         assert!(
             early
@@ -240,7 +240,7 @@ mod tests {
     /// only there; the checksums of a local step are not compared.
     #[test]
     fn only_averaging_steps_compare_checksums() {
-        let reports = Reports::new(2, 0, Cadence::new(2));
+        let reports = Reports::new(2, 0, Cadence::new(2, 0));
         reports.add(0, report(0, 1), 1).unwrap();
         let local = reports.add(1, report(0, 2), 1).unwrap().unwrap().unwrap();
         assert_eq!(local.checksum, None);

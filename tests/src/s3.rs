@@ -35,7 +35,17 @@ pub struct Outage {
     pub needle: String,
     /// How long the server stays down.
     pub duration: Duration,
+    /// Holds the triggering PUT until the run's `latest` reads this (at
+    /// most [`HOLD_LIMIT`]): a checkpoint is committed while the next one
+    /// uploads, so without it whether that commit lands before the outage
+    /// is a race.
+    pub after_latest: Option<String>,
 }
+
+/// The longest a triggering PUT is held for [`Outage::after_latest`];
+/// past it the outage begins anyway and [`S3Server::latest_at_outage`]
+/// shows what `latest` held.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(60);
 
 /// A running s3s-fs server; stops when dropped.
 pub struct S3Server {
@@ -179,8 +189,11 @@ async fn serve(root: &Path, ip: &str, shared: Arc<Shared>) -> String {
             }
             let (s3, shared2, bucket_root) = (s3.clone(), shared.clone(), bucket_root.clone());
             let handler = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-                trip(&shared2, &bucket_root, &request);
-                hyper::service::Service::call(&s3, request)
+                let (s3, shared, bucket_root) = (s3.clone(), shared2.clone(), bucket_root.clone());
+                async move {
+                    trip(&shared, &bucket_root, &request).await;
+                    hyper::service::Service::call(&s3, request).await
+                }
             });
             let task = tokio::spawn(async move {
                 let conn = ConnBuilder::new(TokioExecutor::new());
@@ -195,7 +208,11 @@ async fn serve(root: &Path, ip: &str, shared: Arc<Shared>) -> String {
 }
 
 /// Starts the armed outage if `request` matches it.
-fn trip(shared: &Arc<Shared>, bucket_root: &Path, request: &http::Request<hyper::body::Incoming>) {
+async fn trip(
+    shared: &Arc<Shared>,
+    bucket_root: &Path,
+    request: &http::Request<hyper::body::Incoming>,
+) {
     if request.method() != http::Method::PUT {
         return;
     }
@@ -214,8 +231,16 @@ fn trip(shared: &Arc<Shared>, bucket_root: &Path, request: &http::Request<hyper:
         .next()
         .unwrap_or_default()
         .to_string();
-    let latest = std::fs::read_to_string(bucket_root.join(&run_prefix).join("latest")).ok();
-    *shared.latest_at_outage.lock().unwrap() = latest;
+    let latest_path = bucket_root.join(&run_prefix).join("latest");
+    let read_latest = || std::fs::read_to_string(&latest_path).ok();
+    if let Some(wanted) = &outage.after_latest {
+        let deadline = tokio::time::Instant::now() + HOLD_LIMIT;
+        // Polled: `latest` is written by another process through the S3 API.
+        while read_latest().as_ref() != Some(wanted) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    *shared.latest_at_outage.lock().unwrap() = read_latest();
     shared.down.store(true, Ordering::SeqCst);
     for connection in shared.connections.lock().unwrap().drain(..) {
         connection.abort();

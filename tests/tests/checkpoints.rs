@@ -49,14 +49,15 @@ fn checkpoint_object(server: &S3Server, run_id: &str, step: u64, name: &str) -> 
     server.object_path(&format!("runs/{run_id}/checkpoints/step-{step:09}/{name}"))
 }
 
-/// When step 4's upload (and its outage) began, `latest` named step 2 or
-/// nothing yet — the coordinator commits step 2 while rank 0 trains on —,
-/// never the checkpoint still being written.
-fn assert_latest_complete_when_step_4_upload_began(server: &S3Server) {
+/// The outage the test meant: during step 4's upload, after step 2 was
+/// committed (the server holds step 4's first PUT for that, as the
+/// coordinator commits step 2 while rank 0 trains on).
+fn assert_outage_began_once_step_2_was_committed(server: &S3Server) {
     let at_outage = server.latest_at_outage();
-    assert!(
-        matches!(at_outage.as_deref(), None | Some("step-000000002")),
-        "latest was {at_outage:?} when step 4's upload began"
+    assert_eq!(
+        at_outage.as_deref(),
+        Some("step-000000002"),
+        "`latest` when step 4's upload and the outage began (step 2 was not committed within the hold limit)"
     );
 }
 
@@ -100,11 +101,16 @@ fn a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one() {
     again.assert_says(&["already complete"]);
 }
 
-/// Final parameters of three runs checkpointing every `half` steps: with
-/// `mode`'s flags to 2·`half` steps in one go, the same stopped at `half`
-/// and resumed, and the default mode in one go. `check` sees every run of
-/// `mode`.
-fn whole_split_and_default(mode: &[&str], half: u64, check: impl Fn(&Finished)) -> [Vec<u8>; 3] {
+/// What a run left: its final parameters and rank 0's loss log.
+struct Trained {
+    params: Vec<u8>,
+    losses: String,
+}
+
+/// Three runs checkpointing every `half` steps: with `mode`'s flags to
+/// 2·`half` steps in one go, the same stopped at `half` and resumed, and
+/// the default mode in one go. `check` sees every run of `mode`.
+fn whole_split_and_default(mode: &[&str], half: u64, check: impl Fn(&Finished)) -> [Trained; 3] {
     let server = S3Server::start();
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let in_mode = |run_id: &str, steps: u64, out: &Path| {
@@ -119,7 +125,10 @@ fn whole_split_and_default(mode: &[&str], half: u64, check: impl Fn(&Finished)) 
     in_mode("split", 2 * half, dirs[1].path())
         .assert_says(&["resuming", &format!("step-{half:09}")]);
     train(&server, "default", 2 * half, half, dirs[2].path()).assert_success();
-    [0, 1, 2].map(|i| params(dirs[i].path()))
+    [0, 1, 2].map(|i| Trained {
+        params: params(dirs[i].path()),
+        losses: std::fs::read_to_string(dirs[i].path().join("losses.csv")).unwrap(),
+    })
 }
 
 /// int8 with error feedback: every checkpoint follows an exact step, so a
@@ -128,7 +137,8 @@ fn whole_split_and_default(mode: &[&str], half: u64, check: impl Fn(&Finished)) 
 /// identical throughout); the compression changed the result.
 #[test]
 fn an_int8_run_resumes_bitwise_from_its_checkpoints() {
-    let [whole, split, f32] = whole_split_and_default(&["--wire", "int8"], 3, |_| ());
+    let [whole, split, f32] =
+        whole_split_and_default(&["--wire", "int8"], 3, |_| ()).map(|run| run.params);
     assert_eq!(
         whole, split,
         "an int8 run resumed at step 3 differs from the uninterrupted one"
@@ -147,15 +157,8 @@ fn an_int8_run_resumes_bitwise_from_its_checkpoints() {
 /// training apart changed the result.
 #[test]
 fn a_post_local_sgd_run_averages_replicas_and_resumes_bitwise() {
-    let one_generation = |done: &Finished| {
-        let text = format!("{}{}", done.stdout, done.stderr);
-        assert!(
-            text.contains("0 (1 generations"),
-            "the group re-formed (a divergence?):\n{text}"
-        );
-    };
     let [whole, split, every_step] =
-        whole_split_and_default(&["--sync-every", "2"], 4, one_generation);
+        whole_split_and_default(&["--sync-every", "2"], 4, in_one_generation).map(|run| run.params);
     assert_eq!(
         whole, split,
         "a post-local SGD run resumed at step 4 differs from the uninterrupted one"
@@ -163,6 +166,44 @@ fn a_post_local_sgd_run_averages_replicas_and_resumes_bitwise() {
     assert_ne!(
         whole, every_step,
         "training apart gave the result of all-reducing every step"
+    );
+}
+
+/// Every checksum comparison passed: the group never re-formed.
+fn in_one_generation(done: &Finished) {
+    let text = format!("{}{}", done.stdout, done.stderr);
+    assert!(
+        text.contains("0 (1 generations"),
+        "the group re-formed (a divergence?):\n{text}"
+    );
+}
+
+/// Post-local SGD after a warm-up (`--sync-warmup 4`): the first 4 steps
+/// all-reduce their gradients, so they train exactly as the default does;
+/// then rounds of 2 local steps begin. A run resumed at the end of the
+/// warm-up ends bitwise equal to the uninterrupted one.
+#[test]
+fn a_post_local_sgd_warm_up_trains_as_every_step_then_rounds_begin() {
+    let mode = ["--sync-every", "2", "--sync-warmup", "4"];
+    let [whole, split, every_step] = whole_split_and_default(&mode, 4, in_one_generation);
+    assert_eq!(
+        whole.params, split.params,
+        "a run resumed where its warm-up ends differs from the uninterrupted one"
+    );
+    // Rows of steps 0–3 without their timing (images_per_s, last).
+    let warm_up = |run: &Trained| {
+        let rows = run.losses.lines().skip(1).take(4);
+        rows.map(|row| row.rsplit_once(',').unwrap().0.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        warm_up(&whole),
+        warm_up(&every_step),
+        "the warm-up did not train as all-reducing every step does"
+    );
+    assert_ne!(
+        whole.params, every_step.params,
+        "no local step was trained after the warm-up"
     );
 }
 
@@ -264,6 +305,7 @@ fn an_outage_during_an_upload_is_retried_and_latest_stays_valid() {
     server.arm_outage(Outage {
         needle: "checkpoints/step-000000004/".into(),
         duration: Duration::from_secs(2),
+        after_latest: Some("step-000000002".into()),
     });
     let done = train(&server, "outage", 6, 2, out.path()).assert_success();
     let log = &done.stderr;
@@ -271,7 +313,7 @@ fn an_outage_during_an_upload_is_retried_and_latest_stays_valid() {
         server.refused() > 0,
         "the outage never refused a connection:\n{log}"
     );
-    assert_latest_complete_when_step_4_upload_began(&server);
+    assert_outage_began_once_step_2_was_committed(&server);
     assert_eq!(latest(&server, "outage"), "step-000000006");
     for step in [2, 4, 6] {
         assert!(
@@ -297,6 +339,7 @@ fn an_outage_beyond_the_retries_never_commits_a_partial_checkpoint() {
     server.arm_outage(Outage {
         needle: "checkpoints/step-000000004/".into(),
         duration: Duration::from_secs(30),
+        after_latest: Some("step-000000002".into()),
     });
     let mut cmd = coordinator(&server, "lost", 6, 2, out.path());
     cmd.env("GANCLUSTER__CHECKPOINT__S3__MAX_RETRIES", "1");
@@ -307,7 +350,7 @@ fn an_outage_beyond_the_retries_never_commits_a_partial_checkpoint() {
             && log.contains("the newest committed checkpoint is step-000000002"),
         "{log}"
     );
-    assert_latest_complete_when_step_4_upload_began(&server);
+    assert_outage_began_once_step_2_was_committed(&server);
     assert_eq!(latest(&server, "lost"), "step-000000002");
     assert!(!checkpoint_object(&server, "lost", 4, "manifest.json").exists());
 }

@@ -179,7 +179,7 @@ pub fn run(
             waited_ms: 0.0,
             uploader: &mut uploader,
             snapshot: None,
-            cadence: Cadence::new(cfg.train.sync_every),
+            cadence: Cadence::of(&cfg.train),
         };
         let trained = begin(
             cfg,

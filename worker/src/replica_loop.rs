@@ -206,7 +206,7 @@ pub fn train(
         start.first_step,
         start.until
     );
-    let cadence = Cadence::new(cfg.train.sync_every);
+    let cadence = Cadence::of(&cfg.train);
     anyhow::ensure!(
         cadence.starts_round(start.first_step),
         "step {} does not start a round of train.sync_every = {} steps: replicas agree, and \
@@ -268,9 +268,9 @@ pub fn train(
         cursor = batch.cursor_after;
         skipped = batch.skipped;
         let real = to_tensor(batch, size, trainer.device());
-        let losses = match cadence.averages() {
-            false => trainer.train_step(step, real, sync)?,
-            true => {
+        let losses = match cadence.shares_gradients(step) {
+            true => trainer.train_step(step, real, sync)?,
+            false => {
                 let mut alone = LocalReducer::new(cfg.allreduce.nonfinite);
                 let losses = trainer.train_step(step, real, &mut alone)?;
                 if cadence.syncs(step) {

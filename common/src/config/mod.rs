@@ -179,6 +179,9 @@ pub struct TrainConfig {
     /// trains alone in between, then all average their parameters and
     /// Adam moments); 1 all-reduces every step's gradients.
     pub sync_every: u64,
+    /// Under post-local SGD, steps that all-reduce their gradients before
+    /// the first local step (a multiple of `sync_every`).
+    pub sync_warmup: u64,
 }
 
 /// What stays constant when the group shrinks below the workers it was
@@ -237,6 +240,7 @@ impl Default for TrainConfig {
             log_every: 10,
             elastic_batch: ElasticBatch::PerWorker,
             sync_every: 1,
+            sync_warmup: 0,
         }
     }
 }
@@ -686,7 +690,16 @@ mod tests {
             Config::load_with_env(None, &overrides, env(&[])).map_err(|e| e.to_string())
         };
         assert_eq!(load(&[]).unwrap().train.sync_every, 4);
+        assert_eq!(
+            load(&[("train.sync_warmup", "8")])
+                .unwrap()
+                .train
+                .sync_warmup,
+            8
+        );
         let refused = [
+            (("train.sync_warmup", "6"), "multiple of train.sync_every"),
+            (("train.sync_warmup", "44"), "up to train.steps (40)"),
             (("train.steps", "42"), "multiple of train.sync_every"),
             (("checkpoint.every", "6"), "multiple of train.sync_every"),
             (("allreduce.wire", "int8"), "averaged"),
@@ -700,6 +713,14 @@ mod tests {
                 "{key} = {value}: {err}"
             );
         }
+        let every_step =
+            Config::load_with_env(None, &[("train.sync_warmup", "8".into())], env(&[]))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            every_step.contains("train.sync_warmup") && every_step.contains("already"),
+            "{every_step}"
+        );
     }
 
     #[test]

@@ -80,11 +80,26 @@ impl Config {
     /// run's end and every checkpoint must fall on one, and what averages
     /// is state, not a gradient a rank could skip alone or round away.
     fn validate_sync_every(&self) -> Result<(), ConfigError> {
-        let h = self.train.sync_every;
+        let (h, warmup) = (self.train.sync_every, self.train.sync_warmup);
         within("train.sync_every", h, 1..=10_000)?;
         if h == 1 {
-            return Ok(());
+            return check(
+                "train.sync_warmup",
+                warmup,
+                warmup == 0,
+                "0 with train.sync_every = 1: every step already all-reduces its gradients",
+            );
         }
+        check(
+            "train.sync_warmup",
+            warmup,
+            warmup.is_multiple_of(h) && warmup <= self.train.steps,
+            &format!(
+                "0 or a multiple of train.sync_every ({h}) up to train.steps ({}): rounds \
+                 of local steps start where the warm-up ends",
+                self.train.steps
+            ),
+        )?;
         check(
             "train.steps",
             self.train.steps,
