@@ -13,6 +13,8 @@
 //! their gradients (Lin et al.'s post-local SGD): at W = 4, local steps
 //! from the start cost this GAN 27–40 % of its SWD, and a warm-up took
 //! that loss away (BENCHMARKS.md). Each warm-up step is a round of its own.
+//! PowerSGD (`allreduce.powersgd_rank`) waits for the same warm-up before
+//! it compresses, for the same reason.
 //!
 //! Worker and coordinator both derive what travels at which step from
 //! this one type, so they cannot disagree on it.
@@ -57,6 +59,13 @@ impl Cadence {
     /// training alone and maybe averaging state.
     pub fn shares_gradients(self, step: u64) -> bool {
         self.every == 1 || step < self.warmup
+    }
+
+    /// Whether step `step` is one of the warm-up's: its gradients travel
+    /// whole, before post-local SGD's rounds or PowerSGD's compression
+    /// begin (PyTorch's `start_localSGD_iter`, `start_powerSGD_iter`).
+    pub fn warming_up(self, step: u64) -> bool {
+        step < self.warmup
     }
 
     /// Whether step `step` all-reduces: the last of its round.

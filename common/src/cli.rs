@@ -46,12 +46,16 @@ pub struct ConfigArgs {
     /// Gradient wire format, f32, bf16 or int8 [allreduce.wire].
     #[arg(long)]
     pub wire: Option<String>,
+    /// Send each weight's gradient as two factors of this rank, 0 for
+    /// whole (PowerSGD) [allreduce.powersgd_rank].
+    #[arg(long)]
+    pub powersgd_rank: Option<usize>,
     /// All-reduce every this many steps, averaging parameters and Adam
     /// moments in between rounds of local steps [train.sync_every].
     #[arg(long)]
     pub sync_every: Option<u64>,
-    /// Under post-local SGD, steps that all-reduce their gradients before
-    /// local steps begin [train.sync_warmup].
+    /// Steps that all-reduce whole gradients before post-local SGD's local
+    /// steps or PowerSGD's compression begin [train.sync_warmup].
     #[arg(long)]
     pub sync_warmup: Option<u64>,
     /// Coordinator listen address [coordinator.listen].
@@ -96,6 +100,7 @@ impl ConfigArgs {
                 self.out.as_ref().map(|p| p.display().to_string()),
             ),
             ("allreduce.wire", text(&self.wire)),
+            ("allreduce.powersgd_rank", size(self.powersgd_rank)),
             ("train.sync_every", num(self.sync_every)),
             ("train.sync_warmup", num(self.sync_warmup)),
             ("coordinator.listen", text(&self.listen)),

@@ -16,6 +16,7 @@ pub mod lease;
 pub mod logging;
 pub mod observe;
 pub mod pb;
+pub mod powersgd;
 pub mod report;
 pub mod session;
 pub mod shard;

@@ -7,4 +7,4 @@ tonic::include_proto!("gancluster.v1");
 
 /// Bumped on any incompatible change to the wire contract; a worker of
 /// another version is refused at join.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;

@@ -20,6 +20,7 @@ use tonic::service::interceptor::InterceptedService;
 
 use crate::Config;
 use crate::auth::{self, Bearer, Token};
+use crate::cadence::Cadence;
 use crate::config::{
     CONNECTION_WINDOW_BYTES, CoordinatorConfig, MAX_CHUNK_BYTES, MAX_FRAME_BYTES,
     STREAM_WINDOW_BYTES,
@@ -27,6 +28,7 @@ use crate::config::{
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::rendezvous_client::RendezvousClient;
 use crate::pb::{self, coordinator_message, worker_message};
+use crate::powersgd::{Layout, PowerSgd};
 use crate::tls::{self, TlsError};
 use crate::untrusted::{shown, shown_message};
 use crate::wire::{self, Chunking, WireError, WireFormat};
@@ -368,11 +370,21 @@ pub struct Opened {
 /// A reduced gradient as every replica receives it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reduced {
-    /// The mean over all workers.
+    /// The mean over all workers; empty when skipped.
     pub mean: Vec<f32>,
     /// Some worker's contribution was not finite and the policy is to skip
     /// this optimizer step (`allreduce.nonfinite = skip`).
     pub skip: bool,
+}
+
+impl Reduced {
+    /// A gradient every rank skips: nothing to apply.
+    fn skipped() -> Self {
+        Self {
+            mean: Vec::new(),
+            skip: true,
+        }
+    }
 }
 
 /// An open session: send chunks and reports, receive reduced chunks and
@@ -390,6 +402,12 @@ pub struct Session {
     /// live with the session: a new generation starts without them, and
     /// they are zero after every exact step, so a checkpoint needs none.
     residuals: Residuals,
+    /// Under PowerSGD, its state per network (discriminator, generator):
+    /// like int8's residuals, it lives with the session and is reset by
+    /// every exact step.
+    powersgd: Option<[PowerSgd; 2]>,
+    /// Where PowerSGD's warm-up ends (`train.sync_warmup`).
+    cadence: Cadence,
     step: Arc<AtomicU64>,
     heartbeat: Heartbeat,
 }
@@ -446,6 +464,8 @@ impl Session {
             control: None,
             exact: None,
             residuals: Residuals::default(),
+            powersgd: powersgd_of(cfg),
+            cadence: Cadence::of(&cfg.train),
             step,
         };
         let mut received = Received::default();
@@ -496,11 +516,11 @@ impl Session {
     /// Sends this worker's gradient for (`step`, `net`) and returns the mean
     /// over all workers, as the coordinator computed it.
     ///
-    /// Under error feedback the residual carried from earlier steps is
-    /// added before encoding, and what this encoding rounds away replaces
-    /// it once the mean is applied (not when every rank skips it). A step
-    /// the coordinator announced as exact travels in f32 and leaves no
-    /// residual.
+    /// Under error feedback (int8, PowerSGD) the residual carried from
+    /// earlier steps is added before encoding, and what this step leaves
+    /// out replaces it once the mean is applied (not when every rank skips
+    /// it). A step the coordinator announced as exact travels whole in f32
+    /// and leaves no residual (under PowerSGD, no warm start either).
     pub async fn all_reduce(
         &mut self,
         step: u64,
@@ -508,8 +528,19 @@ impl Session {
         grads: &[f32],
     ) -> Result<Reduced, SessionError> {
         self.step.store(step, Ordering::Relaxed);
-        let chunking = Chunking::new(grads.len(), self.chunk_bytes, self.format);
         let exact = self.exact == Some(step);
+        if self.powersgd.is_some() && !self.cadence.warming_up(step) {
+            let slot = PowerSgdSlot::of(net);
+            if !exact {
+                return self.compressed(step, net, grads, slot).await;
+            }
+            let whole = self.powersgd(slot).with_residual(grads);
+            let (reduced, _) = self
+                .exchange(step, net, 0, &whole, WireFormat::F32, None)
+                .await?;
+            self.powersgd(slot).reset();
+            return Ok(reduced);
+        }
         let format = match exact {
             true => WireFormat::F32,
             false => self.format,
@@ -518,29 +549,97 @@ impl Session {
             .format
             .carries_residual()
             .then(|| self.residuals.take(net, grads.len()));
-        let mut left = carried.as_ref().map(|_| vec![0.0f32; grads.len()]);
+        let result = self
+            .exchange(step, net, 0, grads, format, carried.as_deref())
+            .await;
+        let (reduced, left) = match result {
+            Ok(done) => done,
+            Err(err) => {
+                if let Some(carried) = carried {
+                    self.residuals.put(net, carried);
+                }
+                return Err(err);
+            }
+        };
+        // What this encoding left replaces the residual once the mean is
+        // applied; after an exact step nothing is carried, skipped or not,
+        // so the residual at a checkpoint is zero on every rank.
+        if let (Some(carried), Some(left)) = (carried, left) {
+            let applied = exact || !reduced.skip;
+            self.residuals
+                .put(net, if applied { left } else { carried });
+        }
+        Ok(reduced)
+    }
+
+    /// PowerSGD's two all-reduces of one network's gradient; a skipped
+    /// one leaves the residual and the warm start as they were.
+    async fn compressed(
+        &mut self,
+        step: u64,
+        net: pb::Net,
+        grads: &[f32],
+        slot: PowerSgdSlot,
+    ) -> Result<Reduced, SessionError> {
+        let format = self.format;
+        let (mut round, first) = self.powersgd(slot).first(grads);
+        let (reduced, _) = self.exchange(step, net, 0, &first, format, None).await?;
+        if reduced.skip {
+            return Ok(Reduced::skipped());
+        }
+        let second = self.powersgd(slot).second(&mut round, reduced.mean);
+        let (reduced, _) = self.exchange(step, net, 1, &second, format, None).await?;
+        if reduced.skip {
+            return Ok(Reduced::skipped());
+        }
+        let mean = self.powersgd(slot).finish(round, reduced.mean);
+        Ok(Reduced { mean, skip: false })
+    }
+
+    fn powersgd(&mut self, slot: PowerSgdSlot) -> &mut PowerSgd {
+        &mut self.powersgd.as_mut().expect("PowerSGD is on")[slot as usize]
+    }
+
+    /// One all-reduce: sends `values` of (`step`, `net`, `phase`) in
+    /// `format` and collects the mean. With `carried` (int8's residual),
+    /// it is added before encoding, and what the encoding rounded away
+    /// comes back beside the mean.
+    async fn exchange(
+        &mut self,
+        step: u64,
+        net: pb::Net,
+        phase: u32,
+        values: &[f32],
+        format: WireFormat,
+        carried: Option<&[f32]>,
+    ) -> Result<(Reduced, Option<Vec<f32>>), SessionError> {
+        // Chunked by the run's format whatever this step's: the coordinator
+        // knows the chunking before it knows whether the step is exact.
+        let chunking = Chunking::new(values.len(), self.chunk_bytes, self.format);
+        let mut left = carried.map(|_| vec![0.0f32; values.len()]);
         let outbound = &self.outbound;
         let header = |index: usize| pb::GradChunk {
             step,
             net: net as i32,
             index: index as u32,
             count: chunking.count() as u32,
-            total_elems: grads.len() as u64,
+            total_elems: values.len() as u64,
             format: wire_format(format) as i32,
             data: Default::default(),
             skip: false,
+            phase,
         };
         let send = async {
             for index in 0..chunking.count() {
                 let range = chunking.range(index);
-                let data = match (&carried, left.as_mut()) {
+                let data = match (carried, left.as_mut()) {
                     (Some(carried), Some(left)) => wire::encode_carrying(
-                        &grads[range.clone()],
+                        &values[range.clone()],
                         &carried[range.clone()],
                         &mut left[range],
                         format,
                     ),
-                    _ => wire::encode(&grads[range], format),
+                    _ => wire::encode(&values[range], format),
                 };
                 let chunk = pb::GradChunk {
                     data,
@@ -552,7 +651,7 @@ impl Session {
         };
         let (inbound, control, announced) = (&mut self.inbound, &mut self.control, &mut self.exact);
         let receive = async {
-            let mut mean = vec![0.0f32; grads.len()];
+            let mut mean = vec![0.0f32; values.len()];
             let mut skip = false;
             let mut seen = vec![false; chunking.count()];
             let mut received = 0;
@@ -574,14 +673,14 @@ impl Session {
                     }
                 };
                 let index = chunk.index as usize;
-                if chunk.step != step
-                    || chunk.net != net as i32
+                if (chunk.step, chunk.net, chunk.phase) != (step, net as i32, phase)
                     || index >= seen.len()
                     || seen[index]
                 {
                     return Err(SessionError::Protocol(format!(
-                        "unexpected reduced chunk {index} of step {} net {} while reducing step {step} {net:?}",
-                        chunk.step, chunk.net
+                        "unexpected reduced chunk {index} of step {} net {} phase {} while \
+                         reducing phase {phase} of step {step} {net:?}",
+                        chunk.step, chunk.net, chunk.phase
                     )));
                 }
                 seen[index] = true;
@@ -592,19 +691,11 @@ impl Session {
             Ok(Reduced { mean, skip })
         };
         let (sent, mean) = tokio::join!(send, receive);
-        // What this encoding left replaces the residual once the mean is
-        // applied; after an exact step nothing is carried, skipped or not,
-        // so the residual at a checkpoint is zero on every rank.
-        if let (Some(carried), Some(left)) = (carried, left) {
-            let applied = sent.is_ok() && mean.as_ref().is_ok_and(|m| exact || !m.skip);
-            self.residuals
-                .put(net, if applied { left } else { carried });
-        }
         // The coordinator's last word (a regroup, an abort) explains a send
         // that failed because it closed the stream.
         let mean = mean?;
         sent?;
-        Ok(mean)
+        Ok((mean, left))
     }
 
     /// The coordinator's decision for `step` (checkpoint, stop), if it sent
@@ -845,6 +936,34 @@ impl Drop for Heartbeat {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Which network's PowerSGD state.
+#[derive(Debug, Clone, Copy)]
+enum PowerSgdSlot {
+    Discriminator = 0,
+    Generator = 1,
+}
+
+impl PowerSgdSlot {
+    fn of(net: pb::Net) -> Self {
+        match net {
+            pb::Net::Generator => Self::Generator,
+            _ => Self::Discriminator,
+        }
+    }
+}
+
+/// Fresh PowerSGD states for both networks, when `allreduce.powersgd_rank` asks.
+fn powersgd_of(cfg: &Config) -> Option<[PowerSgd; 2]> {
+    let rank = cfg.allreduce.powersgd_rank;
+    (rank > 0).then(|| {
+        [
+            cfg.model.discriminator_tensors(),
+            cfg.model.generator_tensors(),
+        ]
+        .map(|tensors| PowerSgd::new(Layout::new(&tensors, rank)))
+    })
 }
 
 /// A worker's error-feedback residuals, one per network (empty before the

@@ -3,8 +3,11 @@
 //!
 //! `cargo bench -p coordinator --bench allreduce -- [--world 2,4,8] [--models 64] [--iters 10]`
 //! `cargo bench -p coordinator --bench allreduce -- --compute-ms 10,40,160 [--world 1,2,4,8]`
-//! `… -- --wire int8` measures only the wire formats named (default: all).
+//! `… -- --wire int8` measures only the wire formats named (default: f32,
+//! bf16, int8); `powersgd4` (`powersgd4-bf16`) is PowerSGD at rank 4 with
+//! its factors in f32 (bf16), in scaling runs only.
 //! `… -- --compute-ms 10,40 --sync-every 1,8` adds post-local SGD rows.
+//! `… -- --powersgd-cost 1,4,8` times PowerSGD's factor arithmetic alone.
 //!
 //! For each world size W and each model (its image size; ngf = ndf = 64)
 //! this starts a coordinator and W worker *processes* (this executable
@@ -41,6 +44,7 @@ use common::Config;
 use common::auth::Token;
 use common::cadence::Cadence;
 use common::pb::{self, Net};
+use common::powersgd::{Layout, PowerSgd};
 use common::session;
 use common::wire::WireFormat;
 use coordinator::Mode;
@@ -51,13 +55,51 @@ use tokio::process::Command;
 
 const TOKEN: &str = "bench";
 const WARMUP: usize = 1;
-/// The wire formats, as `allreduce.wire` names them. Under int8 the last
-/// step travels in f32 (a checkpoint follows it); the medians hide it.
-const FORMATS: [(&str, WireFormat); 3] = [
-    ("f32", WireFormat::F32),
-    ("bf16", WireFormat::Bf16),
-    ("int8", WireFormat::Int8),
-];
+/// An all-reduce mode as `--wire` names it: `f32`, `bf16` or `int8`
+/// (`allreduce.wire`; under int8 the last step travels in f32, a
+/// checkpoint follows it, which the medians hide), or `powersgdR[-bf16]`
+/// (`allreduce.powersgd_rank = R`, factors in f32 or bf16).
+#[derive(Debug, Clone)]
+struct Wire {
+    name: String,
+    format: WireFormat,
+    rank: usize,
+}
+
+impl Wire {
+    fn parse(name: &str) -> Self {
+        let (format, rank) = match name.strip_prefix("powersgd") {
+            Some(rest) => {
+                let (rank, format) = rest.split_once('-').unwrap_or((rest, "f32"));
+                (format, rank.parse().expect("powersgd<rank>"))
+            }
+            None => (name, 0),
+        };
+        Self {
+            name: name.to_string(),
+            format: match format {
+                "f32" => WireFormat::F32,
+                "bf16" => WireFormat::Bf16,
+                "int8" => WireFormat::Int8,
+                other => panic!("no wire format {other}"),
+            },
+            rank,
+        }
+    }
+
+    /// Elements one worker sends per all-reducing step, both networks.
+    fn elements(&self, cfg: &Config, cadence: Cadence) -> usize {
+        let m = &cfg.model;
+        match self.rank {
+            0 => cadence.elements(0, m.discriminator_params() + m.generator_params()) as usize,
+            rank => [m.discriminator_tensors(), m.generator_tensors()]
+                .iter()
+                .map(|t| Layout::new(t, rank))
+                .map(|l| l.first_len() + l.second_len())
+                .sum(),
+        }
+    }
+}
 
 /// Steps of a run timing `iters` steps in rounds of `sync_every`: one
 /// warm-up round, then whole rounds.
@@ -65,13 +107,15 @@ fn total_steps(iters: usize, sync_every: usize) -> usize {
     WARMUP * sync_every + iters.div_ceil(sync_every) * sync_every
 }
 
-fn config(image_size: usize, steps: usize, format: &str, store: &str, sync_every: usize) -> Config {
+fn config(image_size: usize, steps: usize, wire: &str, store: &str, sync_every: usize) -> Config {
+    let wire = Wire::parse(wire);
     // Rank 0 answers the last step's checkpoint with a stand-in in the
     // driver's store.
     let overrides = [
         ("train.steps", steps.to_string()),
         ("train.sync_every", sync_every.to_string()),
-        ("allreduce.wire", format.to_string()),
+        ("allreduce.wire", wire_name(wire.format).to_string()),
+        ("allreduce.powersgd_rank", wire.rank.to_string()),
         ("checkpoint.every", "0".to_string()),
         ("model.image_size", image_size.to_string()),
         ("model.ngf", "64".to_string()),
@@ -84,13 +128,18 @@ fn config(image_size: usize, steps: usize, format: &str, store: &str, sync_every
     cfg
 }
 
-/// The wire formats `--wire` names, all of them by default.
-fn formats(args: &[String]) -> Vec<(&'static str, WireFormat)> {
+fn wire_name(format: WireFormat) -> &'static str {
+    match format {
+        WireFormat::F32 => "f32",
+        WireFormat::Bf16 => "bf16",
+        WireFormat::Int8 => "int8",
+    }
+}
+
+/// The modes `--wire` names.
+fn wires(args: &[String]) -> Vec<Wire> {
     let names: Vec<String> = list(args, "--wire", "f32,bf16,int8");
-    FORMATS
-        .into_iter()
-        .filter(|(name, _)| names.iter().any(|n| n == name))
-        .collect()
+    names.iter().map(|name| Wire::parse(name)).collect()
 }
 
 fn list<T: std::str::FromStr>(args: &[String], flag: &str, default: &str) -> Vec<T> {
@@ -118,12 +167,20 @@ async fn drive(args: &[String]) {
     let worlds: Vec<usize> = list(args, "--world", "2,4,8");
     let models: Vec<usize> = list(args, "--models", "64");
     let iters: usize = list(args, "--iters", "10")[0];
-    let formats = formats(args);
+    let wires = wires(args);
+    if args.iter().any(|a| a == "--powersgd-cost") {
+        let ranks: Vec<usize> = list(args, "--powersgd-cost", "4");
+        return powersgd_cost(&models, &ranks, iters);
+    }
     if args.iter().any(|a| a == "--compute-ms") {
         let computes: Vec<f64> = list(args, "--compute-ms", "10,40,160");
         let syncs: Vec<usize> = list(args, "--sync-every", "1");
-        return scaling(&worlds, &models, &computes, &syncs, iters, &formats).await;
+        return scaling(&worlds, &models, &computes, &syncs, iters, &wires).await;
     }
+    assert!(
+        wires.iter().all(|w| w.rank == 0),
+        "PowerSGD's bytes are not a gradient's: time it with --compute-ms"
+    );
     println!(
         "| path | W | gradient | MB (f32) | wire | median ms | algbw GB/s | busbw GB/s | coordinator GB/s |"
     );
@@ -138,7 +195,8 @@ async fn drive(args: &[String]) {
                 row("raw tcp", world, what, elems, None, raw);
             }
             for (path, unix) in [("coordinator tcp", false), ("coordinator uds", true)] {
-                for &(name, format) in &formats {
+                for wire in &wires {
+                    let (name, format) = (wire.name.as_str(), wire.format);
                     let [d_ms, g_ms, step_ms, _] =
                         through_coordinator(world, size, iters, name, unix, Timing::default())
                             .await;
@@ -159,7 +217,7 @@ async fn scaling(
     computes: &[f64],
     syncs: &[usize],
     iters: usize,
-    formats: &[(&str, WireFormat)],
+    wires: &[Wire],
 ) {
     println!(
         "| model | C ms | W | sync_every | wire | step ms | efficiency C/step | coordinator MB/step |"
@@ -167,29 +225,27 @@ async fn scaling(
     println!("|---|---|---|---|---|---|---|---|");
     for &size in models {
         let cfg = config(size, total_steps(iters, 1), "f32", "memory://", 1);
-        let params = cfg.model.discriminator_params() + cfg.model.generator_params();
         for &compute in computes {
             for &world in worlds {
                 for &sync_every in syncs {
                     // No warm-up here: every round carries what step 0's does.
                     let cadence = Cadence::new(sync_every as u64, 0);
-                    let elems = cadence.elements(0, params) as usize;
-                    // Averaging travels in f32 only (config validation).
+                    // Averaging travels whole in f32 only (config validation).
                     let averages = !cadence.shares_gradients(0);
-                    let formats = formats
+                    let wires = wires
                         .iter()
-                        .filter(|(_, f)| !averages || *f == WireFormat::F32);
-                    for &(name, format) in formats {
+                        .filter(|w| !averages || (w.format, w.rank) == (WireFormat::F32, 0));
+                    for wire in wires {
                         let step = Timing {
                             compute_ms: compute,
                             sync_every,
                         };
+                        let name = wire.name.as_str();
                         let [.., step_ms] =
                             through_coordinator(world, size, iters, name, false, step).await;
                         // In and out of the coordinator, every member, per step.
-                        let mb = 2.0 * world as f64 * format.encoded_len(elems) as f64
-                            / sync_every as f64
-                            / 1e6;
+                        let sent = wire.format.encoded_len(wire.elements(&cfg, cadence));
+                        let mb = 2.0 * world as f64 * sent as f64 / sync_every as f64 / 1e6;
                         println!(
                             "| DCGAN-{size} | {compute} | {world} | {sync_every} | {name} | {step_ms:.1} | {:.2} | {mb:.1} |",
                             compute / step_ms
@@ -197,6 +253,44 @@ async fn scaling(
                     }
                 }
             }
+        }
+    }
+}
+
+/// One worker's PowerSGD arithmetic per step (both networks, both
+/// factors, the update and the residual; a group of one, so no sockets),
+/// on one core: what each worker's CPU adds to a step at `ranks`.
+fn powersgd_cost(models: &[usize], ranks: &[usize], iters: usize) {
+    use rand::{Rng, SeedableRng};
+    println!("| model | rank | factor arithmetic ms per step (median) |");
+    println!("|---|---|---|");
+    for &size in models {
+        let cfg = config(size, 1, "f32", "memory://", 1);
+        let nets = [
+            cfg.model.discriminator_tensors(),
+            cfg.model.generator_tensors(),
+        ];
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+        let grads: Vec<Vec<f32>> = nets
+            .iter()
+            .map(|t| {
+                let len = Layout::new(t, 1).len();
+                (0..len).map(|_| rng.random_range(-1e-3..1e-3)).collect()
+            })
+            .collect();
+        for &rank in ranks {
+            let mut states = nets.clone().map(|t| PowerSgd::new(Layout::new(&t, rank)));
+            let times = (0..WARMUP + iters).map(|_| {
+                let started = Instant::now();
+                for (state, grads) in states.iter_mut().zip(&grads) {
+                    let (mut round, first) = state.first(grads);
+                    let second = state.second(&mut round, first);
+                    std::hint::black_box(state.finish(round, second));
+                }
+                started.elapsed().as_secs_f64() * 1e3
+            });
+            let ms = median(times.skip(WARMUP).collect());
+            println!("| DCGAN-{size} | {rank} | {ms:.1} |");
         }
     }
 }
@@ -405,13 +499,16 @@ async fn client(args: &[String]) {
     let (d, d_mean) = gradient(cadence.elements(0, cfg.model.discriminator_params()));
     let (g, g_mean) = gradient(cadence.elements(0, cfg.model.generator_params()));
     // f32 and bf16 carry these small integers exactly; int8 within a few of
-    // its steps (its rounding and the residuals carried into the next step).
+    // its steps (its rounding and the residuals carried into the next step);
+    // PowerSGD's rank-4 projection of them only approximately.
     let exact = cfg.allreduce.wire != WireFormat::Int8;
+    let compressed = cfg.allreduce.powersgd_rank > 0;
     let close = |got: &[f32], want: &[f32]| {
         let step = want.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 127.0;
-        match exact {
-            true => got == want,
-            false => got
+        match (compressed, exact) {
+            (true, _) => got.len() == want.len() && got.iter().all(|g| g.is_finite()),
+            (false, true) => got == want,
+            (false, false) => got
                 .iter()
                 .zip(want)
                 .all(|(g, w)| (g - w).abs() <= 3.0 * step),

@@ -9,8 +9,9 @@
 //!
 //! Members are trusted to be workers, not to be correct. The group reduces
 //! exactly one gradient at a time, in training order (step s's
-//! discriminator, then its generator, then step s+1's discriminator…, or
-//! only every `train.sync_every`-th step's, whose state is averaged), and
+//! discriminator, then its generator, then step s+1's discriminator…; or
+//! only every `train.sync_every`-th step's, whose state is averaged; or,
+//! under PowerSGD, each network's P factors, then its Q factors), and
 //! its shape is known in advance from the model configuration: a chunk for
 //! any other step or network, of another shape or format, with a payload
 //! that does not match its header, or sent twice, is refused and blamed on
@@ -36,6 +37,7 @@ use common::Config;
 use common::cadence::Cadence;
 use common::config::NonFinite;
 use common::pb::{self, coordinator_message};
+use common::powersgd::Layout;
 use common::wire::{self, Chunking, WireError, WireFormat};
 use tracing::warn;
 
@@ -57,29 +59,68 @@ pub struct Shape {
     pub chunk_bytes: usize,
     /// Which steps all-reduce, and what (`train.sync_every`, `train.sync_warmup`).
     pub cadence: Cadence,
+    /// Under PowerSGD, the elements of each network's two all-reduces
+    /// (discriminator, generator), from `allreduce.powersgd_rank`.
+    pub factors: Option<[Factors; 2]>,
+}
+
+/// The elements of PowerSGD's two all-reduces of one network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Factors {
+    /// The P factors and the tensors sent whole.
+    pub first: u64,
+    /// The Q factors.
+    pub second: u64,
+}
+
+impl Factors {
+    fn of(tensors: &[Vec<usize>], rank: usize) -> Self {
+        let layout = Layout::new(tensors, rank);
+        Self {
+            first: layout.first_len() as u64,
+            second: layout.second_len() as u64,
+        }
+    }
 }
 
 impl Shape {
     /// What `cfg`'s model all-reduces, chunked as `cfg.allreduce` says.
     pub fn of(cfg: &Config) -> Self {
+        let rank = cfg.allreduce.powersgd_rank;
         Self {
             format: cfg.allreduce.wire,
             discriminator: cfg.model.discriminator_params(),
             generator: cfg.model.generator_params(),
             chunk_bytes: cfg.allreduce.chunk_bytes,
             cadence: Cadence::of(&cfg.train),
+            factors: (rank > 0).then(|| {
+                [
+                    Factors::of(&cfg.model.discriminator_tensors(), rank),
+                    Factors::of(&cfg.model.generator_tensors(), rank),
+                ]
+            }),
         }
     }
 
-    /// How `net`'s all-reduce of step `step` is chunked: its gradient, or
-    /// its state when the step averages.
-    fn of_net(&self, net: pb::Net, step: u64) -> Chunking {
-        let params = match net {
-            pb::Net::Generator => self.generator,
-            _ => self.discriminator,
+    /// Whether step `step`'s all-reduces of a network are PowerSGD's two
+    /// (not in the warm-up, nor when it travels exact: then whole).
+    fn compressed(&self, step: u64, exact: bool) -> bool {
+        self.factors.is_some() && !exact && !self.cadence.warming_up(step)
+    }
+
+    /// How all-reduce `phase` of `net` at step `step` is chunked: its
+    /// gradient, PowerSGD's factors, or under post-local SGD its state.
+    fn chunking(&self, net: pb::Net, step: u64, phase: u32, exact: bool) -> Chunking {
+        let (params, factors) = match net {
+            pb::Net::Generator => (self.generator, self.factors.map(|f| f[1])),
+            _ => (self.discriminator, self.factors.map(|f| f[0])),
         };
-        let elements = self.cadence.elements(step, params) as usize;
-        Chunking::new(elements, self.chunk_bytes, self.format)
+        let elements = match factors.filter(|_| self.compressed(step, exact)) {
+            Some(f) if phase == 0 => f.first,
+            Some(f) => f.second,
+            None => self.cadence.elements(step, params),
+        };
+        Chunking::new(elements as usize, self.chunk_bytes, self.format)
     }
 }
 
@@ -102,18 +143,22 @@ pub enum ChunkError {
     },
     /// A chunk of another gradient than the one being reduced.
     #[error(
-        "sent a chunk of the {net:?} gradient of step {step} while the group reduces the \
-         {expected_net:?} gradient of step {expected_step}"
+        "sent a chunk of the {net:?} gradient of step {step}{phase} while the group reduces \
+         the {expected_net:?} gradient of step {expected_step}{expected_phase}"
     )]
     Unexpected {
         /// Step as sent.
         step: u64,
         /// Network as sent.
         net: pb::Net,
+        /// Phase as sent.
+        phase: Phase,
         /// The step being reduced.
         expected_step: u64,
         /// The network being reduced.
         expected_net: pb::Net,
+        /// The phase being reduced.
+        expected_phase: Phase,
     },
     /// A gradient for a step the run does not train.
     #[error("sent a gradient for step {step}, but the group trains steps before {last} only")]
@@ -168,6 +213,21 @@ pub enum ChunkError {
     },
 }
 
+/// Which of a network's all-reduces in a step a chunk belongs to, as a
+/// message names it: nothing for the gradient (or PowerSGD's first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Phase(pub u32);
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => Ok(()),
+            1 => f.write_str(" (PowerSGD's Q factors)"),
+            n => write!(f, " (all-reduce {n}, which no mode has)"),
+        }
+    }
+}
+
 /// Why a chunk could not be reduced.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
@@ -193,42 +253,75 @@ pub enum SubmitError {
 struct Gradient {
     step: u64,
     net: pb::Net,
-    chunking: Chunking,
+    /// 0, or 1 for PowerSGD's second all-reduce of the network.
+    phase: u32,
+    /// Fixed when its first chunk arrives: the schedule decided during the
+    /// step before whether this one travels exact.
+    plan: Option<Plan>,
     /// Chunks some ranks sent, by index: one part per rank.
     slots: HashMap<u32, Vec<Option<Bytes>>>,
-    /// Chunks already reduced and broadcast.
+    /// Chunks already reduced and broadcast (empty until planned).
     done: Vec<bool>,
     reduced: usize,
     /// A part was not finite and the policy is to skip.
     skip: bool,
-    /// How this step travels, fixed when its first chunk arrives (the
-    /// schedule decided it during the step before).
-    format: Option<WireFormat>,
+}
+
+/// How one all-reduce travels.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Whole in f32, as before a checkpoint under error feedback.
+    exact: bool,
+    format: WireFormat,
+    chunking: Chunking,
 }
 
 impl Gradient {
-    fn new(step: u64, net: pb::Net, shape: &Shape) -> Self {
-        let chunking = shape.of_net(net, step);
+    fn new(step: u64, net: pb::Net, phase: u32) -> Self {
         Self {
             step,
             net,
-            chunking,
+            phase,
+            plan: None,
             slots: HashMap::new(),
-            done: vec![false; chunking.count()],
+            done: Vec::new(),
             reduced: 0,
             skip: false,
-            format: None,
         }
+    }
+
+    /// How this all-reduce travels, decided once.
+    fn plan(&mut self, shape: &Shape, schedule: &Schedule) -> Plan {
+        if let Some(plan) = self.plan {
+            return plan;
+        }
+        let exact = schedule.exact(self.step);
+        let plan = Plan {
+            exact,
+            format: match exact {
+                true => WireFormat::F32,
+                false => shape.format,
+            },
+            chunking: shape.chunking(self.net, self.step, self.phase, exact),
+        };
+        self.done = vec![false; plan.chunking.count()];
+        self.plan = Some(plan);
+        plan
     }
 
     /// The gradient the group reduces after this one.
     fn next(&self, shape: &Shape) -> Self {
+        let second_follows = self.phase == 0
+            && self
+                .plan
+                .is_some_and(|plan| shape.compressed(self.step, plan.exact));
         match self.net {
-            pb::Net::Discriminator => Self::new(self.step, pb::Net::Generator, shape),
+            _ if second_follows => Self::new(self.step, self.net, 1),
+            pb::Net::Discriminator => Self::new(self.step, pb::Net::Generator, 0),
             _ => Self::new(
                 shape.cadence.next_sync(self.step + 1),
                 pb::Net::Discriminator,
-                shape,
+                0,
             ),
         }
     }
@@ -272,7 +365,7 @@ impl Reducer {
             current: Mutex::new(Gradient::new(
                 shape.cadence.next_sync(first_step),
                 pb::Net::Discriminator,
-                &shape,
+                0,
             )),
             skipped: AtomicU64::new(0),
             carried: Mutex::default(),
@@ -283,17 +376,14 @@ impl Reducer {
     /// and broadcasts it before returning.
     pub async fn submit(&self, rank: usize, mut chunk: pb::GradChunk) -> Result<(), SubmitError> {
         let data = std::mem::take(&mut chunk.data);
-        let Some((parts, format)) = self.accept(rank, &chunk, data)? else {
+        let Some((parts, plan)) = self.accept(rank, &chunk, data)? else {
             return Ok(());
         };
+        let format = plan.format;
         let key = (chunk.net, chunk.index);
         let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
         let carried = self.shape.format.carries_residual().then(|| {
-            let elems = self
-                .shape
-                .of_net(net, chunk.step)
-                .range(chunk.index as usize)
-                .len();
+            let elems = plan.chunking.range(chunk.index as usize).len();
             let mut carried = self.carried.lock().expect("carried lock");
             carried.remove(&key).unwrap_or_else(|| vec![0.0; elems])
         });
@@ -327,7 +417,7 @@ impl Reducer {
             mean.bytes.len() * parts.len(),
         );
         if net == pb::Net::Generator
-            && chunk.index == 0
+            && (chunk.phase, chunk.index) == (0, 0)
             && let Some(control) = self.schedule.control(self.generation, chunk.step)
         {
             self.peers
@@ -353,16 +443,18 @@ impl Reducer {
         rank: usize,
         chunk: &pb::GradChunk,
         data: Bytes,
-    ) -> Result<Option<(Vec<Bytes>, WireFormat)>, ChunkError> {
+    ) -> Result<Option<(Vec<Bytes>, Plan)>, ChunkError> {
         let mut current = self.current.lock().expect("reducer lock");
         let g = &mut *current;
         let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
-        if (chunk.step, net) != (g.step, g.net) {
+        if (chunk.step, net, chunk.phase) != (g.step, g.net, g.phase) {
             return Err(ChunkError::Unexpected {
                 step: chunk.step,
                 net,
+                phase: Phase(chunk.phase),
                 expected_step: g.step,
                 expected_net: g.net,
+                expected_phase: Phase(g.phase),
             });
         }
         if !self.schedule.trains(chunk.step) {
@@ -371,12 +463,8 @@ impl Reducer {
                 last: self.schedule.final_step(),
             });
         }
-        let format = *g
-            .format
-            .get_or_insert_with(|| match self.schedule.exact(chunk.step) {
-                true => WireFormat::F32,
-                false => self.shape.format,
-            });
+        let plan = g.plan(&self.shape, &self.schedule);
+        let (format, chunking) = (plan.format, plan.chunking);
         if chunk.format != wire_format(format) as i32 {
             return Err(ChunkError::Format {
                 step: chunk.step,
@@ -384,7 +472,6 @@ impl Reducer {
                 expected: format,
             });
         }
-        let chunking = g.chunking;
         if chunk.total_elems != chunking.total as u64 || chunk.count as usize != chunking.count() {
             return Err(ChunkError::Shape {
                 net,
@@ -429,7 +516,7 @@ impl Reducer {
         }
         let parts = g.slots.remove(&index).expect("slot present");
         g.done[index as usize] = true;
-        Ok(Some((parts.into_iter().flatten().collect(), format)))
+        Ok(Some((parts.into_iter().flatten().collect(), plan)))
     }
 
     /// A mean with NaN or Inf in it: halts the group, or marks the gradient
@@ -469,7 +556,7 @@ impl Reducer {
         let mut current = self.current.lock().expect("reducer lock");
         debug_assert_eq!(current.step, chunk.step);
         current.reduced += 1;
-        if current.reduced == current.chunking.count() {
+        if current.reduced == current.done.len() {
             *current = current.next(&self.shape);
         }
     }
@@ -499,6 +586,7 @@ impl Reducer {
         Some(Waiting {
             step: current.step,
             net: current.net,
+            phase: Phase(current.phase),
             index: index as u32,
             ranks,
         })
@@ -513,6 +601,8 @@ pub struct Waiting {
     pub step: u64,
     /// Which network's gradient.
     pub net: pb::Net,
+    /// Which of its all-reduces in the step.
+    pub phase: Phase,
     /// Chunk index.
     pub index: u32,
     /// Ranks whose contribution is missing.
@@ -523,8 +613,8 @@ impl std::fmt::Display for Waiting {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the all-reduce waits for rank(s) {:?} to send chunk {} of the {:?} gradient of step {}",
-            self.ranks, self.index, self.net, self.step
+            "the all-reduce waits for rank(s) {:?} to send chunk {} of the {:?} gradient of step {}{}",
+            self.ranks, self.index, self.net, self.step, self.phase
         )
     }
 }
@@ -549,6 +639,7 @@ mod tests {
             generator: 5,
             chunk_bytes: 16,
             cadence: Cadence::new(1, 0),
+            factors: None,
         }
     }
 
@@ -579,7 +670,19 @@ mod tests {
         index: u32,
         values: &[f32],
     ) -> pb::GradChunk {
-        let chunking = shape.of_net(net, step);
+        let chunking = shape.chunking(net, step, 0, false);
+        phased(chunking, step, net, 0, index, values)
+    }
+
+    /// A chunk of all-reduce `phase` of `net` at `step`, chunked as `chunking`.
+    fn phased(
+        chunking: Chunking,
+        step: u64,
+        net: pb::Net,
+        phase: u32,
+        index: u32,
+        values: &[f32],
+    ) -> pb::GradChunk {
         pb::GradChunk {
             step,
             net: net as i32,
@@ -589,16 +692,29 @@ mod tests {
             format: pb::WireFormat::F32 as i32,
             data: wire::encode(values, WireFormat::F32),
             skip: false,
+            phase,
         }
     }
 
     /// Every rank sends all chunks of what `net` all-reduces at `step` (ones).
     async fn every_rank_sends(reducer: &Reducer, step: u64, net: pb::Net) {
-        let chunking = reducer.shape.of_net(net, step);
+        every_rank_sends_phase(reducer, step, net, 0, false).await
+    }
+
+    /// Every rank sends all chunks of all-reduce `phase` of `net` at `step`
+    /// (ones); `exact`: the step travels whole.
+    async fn every_rank_sends_phase(
+        reducer: &Reducer,
+        step: u64,
+        net: pb::Net,
+        phase: u32,
+        exact: bool,
+    ) {
+        let chunking = reducer.shape.chunking(net, step, phase, exact);
         for rank in 0..WORLD {
             for index in 0..chunking.count() {
                 let len = chunking.range(index).len();
-                let c = chunk_of(&reducer.shape, step, net, index as u32, &[1.0; 4][..len]);
+                let c = phased(chunking, step, net, phase, index as u32, &[1.0; 4][..len]);
                 reducer.submit(rank, c).await.unwrap();
             }
         }
@@ -698,6 +814,74 @@ mod tests {
         assert_eq!(reducer.steps_reduced(), 11);
     }
 
+    /// Under PowerSGD each network's step is two all-reduces of the
+    /// factors' sizes, but a step before a checkpoint (6 here) travels
+    /// whole, once per network; a Q chunk out of turn is refused.
+    #[tokio::test]
+    async fn powersgd_reduces_p_then_q_except_whole_before_a_checkpoint() {
+        let factors = |first, second| Factors { first, second };
+        let shape = Shape {
+            factors: Some([factors(3, 6), factors(2, 5)]),
+            ..shape()
+        };
+        let reducer = Reducer::new(
+            0,
+            WORLD,
+            Arc::new(Peers::new(WORLD, std::time::Duration::from_secs(1))),
+            Arc::new(Schedule::new(6, 20, true)),
+            shape,
+            4,
+            NonFinite::Halt,
+        );
+        let early_q = phased(
+            shape.chunking(pb::Net::Discriminator, 4, 1, false),
+            4,
+            pb::Net::Discriminator,
+            1,
+            0,
+            &[1.0; 4],
+        );
+        match reducer.submit(0, early_q).await {
+            Err(SubmitError::Chunk(e)) => assert!(
+                e.to_string()
+                    .contains("step 4 (PowerSGD's Q factors) while"),
+                "{e}"
+            ),
+            other => panic!("a Q chunk before the P's was accepted: {other:?}"),
+        }
+        for net in [pb::Net::Discriminator, pb::Net::Generator] {
+            for phase in [0, 1] {
+                every_rank_sends_phase(&reducer, 4, net, phase, false).await;
+            }
+        }
+        assert_eq!(reducer.steps_reduced(), 5);
+        let factor_sized = phased(
+            shape.chunking(pb::Net::Discriminator, 5, 0, false),
+            5,
+            pb::Net::Discriminator,
+            0,
+            0,
+            &[1.0; 3],
+        );
+        match reducer.submit(0, factor_sized).await {
+            Err(SubmitError::Chunk(e)) => {
+                assert!(e.to_string().contains("it has 10 elements"), "{e}")
+            }
+            other => panic!("factors were accepted at an exact step: {other:?}"),
+        }
+        every_rank_sends_phase(&reducer, 5, pb::Net::Discriminator, 0, true).await;
+        every_rank_sends_phase(&reducer, 5, pb::Net::Generator, 0, true).await;
+        assert_eq!(reducer.steps_reduced(), 6, "no Q follows a whole gradient");
+
+        // With a warm-up to step 5, step 4 travels whole too, not exact.
+        let warming = Shape {
+            cadence: Cadence::new(1, 5),
+            ..shape
+        };
+        assert_eq!(warming.chunking(pb::Net::Generator, 4, 0, false).total, 5);
+        assert_eq!(warming.chunking(pb::Net::Generator, 5, 0, false).total, 2);
+    }
+
     #[tokio::test]
     async fn chunks_of_other_gradients_shapes_or_lengths_are_blamed_on_their_sender() {
         let reducer = reducer(NonFinite::Halt);
@@ -776,11 +960,11 @@ mod tests {
             },
             ..Config::default()
         };
-        let total = |shape: Shape, net, step| shape.of_net(net, step).total;
+        let total = |shape: Shape, net, step| shape.chunking(net, step, 0, false).total;
         let shape = Shape::of(&cfg);
         assert_eq!(total(shape, pb::Net::Discriminator, 9), 2_765_568);
         assert_eq!(total(shape, pb::Net::Generator, 9), 3_576_704);
-        let mut averaging = cfg;
+        let mut averaging = cfg.clone();
         averaging.train.sync_every = 4;
         averaging.train.sync_warmup = 8;
         let shape = Shape::of(&averaging);
@@ -795,5 +979,15 @@ mod tests {
             "parameters and moments"
         );
         assert_eq!(total(shape, pb::Net::Generator, 11), 3 * 3_576_704);
+        let mut compressed = cfg;
+        compressed.allreduce.powersgd_rank = 4;
+        let d = Layout::new(&compressed.model.discriminator_tensors(), 4);
+        let shape = Shape::of(&compressed);
+        assert_eq!(
+            [0, 1].map(|phase| shape
+                .chunking(pb::Net::Discriminator, 3, phase, false)
+                .total),
+            [d.first_len(), d.second_len()]
+        );
     }
 }

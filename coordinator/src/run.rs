@@ -196,7 +196,7 @@ where
     let schedule = Arc::new(Schedule::new(
         cfg.checkpoint.every,
         cfg.train.steps,
-        cfg.allreduce.wire.carries_residual(),
+        cfg.allreduce.has_error_feedback(),
     ));
     let refusals = Arc::new(Refusals::default());
     let first = Group::new(

@@ -131,22 +131,32 @@ fn whole_split_and_default(mode: &[&str], half: u64, check: impl Fn(&Finished)) 
     })
 }
 
-/// int8 with error feedback: every checkpoint follows an exact step, so a
-/// run resumed from one ends bitwise equal to one that never stopped (and
-/// the coordinator's per-step checksums kept both workers' replicas
-/// identical throughout); the compression changed the result.
-#[test]
-fn an_int8_run_resumes_bitwise_from_its_checkpoints() {
-    let [whole, split, f32] =
-        whole_split_and_default(&["--wire", "int8"], 3, |_| ()).map(|run| run.params);
+/// Under error feedback (`mode`) every checkpoint follows an exact step,
+/// so a run resumed from one ends bitwise equal to one that never stopped
+/// (and the coordinator's per-step checksums kept both workers' replicas
+/// identical throughout); and the compression changed the result.
+fn error_feedback_resumes_bitwise(mode: &[&str]) {
+    let [whole, split, f32] = whole_split_and_default(mode, 3, |_| ()).map(|run| run.params);
     assert_eq!(
         whole, split,
-        "an int8 run resumed at step 3 differs from the uninterrupted one"
+        "a run with {mode:?} resumed at step 3 differs from the uninterrupted one"
     );
     assert_ne!(
         whole, f32,
-        "int8 trained exactly as f32: the wire format was not applied"
+        "{mode:?} trained exactly as f32: the compression was not applied"
     );
+}
+
+#[test]
+fn an_int8_run_resumes_bitwise_from_its_checkpoints() {
+    error_feedback_resumes_bitwise(&["--wire", "int8"]);
+}
+
+/// PowerSGD also restarts its warm-started Q at every exact step, as a
+/// group resuming from the checkpoint that follows starts it.
+#[test]
+fn a_powersgd_run_resumes_bitwise_from_its_checkpoints() {
+    error_feedback_resumes_bitwise(&["--powersgd-rank", "2"]);
 }
 
 /// Post-local SGD (`--sync-every 2`): two workers train apart and average
@@ -250,6 +260,14 @@ fn a_post_local_sgd_run_stopped_by_sigterm_resumes_at_a_round() {
 #[test]
 fn an_int8_run_stopped_by_sigterm_resumes() {
     stopped_by_sigterm_and_resumed("term8", &["--wire", "int8"], 2);
+}
+
+/// SIGTERM under PowerSGD after a warm-up of whole gradients: as under
+/// int8, the stop waits for a step announced exact.
+#[test]
+fn a_powersgd_run_stopped_by_sigterm_resumes() {
+    let mode = ["--powersgd-rank", "2", "--sync-warmup", "2"];
+    stopped_by_sigterm_and_resumed("term-psgd", &mode, 2);
 }
 
 /// A checkpoint of 2 workers resumes with 3: the rest of the epoch is

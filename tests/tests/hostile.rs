@@ -131,6 +131,7 @@ fn d_chunk(cfg: &Config, step: u64) -> pb::GradChunk {
         format: pb::WireFormat::F32 as i32,
         data: wire::encode(&vec![0.0; elems], WireFormat::F32),
         skip: false,
+        phase: 0,
     }
 }
 

@@ -151,7 +151,7 @@ mod tests {
     /// The coordinator checks every gradient header against the counts the
     /// configuration computes without burn; they must be the models' own.
     #[test]
-    fn the_configurations_counts_are_the_flat_gradient_lengths() {
+    fn the_configurations_shapes_are_the_flat_gradients_tensors() {
         use crate::model::Generator;
         let device = Default::default();
         for (image_size, nz, ngf, ndf) in [(16, 8, 2, 3), (32, 100, 16, 8), (64, 100, 64, 64)] {
@@ -171,6 +171,16 @@ mod tests {
                 cfg.discriminator_params(),
                 "{cfg:?}"
             );
+            // PowerSGD views each tensor of the flat gradient by these shapes.
+            let shapes = |named: Vec<crate::model::Named>| -> Vec<Vec<usize>> {
+                named
+                    .into_iter()
+                    .filter(|n| n.trainable)
+                    .map(|n| n.shape)
+                    .collect()
+            };
+            assert_eq!(shapes(g.named()), cfg.generator_tensors(), "{cfg:?}");
+            assert_eq!(shapes(d.named()), cfg.discriminator_tensors(), "{cfg:?}");
         }
     }
 

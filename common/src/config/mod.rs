@@ -113,34 +113,60 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Trainable scalars of the generator: the length of its flat gradient,
     /// which the coordinator checks every gradient header against (it has
-    /// no burn to ask). Every layer is a bias-free 4×4 (transposed)
-    /// convolution; each BatchNorm adds a scale and a shift per channel.
+    /// no burn to ask).
     pub fn generator_params(&self) -> u64 {
-        let n = self.depth();
-        let mut channels = (self.ngf << (n - 1)) as u64;
-        let mut total = self.nz as u64 * channels * 16 + 2 * channels;
-        for _ in 1..n {
-            total += channels * (channels / 2) * 16 + channels;
-            channels /= 2;
-        }
-        total + channels * 3 * 16
+        count(&self.generator_tensors())
     }
 
     /// Trainable scalars of the discriminator (see [`ModelConfig::generator_params`]).
     pub fn discriminator_params(&self) -> u64 {
-        let mut channels = self.ndf as u64;
-        let mut total = 3 * channels * 16;
+        count(&self.discriminator_tensors())
+    }
+
+    /// The generator's trainable tensors in flat-gradient order, as
+    /// dimensions (PyTorch's `state_dict` order): PowerSGD compresses each
+    /// weight as a matrix, which needs their shapes, not only their sum.
+    /// Every layer is a bias-free 4×4 transposed convolution ([in, out, 4,
+    /// 4]); each BatchNorm adds a scale and a shift per channel.
+    pub fn generator_tensors(&self) -> Vec<Vec<usize>> {
+        let mut channels = self.ngf << (self.depth() - 1);
+        let mut all = vec![vec![self.nz, channels, 4, 4]];
+        all.extend([vec![channels], vec![channels]]);
         for _ in 1..self.depth() {
-            total += channels * (channels * 2) * 16 + 2 * (channels * 2);
-            channels *= 2;
+            all.push(vec![channels, channels / 2, 4, 4]);
+            channels /= 2;
+            all.extend([vec![channels], vec![channels]]);
         }
-        total + channels * 16
+        all.push(vec![channels, 3, 4, 4]);
+        all
+    }
+
+    /// The discriminator's trainable tensors (see
+    /// [`ModelConfig::generator_tensors`]); convolutions are [out, in, 4, 4].
+    pub fn discriminator_tensors(&self) -> Vec<Vec<usize>> {
+        let mut channels = self.ndf;
+        let mut all = vec![vec![channels, 3, 4, 4]];
+        for _ in 1..self.depth() {
+            all.push(vec![channels * 2, channels, 4, 4]);
+            channels *= 2;
+            all.extend([vec![channels], vec![channels]]);
+        }
+        all.push(vec![1, channels, 4, 4]);
+        all
     }
 
     /// Stride-2 layers between 4×4 and the image: 64 → 4, 16 → 2.
     fn depth(&self) -> usize {
         self.image_size.trailing_zeros() as usize - 2
     }
+}
+
+/// Scalars in `tensors`.
+fn count(tensors: &[Vec<usize>]) -> u64 {
+    tensors
+        .iter()
+        .map(|dims| dims.iter().product::<usize>() as u64)
+        .sum()
 }
 
 impl Default for ModelConfig {
@@ -179,8 +205,9 @@ pub struct TrainConfig {
     /// trains alone in between, then all average their parameters and
     /// Adam moments); 1 all-reduces every step's gradients.
     pub sync_every: u64,
-    /// Under post-local SGD, steps that all-reduce their gradients before
-    /// the first local step (a multiple of `sync_every`).
+    /// Steps that all-reduce their whole gradients before post-local SGD's
+    /// first local step (a multiple of `sync_every`) or PowerSGD's first
+    /// compressed one.
     pub sync_warmup: u64,
 }
 
@@ -376,8 +403,21 @@ pub struct AllReduceConfig {
     /// `f32` (exact), `bf16` (half the bytes, reduced in f32) or `int8`
     /// (a quarter, with error feedback; exact before each checkpoint).
     pub wire: crate::wire::WireFormat,
+    /// PowerSGD rank: 0 sends gradients whole; r ≥ 1 sends each weight's
+    /// gradient as two rank-r factors, in `wire`'s format, with error
+    /// feedback (exact before each checkpoint).
+    pub powersgd_rank: usize,
     /// What a gradient with NaN or ±Inf in it does to the run.
     pub nonfinite: NonFinite,
+}
+
+impl AllReduceConfig {
+    /// Whether workers carry a residual from step to step (int8's rounding,
+    /// PowerSGD's projection), so that the step before each checkpoint must
+    /// travel exact to leave none behind.
+    pub fn has_error_feedback(&self) -> bool {
+        self.wire.carries_residual() || self.powersgd_rank > 0
+    }
 }
 
 impl Default for AllReduceConfig {
@@ -385,6 +425,7 @@ impl Default for AllReduceConfig {
         Self {
             chunk_bytes: 4 << 20,
             wire: crate::wire::WireFormat::F32,
+            powersgd_rank: 0,
             nonfinite: NonFinite::Halt,
         }
     }
@@ -721,6 +762,57 @@ mod tests {
             every_step.contains("train.sync_warmup") && every_step.contains("already"),
             "{every_step}"
         );
+    }
+
+    #[test]
+    fn powersgd_takes_a_rank_and_refuses_what_would_compress_twice() {
+        let load = |pairs: &[(&str, &str)]| {
+            let overrides: Vec<(&str, String)> =
+                pairs.iter().map(|(k, v)| (*k, v.to_string())).collect();
+            Config::load_with_env(None, &overrides, env(&[])).map_err(|e| e.to_string())
+        };
+        let cfg = load(&[("allreduce.powersgd_rank", "4"), ("allreduce.wire", "bf16")]).unwrap();
+        assert_eq!(cfg.allreduce.powersgd_rank, 4);
+        let warmed = [
+            ("allreduce.powersgd_rank", "4"),
+            ("train.steps", "40"),
+            ("train.sync_warmup", "12"),
+        ];
+        assert_eq!(
+            load(&warmed).unwrap().train.sync_warmup,
+            12,
+            "any step count"
+        );
+        let refused = [
+            (
+                vec![("allreduce.powersgd_rank", "65")],
+                "allreduce.powersgd_rank",
+            ),
+            (
+                vec![("allreduce.powersgd_rank", "4"), ("allreduce.wire", "int8")],
+                "allreduce.wire",
+            ),
+            (
+                vec![
+                    ("allreduce.powersgd_rank", "4"),
+                    ("train.sync_every", "4"),
+                    ("train.steps", "40"),
+                ],
+                "train.sync_every",
+            ),
+            (
+                vec![
+                    ("allreduce.powersgd_rank", "4"),
+                    ("train.steps", "40"),
+                    ("train.sync_warmup", "41"),
+                ],
+                "train.sync_warmup",
+            ),
+        ];
+        for (pairs, key) in refused {
+            let err = load(&pairs).unwrap_err();
+            assert!(err.contains(key), "{pairs:?}: {err}");
+        }
     }
 
     #[test]

@@ -8,6 +8,10 @@ use std::ops::RangeInclusive;
 
 use super::{Config, ConfigError, MAX_CHUNK_BYTES};
 
+/// PowerSGD's rank beyond which factors stop being much smaller than the
+/// DCGAN weights they stand for (PyTorch's users run 1 to 32).
+const MAX_POWERSGD_RANK: usize = 64;
+
 /// Largest synthetic training split: fifty times CelebA.
 pub const MAX_SYNTHETIC_IMAGES: usize = 10_000_000;
 
@@ -72,8 +76,34 @@ impl Config {
             1024..=MAX_CHUNK_BYTES / 2,
         )?;
         self.validate_checkpoint()?;
+        self.validate_powersgd()?;
         self.validate_sync_every()?;
         self.validate_tls()
+    }
+
+    /// PowerSGD compresses gradients, with error feedback of its own: int8
+    /// would round the factors with a second residual, and post-local SGD
+    /// averages state, not gradients.
+    fn validate_powersgd(&self) -> Result<(), ConfigError> {
+        let rank = self.allreduce.powersgd_rank;
+        within("allreduce.powersgd_rank", rank, 0..=MAX_POWERSGD_RANK)?;
+        if rank == 0 {
+            return Ok(());
+        }
+        check(
+            "allreduce.wire",
+            self.allreduce.wire,
+            self.allreduce.wire != crate::wire::WireFormat::Int8,
+            "\"f32\" or \"bf16\" with allreduce.powersgd_rank > 0: PowerSGD's factors \
+             carry error feedback already",
+        )?;
+        check(
+            "train.sync_every",
+            self.train.sync_every,
+            self.train.sync_every == 1,
+            "1 with allreduce.powersgd_rank > 0: post-local SGD averages parameters, \
+             which PowerSGD does not compress",
+        )
     }
 
     /// Post-local SGD: replicas agree only at averaging steps, so the
@@ -82,12 +112,24 @@ impl Config {
     fn validate_sync_every(&self) -> Result<(), ConfigError> {
         let (h, warmup) = (self.train.sync_every, self.train.sync_warmup);
         within("train.sync_every", h, 1..=10_000)?;
+        if h == 1 && self.allreduce.powersgd_rank > 0 {
+            return check(
+                "train.sync_warmup",
+                warmup,
+                warmup <= self.train.steps,
+                &format!(
+                    "up to train.steps ({}): PowerSGD compresses from where the warm-up ends",
+                    self.train.steps
+                ),
+            );
+        }
         if h == 1 {
             return check(
                 "train.sync_warmup",
                 warmup,
                 warmup == 0,
-                "0 with train.sync_every = 1: every step already all-reduces its gradients",
+                "0 with train.sync_every = 1 and no PowerSGD: every step already all-reduces \
+                 its whole gradients",
             );
         }
         check(
