@@ -21,6 +21,9 @@
 //! [`PowerSgd::reset`] empties the residual and restarts Q from its fixed
 //! initial value, as a group resuming from that checkpoint starts.
 
+use std::ops::Range;
+
+use crate::config::ModelConfig;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -28,32 +31,30 @@ use rayon::prelude::*;
 /// The seed of the initial Q: any constant, as long as every replica uses it.
 const INITIAL_Q_SEED: u64 = 0x5057_5253_4744;
 
-/// Where one trainable tensor sits in the flat gradient and in the factors.
+/// A weight compressed as a matrix (first dimension × the rest): its
+/// elements in the flat gradient, and its factors in the two all-reduces.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Block {
-    /// A weight compressed as a `rows` × `cols` matrix.
-    Matrix {
-        offset: usize,
-        rows: usize,
-        cols: usize,
-        /// Where its P (rows × rank) starts in the first all-reduce.
-        p_at: usize,
-        /// Where its Q (kept as Qᵀ, rank × cols) starts in the second.
-        q_at: usize,
-    },
-    /// A tensor sent whole in the first all-reduce, after every P.
-    Whole {
-        offset: usize,
-        len: usize,
-        at: usize,
-    },
+struct Matrix {
+    gradient: Range<usize>,
+    /// P (rows × rank) in the first all-reduce.
+    p: Range<usize>,
+    /// Q, kept as Qᵀ (rank × cols), in the second.
+    q: Range<usize>,
+}
+
+/// A tensor sent whole in the first all-reduce, after every P.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Whole {
+    gradient: Range<usize>,
+    sent: Range<usize>,
 }
 
 /// How one network's flat gradient maps onto PowerSGD's two all-reduces;
 /// the coordinator sizes them from it, the worker fills them by it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
-    blocks: Vec<Block>,
+    matrices: Vec<Matrix>,
+    wholes: Vec<Whole>,
     rank: usize,
     len: usize,
     first: usize,
@@ -66,38 +67,38 @@ impl Layout {
     /// factors are smaller than it: (n + m)·rank < n·m.
     pub fn new(tensors: &[Vec<usize>], rank: usize) -> Self {
         let rank = rank.max(1);
-        let (mut blocks, mut wholes) = (Vec::new(), Vec::new());
-        let (mut first, mut second) = (0, 0);
-        for (dims, offset) in tensors.iter().zip(offsets(tensors)) {
+        let (mut matrices, mut sent_whole) = (Vec::new(), Vec::new());
+        let (mut offset, mut first, mut second) = (0, 0, 0);
+        for dims in tensors {
             let len: usize = dims.iter().product();
             let rows = dims.first().copied().unwrap_or(1).max(1);
             let cols = len / rows;
             if dims.len() > 1 && (rows + cols) * rank < len {
-                blocks.push(Block::Matrix {
-                    offset,
-                    rows,
-                    cols,
-                    p_at: first,
-                    q_at: second,
+                matrices.push(Matrix {
+                    gradient: offset..offset + len,
+                    p: first..first + rows * rank,
+                    q: second..second + cols * rank,
                 });
                 first += rows * rank;
                 second += cols * rank;
             } else {
-                wholes.push((offset, len));
+                sent_whole.push((offset, len));
             }
+            offset += len;
         }
-        for (offset, len) in wholes {
-            blocks.push(Block::Whole {
-                offset,
-                len,
-                at: first,
+        let mut wholes = Vec::with_capacity(sent_whole.len());
+        for (offset, len) in sent_whole {
+            wholes.push(Whole {
+                gradient: offset..offset + len,
+                sent: first..first + len,
             });
             first += len;
         }
         Self {
-            blocks,
+            matrices,
+            wholes,
             rank,
-            len: tensors.iter().map(|d| d.iter().product::<usize>()).sum(),
+            len: offset,
             first,
             second,
         }
@@ -122,37 +123,6 @@ impl Layout {
     pub fn second_len(&self) -> usize {
         self.second
     }
-
-    fn matrices(&self) -> impl Iterator<Item = (usize, usize, usize, usize, usize)> + '_ {
-        self.blocks.iter().filter_map(|b| match *b {
-            Block::Matrix {
-                offset,
-                rows,
-                cols,
-                p_at,
-                q_at,
-            } => Some((offset, rows, cols, p_at, q_at)),
-            Block::Whole { .. } => None,
-        })
-    }
-
-    fn wholes(&self) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
-        self.blocks.iter().filter_map(|b| match *b {
-            Block::Whole { offset, len, at } => Some((offset, len, at)),
-            Block::Matrix { .. } => None,
-        })
-    }
-}
-
-fn offsets(tensors: &[Vec<usize>]) -> Vec<usize> {
-    tensors
-        .iter()
-        .scan(0, |at, dims| {
-            let start = *at;
-            *at += dims.iter().product::<usize>();
-            Some(start)
-        })
-        .collect()
 }
 
 /// One worker's PowerSGD state for one network: the shared Q every replica
@@ -185,6 +155,12 @@ impl PowerSgd {
         state
     }
 
+    /// Fresh states for `model`'s discriminator and generator, in that order.
+    pub fn per_network(model: &ModelConfig, rank: usize) -> [Self; 2] {
+        [model.discriminator_tensors(), model.generator_tensors()]
+            .map(|tensors| Self::new(Layout::new(&tensors, rank)))
+    }
+
     /// What a group starting at a checkpoint holds: no residual, the
     /// initial Q. Called after every step that travelled whole.
     pub fn reset(&mut self) {
@@ -210,16 +186,16 @@ impl PowerSgd {
     pub fn first(&self, grads: &[f32]) -> (Round, Vec<f32>) {
         let m = self.with_residual(grads);
         let (rank, mut sent) = (self.layout.rank, vec![0.0; self.layout.first]);
-        for (offset, rows, cols, p_at, q_at) in self.layout.matrices() {
+        for matrix in &self.layout.matrices {
             project(
-                &m[offset..offset + rows * cols],
-                &self.q[q_at..q_at + cols * rank],
-                &mut sent[p_at..p_at + rows * rank],
+                &m[matrix.gradient.clone()],
+                &self.q[matrix.q.clone()],
+                &mut sent[matrix.p.clone()],
                 rank,
             );
         }
-        for (offset, len, at) in self.layout.wholes() {
-            sent[at..at + len].copy_from_slice(&m[offset..offset + len]);
+        for whole in &self.layout.wholes {
+            sent[whole.sent.clone()].copy_from_slice(&m[whole.gradient.clone()]);
         }
         let round = Round {
             m,
@@ -239,13 +215,13 @@ impl PowerSgd {
             "first mean of another layout"
         );
         let (rank, mut sent) = (self.layout.rank, vec![0.0; self.layout.second]);
-        for (offset, rows, cols, p_at, q_at) in self.layout.matrices() {
-            let p = &mut mean[p_at..p_at + rows * rank];
+        for matrix in &self.layout.matrices {
+            let p = &mut mean[matrix.p.clone()];
             orthonormalise(p, rank);
             back_project(
-                &round.m[offset..offset + rows * cols],
+                &round.m[matrix.gradient.clone()],
                 p,
-                &mut sent[q_at..q_at + cols * rank],
+                &mut sent[matrix.q.clone()],
                 rank,
             );
         }
@@ -267,22 +243,23 @@ impl PowerSgd {
         let rank = self.layout.rank;
         let Round { m, p, q } = round;
         let mut applied = vec![0.0; self.layout.len];
-        self.residual.iter_mut().for_each(|r| *r = 0.0);
-        for (offset, rows, cols, p_at, q_at) in self.layout.matrices() {
-            let range = offset..offset + rows * cols;
-            let p = &p[p_at..p_at + rows * rank];
+        for matrix in &self.layout.matrices {
+            let range = matrix.gradient.clone();
+            let p = &p[matrix.p.clone()];
             outer(
                 p,
-                &mean[q_at..q_at + cols * rank],
+                &mean[matrix.q.clone()],
                 &mut applied[range.clone()],
                 rank,
             );
             let own = &mut self.residual[range.clone()];
-            outer(p, &q[q_at..q_at + cols * rank], own, rank);
+            outer(p, &q[matrix.q.clone()], own, rank);
             own.iter_mut().zip(&m[range]).for_each(|(r, m)| *r = m - *r);
         }
-        for (offset, len, at) in self.layout.wholes() {
-            applied[offset..offset + len].copy_from_slice(&p[at..at + len]);
+        // Tensors sent whole arrive whole: nothing left to carry.
+        for whole in &self.layout.wholes {
+            applied[whole.gradient.clone()].copy_from_slice(&p[whole.sent.clone()]);
+            self.residual[whole.gradient.clone()].fill(0.0);
         }
         self.q = mean;
         applied
@@ -397,7 +374,6 @@ fn orthonormalise(p: &mut [f32], rank: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ModelConfig;
 
     /// W workers' PowerSGD of their gradients, all-reduced in process.
     fn step(states: &mut [PowerSgd], grads: &[Vec<f32>]) -> Vec<Vec<f32>> {

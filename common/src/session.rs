@@ -28,7 +28,7 @@ use crate::config::{
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::rendezvous_client::RendezvousClient;
 use crate::pb::{self, coordinator_message, worker_message};
-use crate::powersgd::{Layout, PowerSgd};
+use crate::powersgd::PowerSgd;
 use crate::tls::{self, TlsError};
 use crate::untrusted::{shown, shown_message};
 use crate::wire::{self, Chunking, WireError, WireFormat};
@@ -957,13 +957,7 @@ impl PowerSgdSlot {
 /// Fresh PowerSGD states for both networks, when `allreduce.powersgd_rank` asks.
 fn powersgd_of(cfg: &Config) -> Option<[PowerSgd; 2]> {
     let rank = cfg.allreduce.powersgd_rank;
-    (rank > 0).then(|| {
-        [
-            cfg.model.discriminator_tensors(),
-            cfg.model.generator_tensors(),
-        ]
-        .map(|tensors| PowerSgd::new(Layout::new(&tensors, rank)))
-    })
+    (rank > 0).then(|| PowerSgd::per_network(&cfg.model, rank))
 }
 
 /// A worker's error-feedback residuals, one per network (empty before the

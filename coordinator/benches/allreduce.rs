@@ -62,27 +62,26 @@ const WARMUP: usize = 1;
 #[derive(Debug, Clone)]
 struct Wire {
     name: String,
+    /// `allreduce.wire` as the configuration spells it.
+    wire: String,
     format: WireFormat,
     rank: usize,
 }
 
 impl Wire {
     fn parse(name: &str) -> Self {
-        let (format, rank) = match name.strip_prefix("powersgd") {
+        let (wire, rank) = match name.strip_prefix("powersgd") {
             Some(rest) => {
-                let (rank, format) = rest.split_once('-').unwrap_or((rest, "f32"));
-                (format, rank.parse().expect("powersgd<rank>"))
+                let (rank, wire) = rest.split_once('-').unwrap_or((rest, "f32"));
+                (wire, rank.parse().expect("powersgd<rank>"))
             }
             None => (name, 0),
         };
+        let format = serde_json::Value::String(wire.to_string());
         Self {
             name: name.to_string(),
-            format: match format {
-                "f32" => WireFormat::F32,
-                "bf16" => WireFormat::Bf16,
-                "int8" => WireFormat::Int8,
-                other => panic!("no wire format {other}"),
-            },
+            wire: wire.to_string(),
+            format: serde_json::from_value(format).expect("a wire format: f32, bf16 or int8"),
             rank,
         }
     }
@@ -114,7 +113,7 @@ fn config(image_size: usize, steps: usize, wire: &str, store: &str, sync_every: 
     let overrides = [
         ("train.steps", steps.to_string()),
         ("train.sync_every", sync_every.to_string()),
-        ("allreduce.wire", wire_name(wire.format).to_string()),
+        ("allreduce.wire", wire.wire),
         ("allreduce.powersgd_rank", wire.rank.to_string()),
         ("checkpoint.every", "0".to_string()),
         ("model.image_size", image_size.to_string()),
@@ -126,14 +125,6 @@ fn config(image_size: usize, steps: usize, wire: &str, store: &str, sync_every: 
     let mut cfg = Config::load(None, &overrides).expect("bench config");
     cfg.checkpoint.store = store.to_string();
     cfg
-}
-
-fn wire_name(format: WireFormat) -> &'static str {
-    match format {
-        WireFormat::F32 => "f32",
-        WireFormat::Bf16 => "bf16",
-        WireFormat::Int8 => "int8",
-    }
 }
 
 /// The modes `--wire` names.
@@ -266,20 +257,14 @@ fn powersgd_cost(models: &[usize], ranks: &[usize], iters: usize) {
     println!("|---|---|---|");
     for &size in models {
         let cfg = config(size, 1, "f32", "memory://", 1);
-        let nets = [
-            cfg.model.discriminator_tensors(),
-            cfg.model.generator_tensors(),
-        ];
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-        let grads: Vec<Vec<f32>> = nets
-            .iter()
-            .map(|t| {
-                let len = Layout::new(t, 1).len();
-                (0..len).map(|_| rng.random_range(-1e-3..1e-3)).collect()
-            })
-            .collect();
+        let grads = [
+            cfg.model.discriminator_params(),
+            cfg.model.generator_params(),
+        ]
+        .map(|len| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1e-3..1e-3)).collect() });
         for &rank in ranks {
-            let mut states = nets.clone().map(|t| PowerSgd::new(Layout::new(&t, rank)));
+            let mut states = PowerSgd::per_network(&cfg.model, rank);
             let times = (0..WARMUP + iters).map(|_| {
                 let started = Instant::now();
                 for (state, grads) in states.iter_mut().zip(&grads) {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::Config;
-use common::powersgd::{Layout, PowerSgd};
+use common::powersgd::PowerSgd;
 use common::wire::{self, WireFormat};
 use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
@@ -304,10 +304,8 @@ struct PowerSgdGroupOfOne {
 
 impl PowerSgdGroupOfOne {
     fn new(rank: usize) -> Self {
-        let model = config().model;
         Self {
-            states: [model.discriminator_tensors(), model.generator_tensors()]
-                .map(|tensors| PowerSgd::new(Layout::new(&tensors, rank))),
+            states: PowerSgd::per_network(&config().model, rank),
         }
     }
 }
