@@ -387,6 +387,23 @@ impl Reduced {
     }
 }
 
+/// One all-reduce's payload: f32 goes out as the gradient's own memory
+/// ([`wire::f32_in_place`]), anything else is encoded chunk by chunk (with
+/// the residual carried into it under error feedback).
+enum Outgoing {
+    InPlace(Bytes),
+    Encoded(Vec<f32>),
+}
+
+impl Outgoing {
+    fn new(values: Vec<f32>, format: WireFormat, carrying: bool) -> Self {
+        match format == WireFormat::F32 && !carrying {
+            true => Self::InPlace(wire::f32_in_place(values)),
+            false => Self::Encoded(values),
+        }
+    }
+}
+
 /// An open session: send chunks and reports, receive reduced chunks and
 /// control; heartbeats go out in the background for as long as it lives.
 pub struct Session {
@@ -521,22 +538,24 @@ impl Session {
     /// out replaces it once the mean is applied (not when every rank skips
     /// it). A step the coordinator announced as exact travels whole in f32
     /// and leaves no residual (under PowerSGD, no warm start either).
+    ///
+    /// Takes the gradient by value: in f32 its memory is what goes out.
     pub async fn all_reduce(
         &mut self,
         step: u64,
         net: pb::Net,
-        grads: &[f32],
+        grads: Vec<f32>,
     ) -> Result<Reduced, SessionError> {
         self.step.store(step, Ordering::Relaxed);
         let exact = self.exact == Some(step);
         if self.powersgd.is_some() && !self.cadence.warming_up(step) {
             let slot = PowerSgdSlot::of(net);
             if !exact {
-                return self.compressed(step, net, grads, slot).await;
+                return self.compressed(step, net, &grads, slot).await;
             }
-            let whole = self.powersgd(slot).with_residual(grads);
+            let whole = self.powersgd(slot).with_residual(&grads);
             let (reduced, _) = self
-                .exchange(step, net, 0, &whole, WireFormat::F32, None)
+                .exchange(step, net, 0, whole, WireFormat::F32, None)
                 .await?;
             self.powersgd(slot).reset();
             return Ok(reduced);
@@ -583,12 +602,12 @@ impl Session {
     ) -> Result<Reduced, SessionError> {
         let format = self.format;
         let (mut round, first) = self.powersgd(slot).first(grads);
-        let (reduced, _) = self.exchange(step, net, 0, &first, format, None).await?;
+        let (reduced, _) = self.exchange(step, net, 0, first, format, None).await?;
         if reduced.skip {
             return Ok(Reduced::skipped());
         }
         let second = self.powersgd(slot).second(&mut round, reduced.mean);
-        let (reduced, _) = self.exchange(step, net, 1, &second, format, None).await?;
+        let (reduced, _) = self.exchange(step, net, 1, second, format, None).await?;
         if reduced.skip {
             return Ok(Reduced::skipped());
         }
@@ -609,21 +628,23 @@ impl Session {
         step: u64,
         net: pb::Net,
         phase: u32,
-        values: &[f32],
+        values: Vec<f32>,
         format: WireFormat,
         carried: Option<&[f32]>,
     ) -> Result<(Reduced, Option<Vec<f32>>), SessionError> {
         // Chunked by the run's format whatever this step's: the coordinator
         // knows the chunking before it knows whether the step is exact.
-        let chunking = Chunking::new(values.len(), self.chunk_bytes, self.format);
-        let mut left = carried.map(|_| vec![0.0f32; values.len()]);
+        let len = values.len();
+        let chunking = Chunking::new(len, self.chunk_bytes, self.format);
+        let mut left = carried.map(|_| vec![0.0f32; len]);
+        let outgoing = Outgoing::new(values, format, carried.is_some());
         let outbound = &self.outbound;
         let header = |index: usize| pb::GradChunk {
             step,
             net: net as i32,
             index: index as u32,
             count: chunking.count() as u32,
-            total_elems: values.len() as u64,
+            total_elems: len as u64,
             format: wire_format(format) as i32,
             data: Default::default(),
             skip: false,
@@ -632,14 +653,17 @@ impl Session {
         let send = async {
             for index in 0..chunking.count() {
                 let range = chunking.range(index);
-                let data = match (carried, left.as_mut()) {
-                    (Some(carried), Some(left)) => wire::encode_carrying(
-                        &values[range.clone()],
-                        &carried[range.clone()],
-                        &mut left[range],
-                        format,
-                    ),
-                    _ => wire::encode(&values[range], format),
+                let data = match (&outgoing, carried, left.as_mut()) {
+                    (Outgoing::InPlace(bytes), ..) => bytes.slice(range.start * 4..range.end * 4),
+                    (Outgoing::Encoded(values), Some(carried), Some(left)) => {
+                        wire::encode_carrying(
+                            &values[range.clone()],
+                            &carried[range.clone()],
+                            &mut left[range],
+                            format,
+                        )
+                    }
+                    (Outgoing::Encoded(values), ..) => wire::encode(&values[range], format),
                 };
                 let chunk = pb::GradChunk {
                     data,
@@ -651,7 +675,7 @@ impl Session {
         };
         let (inbound, control, announced) = (&mut self.inbound, &mut self.control, &mut self.exact);
         let receive = async {
-            let mut mean = vec![0.0f32; values.len()];
+            let mut mean = vec![0.0f32; len];
             let mut skip = false;
             let mut seen = vec![false; chunking.count()];
             let mut received = 0;

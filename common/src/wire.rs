@@ -64,6 +64,27 @@ pub struct WireError {
     pub format: WireFormat,
 }
 
+/// `values` as f32 wire bytes without an encoding pass: on a little-endian
+/// host (every target this builds for) the two are the same bytes, so an
+/// f32 chunk is a slice of the gradient itself and the only copies left
+/// are the transport's.
+pub fn f32_in_place(values: Vec<f32>) -> Bytes {
+    if cfg!(target_endian = "little") {
+        Bytes::from_owner(LittleEndian(values))
+    } else {
+        encode(&values, WireFormat::F32)
+    }
+}
+
+/// Owns a gradient so [`Bytes`] can lend out its memory.
+struct LittleEndian(Vec<f32>);
+
+impl AsRef<[u8]> for LittleEndian {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
 /// Encodes `values` for the wire.
 pub fn encode(values: &[f32], format: WireFormat) -> Bytes {
     let mut out = BytesMut::zeroed(format.encoded_len(values.len()));
@@ -417,6 +438,15 @@ mod tests {
         let mut out = [0.0; 5];
         decode_into(&encode(&values, WireFormat::F32), WireFormat::F32, &mut out).unwrap();
         assert_eq!(values.map(f32::to_bits), out.map(f32::to_bits));
+    }
+
+    #[test]
+    fn f32_in_place_holds_the_bytes_encode_writes() {
+        let values = vec![0.0, -1.5, f32::MIN_POSITIVE, 3.0e38, 1.0 / 3.0, f32::NAN];
+        let encoded = encode(&values, WireFormat::F32);
+        let shared = f32_in_place(values);
+        assert_eq!(shared, encoded);
+        assert_eq!(shared.slice(4..8), encoded.slice(4..8));
     }
 
     #[test]

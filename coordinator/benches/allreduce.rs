@@ -53,6 +53,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 
+/// The binaries' allocator: this process hosts the coordinator and stands
+/// in for the workers.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const TOKEN: &str = "bench";
 const WARMUP: usize = 1;
 /// An all-reduce mode as `--wire` names it: `f32`, `bf16` or `int8`
@@ -514,10 +519,13 @@ async fn client(args: &[String]) {
         .zip(&mut net_ms)
         {
             tokio::time::sleep(backward).await;
+            // A worker's gradient is a fresh vector each step (flattened
+            // out of the backward pass): the all-reduce takes it by value.
+            let grads = syncs.then(|| mine.clone());
             let started = Instant::now();
-            if syncs {
+            if let Some(grads) = grads {
                 let reduced = session
-                    .all_reduce(step, net, mine)
+                    .all_reduce(step, net, grads)
                     .await
                     .unwrap_or_else(|e| panic!("{net:?} all-reduce: {e}"));
                 assert!(

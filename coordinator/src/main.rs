@@ -15,6 +15,11 @@ use common::report;
 use coordinator::display::{self, Echo, Verbosity};
 use coordinator::{CoordinatorError, Mode, Options, Outcome, ResumePolicy, summary};
 
+/// mimalloc reuses freed multi-megabyte buffers (gradient chunks) where
+/// glibc's allocator handed back fresh pages to fault in each time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,

@@ -147,10 +147,13 @@ async fn worker(
         let step = step as u64;
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;
         let d = session
-            .all_reduce(step, Net::Discriminator, d)
+            .all_reduce(step, Net::Discriminator, d.clone())
             .await
             .unwrap();
-        let g = session.all_reduce(step, Net::Generator, g).await.unwrap();
+        let g = session
+            .all_reduce(step, Net::Generator, g.clone())
+            .await
+            .unwrap();
         assert!(!d.skip && !g.skip);
         if rank == 0 {
             answer_checkpoint(&mut session, &cfg, step).await;

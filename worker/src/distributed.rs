@@ -611,7 +611,7 @@ impl GradientReducer for Remote<'_> {
         };
         let started = Instant::now();
         let runtime = self.runtime;
-        let reduced = runtime.block_on(self.session().all_reduce(step, wire_net, &grads))?;
+        let reduced = runtime.block_on(self.session().all_reduce(step, wire_net, grads))?;
         self.waited_ms += started.elapsed().as_secs_f64() * 1e3;
         if reduced.skip {
             warn!(
@@ -643,7 +643,7 @@ impl StepSync for Remote<'_> {
             let state = trainer.averaging_state(net)?;
             let started = Instant::now();
             let runtime = self.runtime;
-            let averaged = runtime.block_on(self.session().all_reduce(step, wire_net, &state))?;
+            let averaged = runtime.block_on(self.session().all_reduce(step, wire_net, state))?;
             self.waited_ms += started.elapsed().as_secs_f64() * 1e3;
             // Averaging needs the halt policy (config validation), so a
             // non-finite state ends the run at the coordinator instead.

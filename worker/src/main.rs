@@ -15,6 +15,14 @@ use worker::check_backend::{Comparison, Trajectory};
 use worker::data::{ImageSource, synthetic};
 use worker::{distributed, standalone, swd};
 
+/// With a GPU the host's work is moving gradients, and mimalloc reuses freed
+/// multi-megabyte buffers where glibc's allocator faults in fresh pages each
+/// time; on the CPU backend glibc ran DCGAN-64's step ~5 % faster, so the
+/// CPU build keeps it (BENCHMARKS.md, "A leaner data path").
+#[cfg(feature = "cuda")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(version, about = "gancluster worker: DCGAN training on burn")]
 struct Cli {
