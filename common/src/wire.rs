@@ -441,12 +441,13 @@ mod tests {
     }
 
     #[test]
-    fn f32_in_place_holds_the_bytes_encode_writes() {
+    fn a_chunk_sliced_in_place_is_the_chunk_encoded() {
         let values = vec![0.0, -1.5, f32::MIN_POSITIVE, 3.0e38, 1.0 / 3.0, f32::NAN];
-        let encoded = encode(&values, WireFormat::F32);
+        let chunk = encode(&values[1..4], WireFormat::F32);
+        let whole = encode(&values, WireFormat::F32);
         let shared = f32_in_place(values);
-        assert_eq!(shared, encoded);
-        assert_eq!(shared.slice(4..8), encoded.slice(4..8));
+        assert_eq!(shared, whole);
+        assert_eq!(shared.slice(4..16), chunk);
     }
 
     #[test]

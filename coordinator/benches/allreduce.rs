@@ -53,8 +53,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
 
-/// The binaries' allocator: this process hosts the coordinator and stands
-/// in for the workers.
+/// The coordinator's allocator, and the CUDA worker's: this process hosts
+/// the coordinator and stands in for workers with a GPU step.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
