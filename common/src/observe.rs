@@ -6,10 +6,19 @@
 //! and neither answer says anything about the run beyond a status and
 //! numbers. Both are opt-in (`--health-listen`, `--metrics-listen`).
 
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::Stream;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
@@ -27,6 +36,27 @@ pub const WORKER: &str = "gancluster.Worker";
 const STREAMS_PER_CONNECTION: u32 = 4;
 /// A probe that has not finished by then is cut.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the health port holds at most. It is open to anyone who can reach
+/// it, so without bounds connections that never speak, or that answer
+/// keepalive pings forever, would pile up until the process runs out of
+/// file descriptors, and the token-protected port with it. A kubelet opens
+/// one connection per probe and is done within its probe timeout.
+#[derive(Debug, Clone, Copy)]
+struct Bounds {
+    /// Open at once; a connection beyond is closed on accept.
+    connections: usize,
+    /// Asked to close (HTTP/2 GOAWAY) this long after it opened...
+    age: Duration,
+    /// ...and closed this much later, whatever it is doing.
+    grace: Duration,
+}
+
+const BOUNDS: Bounds = Bounds {
+    connections: 16,
+    age: REQUEST_TIMEOUT,
+    grace: Duration::from_secs(1),
+};
 
 /// Histogram buckets of every `*_seconds` metric: from a fast GPU step
 /// (milliseconds) to a slow checkpoint upload (minutes).
@@ -104,34 +134,40 @@ impl Health {
     pub async fn serve(address: &str, service: &'static str) -> Result<Self, ObserveError> {
         const FLAG: &str = "--health-listen";
         let address = parse(FLAG, address)?;
-        let listener = tokio::net::TcpListener::bind(address)
+        let listener = TcpListener::bind(address)
             .await
             .map_err(|source| ObserveError::Bind {
                 flag: FLAG,
                 address,
                 source,
             })?;
+        let health = Self::serve_on(listener, service, BOUNDS).await;
+        tracing::info!(%address, service, "gRPC health service listening");
+        Ok(health)
+    }
+
+    async fn serve_on(listener: TcpListener, service: &'static str, bounds: Bounds) -> Self {
+        let address = listener.local_addr().ok();
         let (reporter, server) = tonic_health::server::health_reporter();
         reporter
             .set_service_status(service, ServingStatus::NotServing)
             .await;
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let serving = tonic::transport::Server::builder()
             .max_concurrent_streams(STREAMS_PER_CONNECTION)
             .timeout(REQUEST_TIMEOUT)
             .http2_keepalive_interval(Some(REQUEST_TIMEOUT))
             .http2_keepalive_timeout(Some(REQUEST_TIMEOUT))
+            .max_connection_age(bounds.age)
+            .max_connection_age_grace(bounds.grace)
             .add_service(server)
-            .serve_with_incoming(incoming);
+            .serve_with_incoming(counted(listener, bounds.connections));
         tokio::spawn(async move {
             // The probes then fail, and Kubernetes restarts the pod: say why.
             if let Err(error) = serving.await {
-                tracing::error!(%address, %error, "the gRPC health service stopped");
+                tracing::error!(?address, %error, "the gRPC health service stopped");
             }
         });
-        tracing::info!(%address, service, "gRPC health service listening");
-        Ok(Self { reporter, service })
+        Self { reporter, service }
     }
 
     /// Says whether this process does its job now.
@@ -141,6 +177,72 @@ impl Health {
             false => ServingStatus::NotServing,
         };
         self.reporter.set_service_status(self.service, status).await;
+    }
+}
+
+/// Accepted connections, at most `limit` open at once: one beyond is
+/// closed as soon as it is accepted (its peer reads end of stream).
+fn counted(listener: TcpListener, limit: usize) -> impl Stream<Item = io::Result<Counted>> {
+    let slots = Arc::new(Semaphore::new(limit));
+    futures::stream::unfold((listener, slots), |(listener, slots)| async move {
+        loop {
+            let accepted = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(error) => return Some((Err(error), (listener, slots))),
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            // Probes are small request/response exchanges.
+            let _ = accepted.set_nodelay(true);
+            let counted = Counted {
+                stream: accepted,
+                _slot: slot,
+            };
+            return Some((Ok(counted), (listener, slots)));
+        }
+    })
+}
+
+/// A connection holding one of the health port's slots until it closes.
+struct Counted {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Connected for Counted {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -164,4 +266,102 @@ pub fn serve_metrics(address: &str) -> Result<(), ObserveError> {
         .map_err(|source| ObserveError::Metrics { address, source })?;
     tracing::info!(%address, "Prometheus metrics at /metrics");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+
+    use super::*;
+
+    /// Long enough for loopback, short against the bounds' point.
+    const DEADLINE: Duration = Duration::from_secs(3);
+
+    async fn start(bounds: Bounds) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        Health::serve_on(listener, WORKER, bounds).await;
+        address
+    }
+
+    /// Bytes `stream` receives before the server closes it (bounded).
+    async fn read_until_closed(stream: &mut TcpStream) -> usize {
+        let mut received = 0;
+        let mut buffer = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(DEADLINE, stream.read(&mut buffer)).await {
+                Err(_) => panic!("the server kept the connection open for {DEADLINE:?}"),
+                Ok(Ok(0) | Err(_)) => return received,
+                Ok(Ok(n)) => received += n,
+            }
+        }
+    }
+
+    /// A probe's answer; none while the server turns connections away.
+    async fn status(address: SocketAddr) -> Option<i32> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .ok()?
+            .connect_timeout(DEADLINE)
+            .timeout(DEADLINE)
+            .connect()
+            .await
+            .ok()?;
+        let request = HealthCheckRequest {
+            service: WORKER.into(),
+        };
+        let answer = HealthClient::new(channel).check(request).await.ok()?;
+        Some(answer.into_inner().status)
+    }
+
+    #[tokio::test]
+    async fn a_connection_beyond_the_bound_is_closed_and_a_freed_slot_serves_again() {
+        let bounds = Bounds {
+            connections: 2,
+            age: Duration::from_secs(600),
+            grace: Duration::from_secs(1),
+        };
+        let address = start(bounds).await;
+        let mut holders = Vec::new();
+        for _ in 0..bounds.connections {
+            let mut silent = TcpStream::connect(address).await.unwrap();
+            // The server's HTTP/2 preface: this one holds a slot.
+            let mut preface = [0u8; 9];
+            tokio::time::timeout(DEADLINE, silent.read_exact(&mut preface))
+                .await
+                .expect("a held connection hears the server's preface")
+                .unwrap();
+            holders.push(silent);
+        }
+        let mut beyond = TcpStream::connect(address).await.unwrap();
+        assert_eq!(read_until_closed(&mut beyond).await, 0, "closed unanswered");
+        holders.pop();
+        let serving = tokio::time::timeout(DEADLINE, async {
+            loop {
+                // The slot is free once the server has seen the close.
+                if let Some(status) = status(address).await {
+                    return status;
+                }
+            }
+        })
+        .await
+        .expect("a probe is served once a slot is free");
+        assert_eq!(serving, ServingStatus::NotServing as i32);
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_never_speaks_is_closed_after_its_age() {
+        let address = start(Bounds {
+            connections: 4,
+            age: Duration::from_millis(200),
+            grace: Duration::from_millis(200),
+        })
+        .await;
+        let mut silent = TcpStream::connect(address).await.unwrap();
+        assert!(
+            read_until_closed(&mut silent).await > 0,
+            "the preface, then the close"
+        );
+    }
 }
