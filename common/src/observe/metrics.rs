@@ -6,12 +6,13 @@
 //! connection is asked to close and then cut.
 
 use std::convert::Infallible;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -42,6 +43,14 @@ const MAX_HEAD: usize = 8 * 1024;
 /// own listener does.
 const UPKEEP: Duration = Duration::from_secs(5);
 
+/// How often the page may be rendered, for all connections together: a
+/// Prometheus scrapes every few seconds at most, while a client asking in
+/// a loop would take the worker's one gRPC thread from its gradients.
+const RENDERS: Rate = Rate {
+    max: 10,
+    per: Duration::from_secs(1),
+};
+
 /// What Prometheus' text format is served as.
 const TEXT_FORMAT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -71,26 +80,34 @@ pub fn serve_metrics(address: &str) -> Result<(), ObserveError> {
             upkept.run_upkeep();
         }
     });
-    serve_on(listener, handle, BOUNDS);
+    serve_on(listener, handle, BOUNDS, RENDERS);
     tracing::info!(%address, "Prometheus metrics at /metrics");
     Ok(())
 }
 
 /// Serves `handle`'s page to the connections `listener` accepts, within
-/// `bounds`, until the process exits.
-fn serve_on(listener: TcpListener, handle: PrometheusHandle, bounds: Bounds) {
+/// `bounds` and at most at `renders`, until the process exits.
+fn serve_on(listener: TcpListener, handle: PrometheusHandle, bounds: Bounds, renders: Rate) {
+    let page = Arc::new(Page {
+        handle,
+        renders,
+        window: Mutex::new(Window {
+            start: Instant::now(),
+            count: 0,
+        }),
+    });
     tokio::spawn(async move {
         let mut incoming = std::pin::pin!(counted(listener, bounds.connections));
         while let Some(accepted) = futures::StreamExt::next(&mut incoming).await {
             match accepted {
                 Ok(connection) => {
-                    tokio::spawn(serve_connection(connection, handle.clone(), bounds));
+                    tokio::spawn(serve_connection(connection, page.clone(), bounds));
                 }
                 Err(error) => {
                     // Out of file descriptors, typically: the next accept may
-                    // succeed once some close, so wait rather than spin.
+                    // succeed once some close, so wait (a line a second at most).
                     tracing::warn!(%error, "the metrics port cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
@@ -100,10 +117,10 @@ fn serve_on(listener: TcpListener, handle: PrometheusHandle, bounds: Bounds) {
 /// One HTTP/1 connection: requests until its peer closes it or its age
 /// is up, when the request in flight is answered and the connection
 /// closed, or cut after the grace.
-async fn serve_connection(connection: Counted, handle: PrometheusHandle, bounds: Bounds) {
+async fn serve_connection(connection: Counted, page: Arc<Page>, bounds: Bounds) {
     let service = hyper::service::service_fn(move |request| {
-        let page = answer(&handle, &request);
-        async move { Ok::<_, Infallible>(page) }
+        let answer = page.answer(&request);
+        async move { Ok::<_, Infallible>(answer) }
     });
     let mut http = hyper::server::conn::http1::Builder::new();
     http.max_buf_size(MAX_HEAD);
@@ -120,29 +137,73 @@ async fn serve_connection(connection: Counted, handle: PrometheusHandle, bounds:
     }
 }
 
-/// `GET /metrics` is the page; nothing else is served.
-fn answer(handle: &PrometheusHandle, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let status = match (request.method(), request.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/metrics") => StatusCode::OK,
-        (_, "/metrics") => StatusCode::METHOD_NOT_ALLOWED,
-        _ => StatusCode::NOT_FOUND,
-    };
-    let mut response = Response::new(Full::new(match status {
-        StatusCode::OK => Bytes::from(handle.render()),
-        _ => Bytes::new(),
-    }));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    match status {
-        StatusCode::OK => {
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_FORMAT));
+/// At most `max` events in each window of `per`.
+#[derive(Debug, Clone, Copy)]
+struct Rate {
+    max: u32,
+    per: Duration,
+}
+
+/// The current window of a [`Rate`].
+struct Window {
+    start: Instant,
+    count: u32,
+}
+
+/// The one page served, and how often it has been rendered.
+struct Page {
+    handle: PrometheusHandle,
+    renders: Rate,
+    window: Mutex<Window>,
+}
+
+impl Page {
+    /// `GET /metrics` is the page, within the render rate; nothing else
+    /// is served.
+    fn answer(&self, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+        let status = match (request.method(), request.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/metrics") if self.may_render() => StatusCode::OK,
+            (&Method::GET | &Method::HEAD, "/metrics") => StatusCode::TOO_MANY_REQUESTS,
+            (_, "/metrics") => StatusCode::METHOD_NOT_ALLOWED,
+            _ => StatusCode::NOT_FOUND,
+        };
+        let mut response = Response::new(Full::new(match status {
+            StatusCode::OK => Bytes::from(self.handle.render()),
+            _ => Bytes::new(),
+        }));
+        *response.status_mut() = status;
+        let headers = response.headers_mut();
+        match status {
+            StatusCode::OK => {
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static(TEXT_FORMAT));
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                headers.insert(
+                    RETRY_AFTER,
+                    HeaderValue::from(self.renders.per.as_secs().max(1)),
+                );
+            }
+            StatusCode::METHOD_NOT_ALLOWED => {
+                headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+            }
+            _ => {}
         }
-        StatusCode::METHOD_NOT_ALLOWED => {
-            headers.insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
-        }
-        _ => {}
+        response
     }
-    response
+
+    /// Counts a render in the current window; false once it is full.
+    fn may_render(&self) -> bool {
+        let mut window = self.window.lock().expect("the render window's lock");
+        let now = Instant::now();
+        if now.duration_since(window.start) >= self.renders.per {
+            *window = Window {
+                start: now,
+                count: 0,
+            };
+        }
+        window.count = window.count.saturating_add(1);
+        window.count <= self.renders.max
+    }
 }
 
 #[cfg(test)]
@@ -158,13 +219,17 @@ mod tests {
     /// Serves a recorder of its own (the process-wide one can be installed
     /// once) holding one counter at 3.
     async fn start(bounds: Bounds) -> SocketAddr {
+        start_at(bounds, RENDERS).await
+    }
+
+    async fn start_at(bounds: Bounds, renders: Rate) -> SocketAddr {
         let recorder = PrometheusBuilder::new().build_recorder();
         metrics::with_local_recorder(&recorder, || {
             metrics::counter!("gancluster_probe_total").increment(3);
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        serve_on(listener, recorder.handle(), bounds);
+        serve_on(listener, recorder.handle(), bounds, renders);
         address
     }
 
@@ -200,6 +265,29 @@ mod tests {
         )
         .await;
         assert!(posted.starts_with("HTTP/1.1 405 "), "{posted}");
+    }
+
+    #[tokio::test]
+    async fn scrapes_beyond_the_render_rate_are_told_to_come_back_later() {
+        let address = start_at(
+            ROOMY,
+            Rate {
+                max: 2,
+                per: Duration::from_secs(600),
+            },
+        )
+        .await;
+        for _ in 0..2 {
+            let page = exchange(address, &get("/metrics")).await;
+            assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+        }
+        let refused = exchange(address, &get("/metrics")).await;
+        assert!(refused.starts_with("HTTP/1.1 429 "), "{refused}");
+        assert!(refused.contains("retry-after: 600\r\n"), "{refused}");
+        assert!(!refused.contains("gancluster_probe_total"), "{refused}");
+        // Only rendering counts: other answers are still given.
+        let elsewhere = exchange(address, &get("/")).await;
+        assert!(elsewhere.starts_with("HTTP/1.1 404 "), "{elsewhere}");
     }
 
     #[tokio::test]
