@@ -1,9 +1,10 @@
 //! The `/metrics` page Prometheus scrapes.
 //!
 //! Served here rather than by the exporter's own listener, which holds
-//! every connection for as long as its peer likes: through the same
-//! counted incoming as the health port, with an age after which a
-//! connection is asked to close and then cut.
+//! every connection for as long as its peer likes and renders the page
+//! as often as asked: through the same counted incoming as the health
+//! port, with an age after which a connection is asked to close and then
+//! cut, and a rate beyond which the page is not rendered.
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -44,7 +45,7 @@ const MAX_HEAD: usize = 8 * 1024;
 const UPKEEP: Duration = Duration::from_secs(5);
 
 /// How often the page may be rendered, for all connections together: a
-/// Prometheus scrapes every few seconds at most, while a client asking in
+/// Prometheus scrapes once a second at the most, while a client asking in
 /// a loop would take the worker's one gRPC thread from its gradients.
 const RENDERS: Rate = Rate {
     max: 10,
