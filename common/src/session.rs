@@ -4,7 +4,8 @@
 //! [`Session::all_reduce`] sends a gradient chunk by chunk while already
 //! collecting the reduced chunks coming back, so the coordinator's
 //! pipelining pays off: the first averaged chunk can be decoded before the
-//! last local chunk has left.
+//! last local chunk has left. A group of one sends the chunk headers
+//! alone: its mean is its own gradient.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -389,17 +390,20 @@ impl Reduced {
 
 /// One all-reduce's payload: f32 goes out as the gradient's own memory
 /// ([`wire::f32_in_place`]), anything else is encoded chunk by chunk (with
-/// the residual carried into it under error feedback).
+/// the residual carried into it under error feedback). A group of one
+/// keeps its values: they are the mean.
 enum Outgoing {
     InPlace(Bytes),
     Encoded(Vec<f32>),
+    Kept(Vec<f32>),
 }
 
 impl Outgoing {
-    fn new(values: Vec<f32>, format: WireFormat, carrying: bool) -> Self {
-        match format == WireFormat::F32 && !carrying {
-            true => Self::InPlace(wire::f32_in_place(values)),
-            false => Self::Encoded(values),
+    fn new(values: Vec<f32>, format: WireFormat, carrying: bool, alone: bool) -> Self {
+        match (alone, format == WireFormat::F32 && !carrying) {
+            (true, _) => Self::Kept(values),
+            (false, true) => Self::InPlace(wire::f32_in_place(values)),
+            (false, false) => Self::Encoded(values),
         }
     }
 }
@@ -414,6 +418,9 @@ pub struct Session {
     control: Option<pb::Control>,
     /// The next step whose gradients travel exact (a checkpoint follows it).
     exact: Option<u64>,
+    /// The group has one member: only chunk headers travel, and every step
+    /// is exact (the coordinator plans it so too).
+    alone: bool,
     /// This worker's residuals under error feedback, by network: what
     /// int8 rounded away from its gradients and owes the next step. They
     /// live with the session: a new generation starts without them, and
@@ -480,6 +487,7 @@ impl Session {
             chunk_bytes,
             control: None,
             exact: None,
+            alone: joined.world_size == 1,
             residuals: Residuals::default(),
             powersgd: powersgd_of(cfg),
             cadence: Cadence::of(&cfg.train),
@@ -547,6 +555,14 @@ impl Session {
         grads: Vec<f32>,
     ) -> Result<Reduced, SessionError> {
         self.step.store(step, Ordering::Relaxed);
+        if self.alone {
+            // Every step of a group of one is exact and its session started
+            // with no residual and no PowerSGD state: nothing to carry.
+            let (reduced, _) = self
+                .exchange(step, net, 0, grads, WireFormat::F32, None)
+                .await?;
+            return Ok(reduced);
+        }
         let exact = self.exact == Some(step);
         if self.powersgd.is_some() && !self.cadence.warming_up(step) {
             let slot = PowerSgdSlot::of(net);
@@ -623,6 +639,10 @@ impl Session {
     /// `format` and collects the mean. With `carried` (int8's residual),
     /// it is added before encoding, and what the encoding rounded away
     /// comes back beside the mean.
+    ///
+    /// Alone, the values are the mean and only the headers travel, each
+    /// saying whether its chunk is finite, so the coordinator's pacing,
+    /// decisions and non-finite policy stay the same.
     async fn exchange(
         &mut self,
         step: u64,
@@ -637,7 +657,8 @@ impl Session {
         let len = values.len();
         let chunking = Chunking::new(len, self.chunk_bytes, self.format);
         let mut left = carried.map(|_| vec![0.0f32; len]);
-        let outgoing = Outgoing::new(values, format, carried.is_some());
+        let alone = self.alone;
+        let outgoing = Outgoing::new(values, format, carried.is_some(), alone);
         let outbound = &self.outbound;
         let header = |index: usize| pb::GradChunk {
             step,
@@ -649,11 +670,18 @@ impl Session {
             data: Default::default(),
             skip: false,
             phase,
+            not_finite: false,
         };
         let send = async {
             for index in 0..chunking.count() {
                 let range = chunking.range(index);
+                let mut not_finite = false;
                 let data = match (&outgoing, carried, left.as_mut()) {
+                    (Outgoing::Kept(values), ..) => {
+                        // Folded, not short-circuited, so it vectorises.
+                        not_finite = !values[range].iter().fold(true, |ok, v| ok & v.is_finite());
+                        Bytes::new()
+                    }
                     (Outgoing::InPlace(bytes), ..) => bytes.slice(range.start * 4..range.end * 4),
                     (Outgoing::Encoded(values), Some(carried), Some(left)) => {
                         wire::encode_carrying(
@@ -667,6 +695,7 @@ impl Session {
                 };
                 let chunk = pb::GradChunk {
                     data,
+                    not_finite,
                     ..header(index)
                 };
                 send(outbound, worker_message::Kind::Chunk(chunk)).await?;
@@ -675,7 +704,10 @@ impl Session {
         };
         let (inbound, control, announced) = (&mut self.inbound, &mut self.control, &mut self.exact);
         let receive = async {
-            let mut mean = vec![0.0f32; len];
+            let mut mean = match alone {
+                true => Vec::new(),
+                false => vec![0.0f32; len],
+            };
             let mut skip = false;
             let mut seen = vec![false; chunking.count()];
             let mut received = 0;
@@ -710,16 +742,31 @@ impl Session {
                 seen[index] = true;
                 received += 1;
                 skip |= chunk.skip;
-                wire::decode_into(&chunk.data, format, &mut mean[chunking.range(index)])?;
+                match alone {
+                    true if !chunk.data.is_empty() => {
+                        return Err(SessionError::Protocol(format!(
+                            "reduced chunk {index} of step {step} carries {} bytes, but a group \
+                             of one receives headers only",
+                            chunk.data.len()
+                        )));
+                    }
+                    true => {}
+                    false => {
+                        wire::decode_into(&chunk.data, format, &mut mean[chunking.range(index)])?
+                    }
+                }
             }
             Ok(Reduced { mean, skip })
         };
-        let (sent, mean) = tokio::join!(send, receive);
+        let (sent, reduced) = tokio::join!(send, receive);
         // The coordinator's last word (a regroup, an abort) explains a send
         // that failed because it closed the stream.
-        let mean = mean?;
+        let mut reduced = reduced?;
         sent?;
-        Ok((mean, left))
+        if let Outgoing::Kept(values) = outgoing {
+            reduced.mean = values;
+        }
+        Ok((reduced, left))
     }
 
     /// The coordinator's decision for `step` (checkpoint, stop), if it sent

@@ -239,8 +239,12 @@ async fn scaling(
                         let name = wire.name.as_str();
                         let [.., step_ms] =
                             through_coordinator(world, size, iters, name, false, step).await;
-                        // In and out of the coordinator, every member, per step.
-                        let sent = wire.format.encoded_len(wire.elements(&cfg, cadence));
+                        // In and out of the coordinator, every member, per step;
+                        // a group of one sends headers only.
+                        let sent = match world {
+                            1 => 0,
+                            _ => wire.format.encoded_len(wire.elements(&cfg, cadence)),
+                        };
                         let mb = 2.0 * world as f64 * sent as f64 / sync_every as f64 / 1e6;
                         println!(
                             "| DCGAN-{size} | {compute} | {world} | {sync_every} | {name} | {step_ms:.1} | {:.2} | {mb:.1} |",

@@ -27,6 +27,12 @@
 //! mean per chunk, as each worker does of its gradient: what encoding the
 //! mean rounded away is added to the next step's mean. A step the schedule
 //! marks exact travels in f32 and empties it. It lives with the generation.
+//!
+//! A group of one sends chunk headers without data: its mean is its own
+//! gradient, exact whatever the wire format, and a round trip of the whole
+//! gradient through the coordinator would cost a single GPU a third of its
+//! step or more (BENCHMARKS.md). The headers still pace the steps, carry
+//! the schedule's decisions back and say whether the gradient is finite.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -203,6 +209,19 @@ pub enum ChunkError {
         /// Sizes.
         source: WireError,
     },
+    /// A group of one sent gradient bytes, which it never needs to.
+    #[error(
+        "sent {bytes} bytes in chunk {index} of step {step}, but a group of one sends chunk \
+         headers only (its mean is its own gradient): is the worker of another version?"
+    )]
+    Alone {
+        /// Chunk index.
+        index: u32,
+        /// Step.
+        step: u64,
+        /// Bytes sent.
+        bytes: usize,
+    },
     /// Same rank sent the same chunk twice.
     #[error("sent chunk {index} of step {step} twice")]
     Duplicate {
@@ -290,12 +309,14 @@ impl Gradient {
         }
     }
 
-    /// How this all-reduce travels, decided once.
-    fn plan(&mut self, shape: &Shape, schedule: &Schedule) -> Plan {
+    /// How this all-reduce travels, decided once. In a group of one
+    /// (`alone`) every step is exact: nothing travels, so nothing is
+    /// rounded, compressed or carried.
+    fn plan(&mut self, shape: &Shape, schedule: &Schedule, alone: bool) -> Plan {
         if let Some(plan) = self.plan {
             return plan;
         }
-        let exact = schedule.exact(self.step);
+        let exact = alone || schedule.exact(self.step);
         let plan = Plan {
             exact,
             format: match exact {
@@ -380,33 +401,16 @@ impl Reducer {
             return Ok(());
         };
         let format = plan.format;
-        let key = (chunk.net, chunk.index);
         let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
-        let carried = self.shape.format.carries_residual().then(|| {
-            let elems = plan.chunking.range(chunk.index as usize).len();
-            let mut carried = self.carried.lock().expect("carried lock");
-            carried.remove(&key).unwrap_or_else(|| vec![0.0; elems])
-        });
-        let world = self.world;
-        let reduce = {
-            let parts = parts.clone();
-            move || {
-                let mean = wire::mean(&parts, format, world, carried.as_deref());
-                (mean, carried)
-            }
+        let mean = match self.world {
+            // The sender's own gradient is the mean; it says whether it is finite.
+            1 => wire::Mean {
+                bytes: Bytes::new(),
+                finite: !chunk.not_finite,
+                residual: None,
+            },
+            _ => self.reduce(&chunk, parts.clone(), plan).await,
         };
-        let (mean, carried) = tokio::task::spawn_blocking(reduce)
-            .await
-            .expect("reduction task panicked");
-        let mut mean = mean.expect("parts were checked against the shape");
-        // A mean that is not applied leaves the residual as it was; after
-        // an exact step there is none (f32 rounds nothing away).
-        if let Some(kept) = match mean.finite || format == WireFormat::F32 {
-            true => mean.residual.take(),
-            false => carried,
-        } {
-            self.carried.lock().expect("carried lock").insert(key, kept);
-        }
         let skip = match mean.finite {
             true => self.current.lock().expect("reducer lock").skip,
             false => self.non_finite(&chunk, &parts, format)?,
@@ -433,6 +437,36 @@ impl Reducer {
             .broadcast(coordinator_message::Kind::Chunk(reduced))
             .await?;
         Ok(())
+    }
+
+    /// The mean of one chunk's `parts`, off the runtime; under error
+    /// feedback with the residual this chunk's mean carried, which the
+    /// result replaces once it is applied.
+    async fn reduce(&self, chunk: &pb::GradChunk, parts: Vec<Bytes>, plan: Plan) -> wire::Mean {
+        let (format, world) = (plan.format, self.world);
+        let key = (chunk.net, chunk.index);
+        let carried = self.shape.format.carries_residual().then(|| {
+            let elems = plan.chunking.range(chunk.index as usize).len();
+            let mut carried = self.carried.lock().expect("carried lock");
+            carried.remove(&key).unwrap_or_else(|| vec![0.0; elems])
+        });
+        let reduce = move || {
+            let mean = wire::mean(&parts, format, world, carried.as_deref());
+            (mean, carried)
+        };
+        let (mean, carried) = tokio::task::spawn_blocking(reduce)
+            .await
+            .expect("reduction task panicked");
+        let mut mean = mean.expect("parts were checked against the shape");
+        // A mean that is not applied leaves the residual as it was; after
+        // an exact step there is none (f32 rounds nothing away).
+        if let Some(kept) = match mean.finite || format == WireFormat::F32 {
+            true => mean.residual.take(),
+            false => carried,
+        } {
+            self.carried.lock().expect("carried lock").insert(key, kept);
+        }
+        mean
     }
 
     /// Checks `chunk` against the gradient being reduced and files its
@@ -463,7 +497,7 @@ impl Reducer {
                 last: self.schedule.final_step(),
             });
         }
-        let plan = g.plan(&self.shape, &self.schedule);
+        let plan = g.plan(&self.shape, &self.schedule, self.world == 1);
         let (format, chunking) = (plan.format, plan.chunking);
         if chunk.format != wire_format(format) as i32 {
             return Err(ChunkError::Format {
@@ -488,9 +522,16 @@ impl Reducer {
                 count: chunking.count(),
             });
         };
+        if self.world == 1 && !data.is_empty() {
+            return Err(ChunkError::Alone {
+                index,
+                step: chunk.step,
+                bytes: data.len(),
+            });
+        }
         let elems = chunking.range(index as usize).len();
         let expected = format.encoded_len(elems);
-        if data.len() != expected {
+        if self.world > 1 && data.len() != expected {
             return Err(ChunkError::Length {
                 index,
                 step: chunk.step,
@@ -527,9 +568,12 @@ impl Reducer {
         parts: &[Bytes],
         format: WireFormat,
     ) -> Result<bool, SubmitError> {
-        let ranks: Vec<usize> = (0..parts.len())
-            .filter(|&r| !wire::finite(&parts[r], format))
-            .collect();
+        let ranks: Vec<usize> = match self.world {
+            1 => vec![0],
+            _ => (0..parts.len())
+                .filter(|&r| !wire::finite(&parts[r], format))
+                .collect(),
+        };
         let culprits = match ranks.is_empty() {
             true => "every part is finite but their sum overflows".to_string(),
             false => format!("rank(s) {ranks:?} sent NaN or Inf"),
@@ -693,6 +737,7 @@ mod tests {
             data: wire::encode(values, WireFormat::F32),
             skip: false,
             phase,
+            not_finite: false,
         }
     }
 
@@ -948,6 +993,68 @@ mod tests {
             let c = if rank == 2 { poisoned(0) } else { d(0) };
             skipping.submit(rank, c).await.unwrap();
         }
+        assert_eq!(skipping.skipped(), 1);
+    }
+
+    /// A group of one running bf16: every step is planned exact
+    /// (f32 headers, the whole gradient's chunking), only headers are
+    /// accepted, and the sender's word decides whether the mean is finite.
+    #[tokio::test]
+    async fn a_group_of_one_sends_headers_only_and_says_whether_they_are_finite() {
+        let bf16 = Shape {
+            format: WireFormat::Bf16,
+            ..shape()
+        };
+        let alone = |policy| {
+            Reducer::new(
+                0,
+                1,
+                Arc::new(Peers::new(1, std::time::Duration::from_secs(1))),
+                Arc::new(Schedule::new(0, 20, false)),
+                bf16,
+                4,
+                policy,
+            )
+        };
+        let header = |step, net, index, not_finite| pb::GradChunk {
+            data: Bytes::new(),
+            not_finite,
+            ..chunk_of(&bf16, step, net, index, &[])
+        };
+        let reducer = alone(NonFinite::Halt);
+        for index in 0..2 {
+            let c = header(4, pb::Net::Discriminator, index, false);
+            reducer.submit(0, c).await.unwrap();
+        }
+        reducer
+            .submit(0, header(4, pb::Net::Generator, 0, false))
+            .await
+            .unwrap();
+        assert_eq!(reducer.steps_reduced(), 5, "step 4 was reduced");
+        let with_data = pb::GradChunk {
+            data: wire::encode(&[1.0; 8], WireFormat::F32),
+            ..header(5, pb::Net::Discriminator, 0, false)
+        };
+        match reducer.submit(0, with_data).await {
+            Err(SubmitError::Chunk(e)) => assert!(
+                e.to_string()
+                    .contains("sent 32 bytes in chunk 0 of step 5, but a group of one"),
+                "{e}"
+            ),
+            other => panic!("accepted: {other:?}"),
+        }
+        match reducer
+            .submit(0, header(5, pb::Net::Discriminator, 0, true))
+            .await
+        {
+            Err(SubmitError::NonFinite { culprits, .. }) => {
+                assert_eq!(culprits, "rank(s) [0] sent NaN or Inf")
+            }
+            other => panic!("{other:?}"),
+        }
+        let skipping = alone(NonFinite::Skip);
+        let c = header(4, pb::Net::Discriminator, 1, true);
+        skipping.submit(0, c).await.unwrap();
         assert_eq!(skipping.skipped(), 1);
     }
 

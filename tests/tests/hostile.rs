@@ -132,6 +132,7 @@ fn d_chunk(cfg: &Config, step: u64) -> pb::GradChunk {
         data: wire::encode(&vec![0.0; elems], WireFormat::F32),
         skip: false,
         phase: 0,
+        not_finite: false,
     }
 }
 
