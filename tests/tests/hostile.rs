@@ -658,22 +658,25 @@ fn peer_text_is_escaped_and_refusals_are_rate_limited() {
 // 9. Lesser defects.
 
 /// NaN in a gradient: `halt` names the step and the rank; `skip` skips
-/// that update on every rank, counts it, and the run completes.
+/// that update on every rank, counts it, and the run completes. A group of
+/// one, which sends headers only, says so itself and is halted alike.
 #[test]
 fn a_non_finite_gradient_halts_naming_step_and_rank_or_is_skipped() {
-    let out = tempfile::tempdir().unwrap();
-    let done = run(
-        gancluster_tests::tiny_coordinator(2, 6, out.path())
-            .arg("--store")
-            .arg(format!("file://{}", out.path().join("store").display()))
-            .env("GANCLUSTER_FAULT", "nan:1:2")
-            .env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "0"),
-        LIMIT,
-    )
-    .assert_failure();
-    done.assert_says(&[
-        "the Discriminator gradient of step 2 is not finite: rank(s) [1] sent NaN or Inf",
-    ]);
+    for (workers, rank) in [(2, 1), (1, 0)] {
+        let out = tempfile::tempdir().unwrap();
+        let done = run(
+            gancluster_tests::tiny_coordinator(workers, 6, out.path())
+                .arg("--store")
+                .arg(format!("file://{}", out.path().join("store").display()))
+                .env("GANCLUSTER_FAULT", format!("nan:{rank}:2"))
+                .env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "0"),
+            LIMIT,
+        )
+        .assert_failure();
+        done.assert_says(&[&format!(
+            "the Discriminator gradient of step 2 is not finite: rank(s) [{rank}] sent NaN or Inf"
+        )]);
+    }
     let out = tempfile::tempdir().unwrap();
     let done = run(
         gancluster_tests::tiny_coordinator(2, 6, out.path())
