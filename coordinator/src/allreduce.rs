@@ -29,10 +29,10 @@
 //! marks exact travels in f32 and empties it. It lives with the generation.
 //!
 //! A group of one sends chunk headers without data: its mean is its own
-//! gradient, exact whatever the wire format, and a round trip of the whole
-//! gradient through the coordinator would cost a single GPU a third of its
-//! step or more (BENCHMARKS.md). The headers still pace the steps, carry
-//! the schedule's decisions back and say whether the gradient is finite.
+//! gradient, exact whatever the wire format, and the round trip of the
+//! whole gradient through the coordinator took longer than a 10 ms GPU
+//! step (BENCHMARKS.md). The headers still pace the steps, carry the
+//! schedule's decisions back and say whether the gradient is finite.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
