@@ -7,6 +7,8 @@
 //! last local chunk has left. A group of one sends the chunk headers
 //! alone: its mean is its own gradient.
 
+mod spares;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -33,6 +35,7 @@ use crate::powersgd::PowerSgd;
 use crate::tls::{self, TlsError};
 use crate::untrusted::{shown, shown_message};
 use crate::wire::{self, Chunking, WireError, WireFormat};
+use spares::Spares;
 
 /// Messages a worker may have queued towards the coordinator.
 const OUTBOUND_QUEUE: usize = 16;
@@ -426,6 +429,9 @@ pub struct Session {
     /// live with the session: a new generation starts without them, and
     /// they are zero after every exact step, so a checkpoint needs none.
     residuals: Residuals,
+    /// Vectors for the means (and int8's residuals) of the next
+    /// all-reduces: the gradients sent by earlier ones.
+    spares: Spares,
     /// Under PowerSGD, its state per network (discriminator, generator):
     /// like int8's residuals, it lives with the session and is reset by
     /// every exact step.
@@ -489,6 +495,7 @@ impl Session {
             exact: None,
             alone: joined.world_size == 1,
             residuals: Residuals::default(),
+            spares: Spares::default(),
             powersgd: powersgd_of(cfg),
             cadence: Cadence::of(&cfg.train),
             step,
@@ -600,9 +607,12 @@ impl Session {
         // applied; after an exact step nothing is carried, skipped or not,
         // so the residual at a checkpoint is zero on every rank.
         if let (Some(carried), Some(left)) = (carried, left) {
-            let applied = exact || !reduced.skip;
-            self.residuals
-                .put(net, if applied { left } else { carried });
+            let (kept, spare) = match exact || !reduced.skip {
+                true => (left, carried),
+                false => (carried, left),
+            };
+            self.residuals.put(net, kept);
+            self.spares.keep(spare);
         }
         Ok(reduced)
     }
@@ -656,7 +666,7 @@ impl Session {
         // knows the chunking before it knows whether the step is exact.
         let len = values.len();
         let chunking = Chunking::new(len, self.chunk_bytes, self.format);
-        let mut left = carried.map(|_| vec![0.0f32; len]);
+        let mut left = carried.map(|_| self.spares.take(len));
         let alone = self.alone;
         let outgoing = Outgoing::new(values, format, carried.is_some(), alone);
         let outbound = &self.outbound;
@@ -702,12 +712,12 @@ impl Session {
             }
             Ok::<_, SessionError>(())
         };
+        let mut mean = match alone {
+            true => Vec::new(),
+            false => self.spares.take(len),
+        };
         let (inbound, control, announced) = (&mut self.inbound, &mut self.control, &mut self.exact);
         let receive = async {
-            let mut mean = match alone {
-                true => Vec::new(),
-                false => vec![0.0f32; len],
-            };
             let mut skip = false;
             let mut seen = vec![false; chunking.count()];
             let mut received = 0;
@@ -756,17 +766,20 @@ impl Session {
                     }
                 }
             }
-            Ok(Reduced { mean, skip })
+            Ok(skip)
         };
-        let (sent, reduced) = tokio::join!(send, receive);
+        let (sent, skip) = tokio::join!(send, receive);
         // The coordinator's last word (a regroup, an abort) explains a send
         // that failed because it closed the stream.
-        let mut reduced = reduced?;
+        let skip = skip?;
         sent?;
-        if let Outgoing::Kept(values) = outgoing {
-            reduced.mean = values;
+        match outgoing {
+            Outgoing::Kept(values) => mean = values,
+            Outgoing::Encoded(values) => self.spares.keep(values),
+            // Its memory went out as the chunks, which the transport frees.
+            Outgoing::InPlace(_) => {}
         }
-        Ok((reduced, left))
+        Ok((Reduced { mean, skip }, left))
     }
 
     /// The coordinator's decision for `step` (checkpoint, stop), if it sent

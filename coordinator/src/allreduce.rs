@@ -393,6 +393,11 @@ impl Reducer {
         }
     }
 
+    /// A group of one: its gradient is its mean, so only headers travel.
+    fn alone(&self) -> bool {
+        self.world == 1
+    }
+
     /// Accepts `rank`'s contribution; when it completes the chunk, reduces
     /// and broadcasts it before returning.
     pub async fn submit(&self, rank: usize, mut chunk: pb::GradChunk) -> Result<(), SubmitError> {
@@ -402,14 +407,14 @@ impl Reducer {
         };
         let format = plan.format;
         let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
-        let mean = match self.world {
+        let mean = match self.alone() {
             // The sender's own gradient is the mean; it says whether it is finite.
-            1 => wire::Mean {
+            true => wire::Mean {
                 bytes: Bytes::new(),
                 finite: !chunk.not_finite,
                 residual: None,
             },
-            _ => self.reduce(&chunk, parts.clone(), plan).await,
+            false => self.reduce(&chunk, parts.clone(), plan).await,
         };
         let skip = match mean.finite {
             true => self.current.lock().expect("reducer lock").skip,
@@ -497,7 +502,7 @@ impl Reducer {
                 last: self.schedule.final_step(),
             });
         }
-        let plan = g.plan(&self.shape, &self.schedule, self.world == 1);
+        let plan = g.plan(&self.shape, &self.schedule, self.alone());
         let (format, chunking) = (plan.format, plan.chunking);
         if chunk.format != wire_format(format) as i32 {
             return Err(ChunkError::Format {
@@ -522,7 +527,7 @@ impl Reducer {
                 count: chunking.count(),
             });
         };
-        if self.world == 1 && !data.is_empty() {
+        if self.alone() && !data.is_empty() {
             return Err(ChunkError::Alone {
                 index,
                 step: chunk.step,
@@ -531,7 +536,7 @@ impl Reducer {
         }
         let elems = chunking.range(index as usize).len();
         let expected = format.encoded_len(elems);
-        if self.world > 1 && data.len() != expected {
+        if !self.alone() && data.len() != expected {
             return Err(ChunkError::Length {
                 index,
                 step: chunk.step,
@@ -568,9 +573,9 @@ impl Reducer {
         parts: &[Bytes],
         format: WireFormat,
     ) -> Result<bool, SubmitError> {
-        let ranks: Vec<usize> = match self.world {
-            1 => vec![0],
-            _ => (0..parts.len())
+        let ranks: Vec<usize> = match self.alone() {
+            true => vec![0],
+            false => (0..parts.len())
                 .filter(|&r| !wire::finite(&parts[r], format))
                 .collect(),
         };
@@ -692,11 +697,16 @@ mod tests {
     }
 
     fn reducer_of(shape: Shape, policy: NonFinite) -> Reducer {
+        reducer_in(WORLD, Schedule::new(0, 20, false), shape, policy)
+    }
+
+    /// A reducer of generation 0 for `world` ranks, from step 4's round on.
+    fn reducer_in(world: usize, schedule: Schedule, shape: Shape, policy: NonFinite) -> Reducer {
         Reducer::new(
             0,
-            WORLD,
-            Arc::new(Peers::new(WORLD, std::time::Duration::from_secs(1))),
-            Arc::new(Schedule::new(0, 20, false)),
+            world,
+            Arc::new(Peers::new(world, std::time::Duration::from_secs(1))),
+            Arc::new(schedule),
             shape,
             4,
             policy,
@@ -869,15 +879,7 @@ mod tests {
             factors: Some([factors(3, 6), factors(2, 5)]),
             ..shape()
         };
-        let reducer = Reducer::new(
-            0,
-            WORLD,
-            Arc::new(Peers::new(WORLD, std::time::Duration::from_secs(1))),
-            Arc::new(Schedule::new(6, 20, true)),
-            shape,
-            4,
-            NonFinite::Halt,
-        );
+        let reducer = reducer_in(WORLD, Schedule::new(6, 20, true), shape, NonFinite::Halt);
         let early_q = phased(
             shape.chunking(pb::Net::Discriminator, 4, 1, false),
             4,
@@ -1005,17 +1007,7 @@ mod tests {
             format: WireFormat::Bf16,
             ..shape()
         };
-        let alone = |policy| {
-            Reducer::new(
-                0,
-                1,
-                Arc::new(Peers::new(1, std::time::Duration::from_secs(1))),
-                Arc::new(Schedule::new(0, 20, false)),
-                bf16,
-                4,
-                policy,
-            )
-        };
+        let alone = |policy| reducer_in(1, Schedule::new(0, 20, false), bf16, policy);
         let header = |step, net, index, not_finite| pb::GradChunk {
             data: Bytes::new(),
             not_finite,
