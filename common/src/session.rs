@@ -430,7 +430,8 @@ pub struct Session {
     /// they are zero after every exact step, so a checkpoint needs none.
     residuals: Residuals,
     /// Vectors for the means (and int8's residuals) of the next
-    /// all-reduces: the gradients sent by earlier ones.
+    /// all-reduces: what earlier ones freed (the gradients they encoded,
+    /// the residuals they replaced).
     spares: Spares,
     /// Under PowerSGD, its state per network (discriminator, generator):
     /// like int8's residuals, it lives with the session and is reset by
