@@ -7,4 +7,23 @@ tonic::include_proto!("gancluster.v1");
 
 /// Bumped on any incompatible change to the wire contract; a worker of
 /// another version is refused at join.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
+
+#[cfg(test)]
+mod tests {
+    /// The contract and the README name the version the code speaks.
+    #[test]
+    fn the_proto_and_the_readme_name_this_protocol_version() {
+        let proto = include_str!("../../proto/gancluster.proto");
+        let readme = include_str!("../../README.md");
+        let version = super::PROTOCOL_VERSION;
+        assert!(
+            proto.contains(&format!("// Protocol version {version} ")),
+            "the .proto"
+        );
+        assert!(
+            readme.contains(&format!("`gancluster.v1`, version {version},")),
+            "README.md"
+        );
+    }
+}

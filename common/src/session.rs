@@ -9,8 +9,8 @@
 
 mod spares;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -97,6 +97,13 @@ pub enum SessionError {
          pings for coordinator.heartbeat_timeout_s ({0})"
     )]
     Disconnected(String),
+    /// The connection closed before the coordinator answered Join: it
+    /// holds no free connection slot, or it stopped.
+    #[error(
+        "the coordinator closed the connection before answering Join ({0}): all its connection \
+         slots may be taken (a client holding them all), or it stopped; trying again is safe"
+    )]
+    TurnedAway(String),
     /// The coordinator stopped the run, and said why (escaped).
     #[error("the coordinator aborted the run: {0}")]
     Aborted(String),
@@ -141,6 +148,7 @@ impl SessionError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Disconnected(_)
+            | Self::TurnedAway(_)
             | Self::Closed
             | Self::Connect { .. }
             | Self::ConnectTimeout { .. } => true,
@@ -303,6 +311,8 @@ pub fn join_request(
         initial_checksum,
         host,
         held,
+        proof: None,
+        previous_member: String::new(),
     }
 }
 
@@ -317,12 +327,34 @@ pub async fn join(
         .await
         .map(tonic::Response::into_inner)
         .map_err(|status| match std::error::Error::source(&status) {
+            Some(cause) if closed_on_us(cause) => SessionError::TurnedAway(cause.to_string()),
             Some(cause) => SessionError::Disconnected(cause.to_string()),
             None => SessionError::Refused {
                 code: status.code(),
                 message: shown_message(status.message()),
             },
         })
+}
+
+/// Whether `cause` is the peer closing the connection under the request
+/// (reset, broken pipe, end of stream), as a coordinator with no free
+/// connection slot does on accept; not a TLS refusal or anything else
+/// that trying again cannot mend.
+fn closed_on_us(cause: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(cause);
+    while let Some(e) = cause {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        cause = e.source();
+    }
+    false
 }
 
 /// Everything a worker does before its first step: connect to `address`,
@@ -441,6 +473,24 @@ pub struct Session {
     cadence: Cadence,
     step: Arc<AtomicU64>,
     heartbeat: Heartbeat,
+    proof: Proof,
+}
+
+/// The newest receipt the coordinator gave this member: the proof, for a
+/// later generation or a restarted coordinator, that every rank agreed on
+/// a replica (`pb::Receipt`). It outlives the session it came on.
+#[derive(Debug, Clone, Default)]
+pub struct Proof(Arc<Mutex<Option<pb::Receipt>>>);
+
+impl Proof {
+    /// The newest receipt, if one came.
+    pub fn latest(&self) -> Option<pb::Receipt> {
+        self.0.lock().expect("proof lock").clone()
+    }
+
+    fn keep(&self, receipt: pb::Receipt) {
+        *self.0.lock().expect("proof lock") = Some(receipt);
+    }
 }
 
 impl Session {
@@ -500,6 +550,7 @@ impl Session {
             powersgd: powersgd_of(cfg),
             cadence: Cadence::of(&cfg.train),
             step,
+            proof: Proof::default(),
         };
         let mut received = Received::default();
         loop {
@@ -718,12 +769,13 @@ impl Session {
             false => self.spares.take(len),
         };
         let (inbound, control, announced) = (&mut self.inbound, &mut self.control, &mut self.exact);
+        let proof = &self.proof;
         let receive = async {
             let mut skip = false;
             let mut seen = vec![false; chunking.count()];
             let mut received = 0;
             while received < chunking.count() {
-                let chunk = match next(inbound).await? {
+                let chunk = match next(inbound, proof).await? {
                     coordinator_message::Kind::Chunk(chunk) => chunk,
                     coordinator_message::Kind::Control(c) => {
                         if c.exact_next {
@@ -826,19 +878,31 @@ impl Session {
         // Its sender must go too, or the stream would never end.
         drop(self.heartbeat);
         drop(self.outbound);
-        match self.inbound.next().await {
-            None => Ok(()),
-            Some(Ok(pb::CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Abort(a)),
-            })) => Err(SessionError::Aborted(shown_message(&a.reason))),
-            Some(Ok(pb::CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Regroup(regroup)),
-            })) => Err(SessionError::Regroup(shown_message(&regroup.reason))),
-            Some(Ok(other)) => Err(SessionError::Protocol(format!(
+        match next(&mut self.inbound, &self.proof).await {
+            Err(SessionError::Closed) => Ok(()),
+            Err(err) => Err(err),
+            Ok(other) => Err(SessionError::Protocol(format!(
                 "unexpected message after finishing: {}",
-                other.kind.as_ref().map_or("an empty message", kind_name)
+                kind_name(&other)
             ))),
-            Some(Err(status)) => Err(status.into()),
+        }
+    }
+
+    /// Tells the coordinator the replica it was sent is not the one it was
+    /// told to expect (its sender is at fault), then waits, at most
+    /// [`FAREWELL`], for the group to re-form without that sender.
+    pub async fn refuse_replica(mut self, reason: String) -> SessionError {
+        let refused = worker_message::Kind::ReplicaRefused(pb::ReplicaRefused { reason });
+        if let Err(err) = self.send(refused).await {
+            return err;
+        }
+        match tokio::time::timeout(FAREWELL, self.next()).await {
+            Ok(Err(reason)) => reason,
+            Ok(Ok(kind)) => SessionError::Protocol(format!(
+                "refused the replica sent, then the coordinator sent {}",
+                kind_name(&kind)
+            )),
+            Err(_) => SessionError::Closed,
         }
     }
 
@@ -867,7 +931,12 @@ impl Session {
     }
 
     async fn next(&mut self) -> Result<coordinator_message::Kind, SessionError> {
-        next(&mut self.inbound).await
+        next(&mut self.inbound, &self.proof).await
+    }
+
+    /// The receipts this session is given, now and after it ends.
+    pub fn proof(&self) -> Proof {
+        self.proof.clone()
     }
 }
 
@@ -934,13 +1003,30 @@ fn kind_name(kind: &coordinator_message::Kind) -> &'static str {
         coordinator_message::Kind::Regroup(_) => "Regroup",
         coordinator_message::Kind::SendState(_) => "SendState",
         coordinator_message::Kind::State(_) => "a state chunk",
+        coordinator_message::Kind::Receipt(_) => "a receipt",
     }
 }
 
+/// The next message that asks something of this member; receipts, which
+/// can come at any time, are kept in `proof` on the way.
 async fn next(
     inbound: &mut tonic::Streaming<pb::CoordinatorMessage>,
+    proof: &Proof,
 ) -> Result<coordinator_message::Kind, SessionError> {
-    match inbound.next().await {
+    loop {
+        match inbound.next().await {
+            Some(Ok(pb::CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Receipt(receipt)),
+            })) => proof.keep(receipt),
+            other => return classify(other),
+        }
+    }
+}
+
+fn classify(
+    message: Option<Result<pb::CoordinatorMessage, tonic::Status>>,
+) -> Result<coordinator_message::Kind, SessionError> {
+    match message {
         Some(Ok(pb::CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Abort(abort)),
         })) => Err(SessionError::Aborted(shown_message(&abort.reason))),

@@ -35,7 +35,7 @@
 //! schedule's decisions back and say whether the gradient is finite.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -358,6 +358,8 @@ pub struct Reducer {
     nonfinite: NonFinite,
     current: Mutex<Gradient>,
     skipped: AtomicU64,
+    /// Whether any all-reduce completed in this generation.
+    progressed: AtomicBool,
     /// The mean's residual by (network, chunk index), under error feedback.
     carried: Mutex<HashMap<(i32, u32), Vec<f32>>>,
 }
@@ -389,6 +391,7 @@ impl Reducer {
                 0,
             )),
             skipped: AtomicU64::new(0),
+            progressed: AtomicBool::new(false),
             carried: Mutex::default(),
         }
     }
@@ -607,7 +610,15 @@ impl Reducer {
         current.reduced += 1;
         if current.reduced == current.done.len() {
             *current = current.next(&self.shape);
+            self.progressed.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// [`Reducer::steps_reduced`], once this generation reduced anything.
+    pub fn progress(&self) -> Option<u64> {
+        self.progressed
+            .load(Ordering::Relaxed)
+            .then(|| self.steps_reduced())
     }
 
     /// Gradient updates skipped because they were not finite.

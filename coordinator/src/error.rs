@@ -154,6 +154,9 @@ pub enum CoordinatorError {
     /// The run's lease was lost mid-run: another coordinator may be writing it.
     #[error("stopped without writing anything more: {0}")]
     LeaseLost(String),
+    /// The run's receipt key could not be read or written.
+    #[error("the run's receipt key: {0}")]
+    ReceiptKey(String),
     /// Stopped by a signal before training finished.
     #[error("interrupted before training finished")]
     Interrupted,
@@ -218,12 +221,15 @@ pub enum GroupFailure {
     },
     /// Members joined but did not open their session in time.
     #[error(
-        "worker rank(s) {ranks:?} joined but did not open their session within {seconds} s \
-         (coordinator.handshake_timeout_s): they crashed or lost their connection right after joining"
+        "worker rank(s) {ranks:?} (hosts {hosts}) joined but did not open their session within \
+         {seconds} s (coordinator.handshake_timeout_s): they crashed or lost their connection \
+         right after joining"
     )]
     NoSession {
         /// The ranks without a session.
         ranks: Vec<usize>,
+        /// Their hosts, escaped.
+        hosts: String,
         /// The deadline.
         seconds: u64,
     },
@@ -256,6 +262,22 @@ pub enum GroupFailure {
         host: String,
         /// What was wrong.
         message: String,
+    },
+    /// The replica a member sent was refused by a member it was sent to:
+    /// malformed, or not the replica its sender claimed to hold.
+    #[error(
+        "worker rank {donor} ({host}) sent a bad replica: rank {receiver} refused it: {reason} \
+         (the group re-forms without the sender)"
+    )]
+    BadReplica {
+        /// The sender, at fault.
+        donor: usize,
+        /// Its host, escaped.
+        host: String,
+        /// The member that refused it.
+        receiver: usize,
+        /// Why, in the receiver's words, escaped.
+        reason: String,
     },
     /// Gradients held NaN or Inf and `allreduce.nonfinite` is `halt`.
     #[error(
@@ -302,7 +324,8 @@ impl GroupFailure {
             Self::WorkerLost { rank, .. }
             | Self::WorkerFailed { rank, .. }
             | Self::WorkerExited { rank, .. }
-            | Self::Protocol { rank, .. } => Route::Drop(vec![*rank]),
+            | Self::Protocol { rank, .. }
+            | Self::BadReplica { donor: rank, .. } => Route::Drop(vec![*rank]),
             Self::NoSession { ranks, .. } | Self::Stalled { ranks, .. } => {
                 Route::Drop(ranks.clone())
             }

@@ -21,10 +21,11 @@ use crate::CoordinatorError;
 use crate::allreduce::{Reducer, Shape, Waiting};
 use crate::error::GroupFailure;
 use crate::events::{Event, Notice, Origin};
-use crate::origin::{self, Held, Knowledge, Plan};
+use crate::origin::{self, Claim, Held, Knowledge, Plan};
 use crate::peers::{NotReading, Peers};
+use crate::receipts::Receipts;
 use crate::refusals::Refusals;
-use crate::rendezvous::{JoinError, Rendezvous, Terms};
+use crate::rendezvous::{JoinError, Rendezvous, Seats, Terms};
 use crate::reports::Reports;
 use crate::schedule::Schedule;
 
@@ -48,12 +49,15 @@ pub struct Settings {
     pub max: usize,
     /// The fewest it continues with.
     pub min: usize,
+    /// What gives and checks receipts.
+    pub receipts: Arc<Receipts>,
 }
 
 impl Settings {
-    /// The settings of `cfg` for a run of up to `max` workers; the
-    /// elastic batch policy must work for every group size allowed.
-    pub fn of(cfg: &Config, max: usize) -> Result<Self, CoordinatorError> {
+    /// The settings of `cfg` for a run of up to `max` workers, whose
+    /// receipts `receipts` gives; the elastic batch policy must work for
+    /// every group size allowed.
+    pub fn of(cfg: &Config, max: usize, receipts: Arc<Receipts>) -> Result<Self, CoordinatorError> {
         let co = &cfg.coordinator;
         let min = match co.min_workers {
             0 => max,
@@ -79,6 +83,7 @@ impl Settings {
             heartbeat_interval: Duration::from_secs(co.heartbeat_interval_s),
             max,
             min,
+            receipts,
         })
     }
 }
@@ -109,16 +114,20 @@ pub struct Formed {
     pub reports: Reports,
     /// Where the state comes from.
     pub plan: Plan,
+    /// The replica the donor claimed, when one is sent.
+    pub donated: Option<Held>,
     starts: Vec<pb::Start>,
     transfer: Mutex<Option<Transfer>>,
 }
 
 impl Group {
-    /// Generation `generation` of a run set up with `settings`, starting
-    /// from what `known` allows, checkpointing and stopping as `schedule`
-    /// decides, reporting to `events`.
+    /// Generation `generation` of a run set up with `settings`, keeping
+    /// `seats` from the last one, starting from what `known` allows,
+    /// checkpointing and stopping as `schedule` decides, reporting to
+    /// `events`.
     pub fn new(
         generation: u64,
+        seats: Seats,
         settings: Settings,
         known: Knowledge,
         schedule: Arc<Schedule>,
@@ -133,6 +142,8 @@ impl Group {
             steps: settings.steps,
             cadence: settings.shape.cadence,
             heartbeat_interval: settings.heartbeat_interval,
+            receipts: settings.receipts.clone(),
+            seats,
         });
         Self {
             rendezvous,
@@ -169,8 +180,8 @@ impl Group {
             rendezvous: &self.rendezvous,
             place: admitted.place,
         };
-        if let Some(helds) = admitted.formed {
-            self.settle(helds);
+        if let Some(claims) = admitted.formed {
+            self.settle(claims);
         }
         self.formed_signal().await;
         std::mem::forget(reservation);
@@ -184,7 +195,7 @@ impl Group {
     /// `Err(joined)` when they are fewer than the run's minimum.
     pub fn close(&self) -> Result<(), usize> {
         match self.rendezvous.close(self.settings.min) {
-            Ok(helds) => self.settle(helds),
+            Ok(claims) => self.settle(claims),
             // The last member to join formed it in the meantime.
             Err(_) if self.rendezvous.is_formed() => {}
             Err(joined) => return Err(joined),
@@ -194,9 +205,11 @@ impl Group {
 
     /// Numbers are given: decide where the state comes from and what each
     /// member is told at start.
-    fn settle(&self, helds: Vec<Option<Held>>) {
-        let world = helds.len();
-        let plan = origin::plan(&helds, &self.known);
+    fn settle(&self, claims: Vec<Claim>) {
+        let world = claims.len();
+        let plan = origin::plan(&claims, &self.known);
+        let donated = plan.donor.and_then(|donor| claims[donor].held);
+        let checksum = donated.map_or(0, |held| held.checksum);
         let s = &self.settings;
         let batch = s
             .elastic
@@ -219,6 +232,7 @@ impl Group {
                 batch_size: batch as u32,
                 checkpoint: owed,
                 exact_first,
+                checksum,
             })
             .collect();
         let peers = Arc::new(Peers::new(world, s.heartbeat_timeout));
@@ -236,6 +250,7 @@ impl Group {
             reports: Reports::new(world, plan.first_step, s.shape.cadence),
             peers,
             plan,
+            donated,
             starts,
             transfer: Mutex::new(None),
         };
@@ -329,6 +344,47 @@ impl Group {
             }
         }
         self.send(Event::SessionsOpen).await;
+    }
+
+    /// Gives every member the receipt for the state after `step` steps, on
+    /// which every rank agreed with `checksum`.
+    pub async fn receipt(&self, step: u64, checksum: u64) -> Result<(), CoordinatorError> {
+        let formed = self
+            .formed()
+            .expect("sessions open only in a formed generation");
+        let receipt = self
+            .settings
+            .receipts
+            .issue(origin::Verified { step, checksum });
+        formed
+            .peers
+            .broadcast(coordinator_message::Kind::Receipt(receipt))
+            .await
+            .map_err(not_reading)
+    }
+
+    /// `rank` refused the replica it was sent: the donor is at fault if it
+    /// was sent one, else `rank` breaks the protocol.
+    pub fn replica_refused(&self, rank: usize, reason: &str) -> CoordinatorError {
+        let formed = self
+            .formed()
+            .expect("sessions open only in a formed generation");
+        let plan = &formed.plan;
+        match plan.donor {
+            Some(donor) if plan.sources[rank] == pb::Source::Transfer => GroupFailure::BadReplica {
+                donor,
+                host: self.rendezvous.host_of(donor),
+                receiver: rank,
+                reason: common::untrusted::shown_message(reason),
+            }
+            .into(),
+            _ => self.protocol(rank, "refused a replica it was not sent"),
+        }
+    }
+
+    /// What the next generation keeps of this one once `lost` are gone.
+    pub fn seats(&self, lost: &[usize]) -> Seats {
+        self.rendezvous.seats(lost)
     }
 
     /// Tells every member that the group re-forms, and closes their streams.

@@ -16,6 +16,7 @@ pub mod launcher;
 pub mod origin;
 pub mod peers;
 pub mod progress;
+pub mod receipts;
 pub mod refusals;
 pub mod rendezvous;
 pub mod reports;

@@ -9,12 +9,19 @@
 //! the checksum, and a worker that hangs up while waiting for the others
 //! gives its place back, so its restart can take it again.
 //!
+//! Survivors come first. A re-forming group keeps the places of the
+//! previous generation's survivors for them (each proves it is one by the
+//! member id it had, which only it was told) and the initial checksum the
+//! run pinned: an arrival can neither take a survivor's place nor decide
+//! what the survivors must match, and one whose checksum differs is
+//! refused before it can make the group re-form.
+//!
 //! A generation forms when all `max` places are taken, or, when the
 //! supervision closes it at its deadline, with the members it has (at
 //! least `min_workers`). Members keep the order of the places they took
 //! (a worker asking for rank r takes place r), numbered 0.. without gaps.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::cadence::Cadence;
@@ -22,7 +29,8 @@ use common::pb;
 use common::untrusted::shown;
 use tonic::Status;
 
-use crate::origin::Held;
+use crate::origin::{Claim, Held};
+use crate::receipts::Receipts;
 
 /// Longest host name accepted at join (a DNS name's limit).
 pub const MAX_HOST_BYTES: usize = 253;
@@ -81,6 +89,12 @@ pub enum JoinError {
     /// The requested rank is taken or out of range.
     #[error("rank {0} is taken or outside the group (ask for 0..workers-1, or -1 for any)")]
     Rank(i32),
+    /// The requested place is kept for a survivor of the last generation.
+    #[error(
+        "place {0} is kept for the member that held it in the last generation; ask for another \
+         rank, or -1 for any"
+    )]
+    Kept(usize),
     /// Every place is taken.
     #[error("the group already has all {0} workers")]
     Full(usize),
@@ -102,7 +116,9 @@ impl From<JoinError> for Status {
     fn from(err: JoinError) -> Self {
         let message = err.to_string();
         match err {
-            JoinError::Full(_) | JoinError::Rank(_) => Status::resource_exhausted(message),
+            JoinError::Full(_) | JoinError::Rank(_) | JoinError::Kept(_) => {
+                Status::resource_exhausted(message)
+            }
             JoinError::Later { .. } => Status::unavailable(message),
             JoinError::Host(_) => Status::invalid_argument(message),
             _ => Status::failed_precondition(message),
@@ -130,7 +146,8 @@ struct Member {
     host: String,
     connection: u64,
     place: usize,
-    held: Option<Held>,
+    claim: Claim,
+    survivor: bool,
 }
 
 /// A worker admitted to a forming generation.
@@ -140,9 +157,17 @@ pub struct Admitted {
     pub place: usize,
     /// Its member id.
     pub id: String,
-    /// Its admission completed the group: the replicas the members hold,
-    /// by rank.
-    pub formed: Option<Vec<Option<Held>>>,
+    /// Its admission completed the group: what the members present, by rank.
+    pub formed: Option<Vec<Claim>>,
+}
+
+/// What a re-forming generation keeps from the one before.
+#[derive(Debug, Clone, Default)]
+pub struct Seats {
+    /// `(place, member id)` of each survivor.
+    pub survivors: Vec<(usize, String)>,
+    /// The initial parameter checksum the run's members share.
+    pub initial_checksum: Option<u64>,
 }
 
 /// What a generation presents and requires.
@@ -162,6 +187,10 @@ pub struct Terms {
     pub cadence: Cadence,
     /// How often members send heartbeats.
     pub heartbeat_interval: Duration,
+    /// What checks the receipts members present.
+    pub receipts: Arc<Receipts>,
+    /// What this generation keeps from the one before.
+    pub seats: Seats,
 }
 
 /// The membership of one generation.
@@ -181,11 +210,12 @@ impl Rendezvous {
     /// A generation as `terms` say.
     pub fn new(terms: Terms) -> Self {
         let places = vec![None; terms.max];
+        let initial_checksum = terms.seats.initial_checksum;
         Self {
             terms,
             state: Mutex::new(State {
                 places,
-                initial_checksum: None,
+                initial_checksum,
                 ranked: None,
             }),
         }
@@ -230,7 +260,26 @@ impl Rendezvous {
             Some(h) => Some(Held::from_wire(h)),
             None => None,
         };
+        let proof = request.proof.as_ref().and_then(|receipt| {
+            let proof = terms.receipts.verify(receipt);
+            if proof.is_none() {
+                tracing::warn!(host = %shown(&request.host), step = receipt.step,
+                    "a joiner presented a receipt no coordinator of this run issued: it proves nothing");
+            }
+            proof
+        });
         let mut state = self.state.lock().expect("rendezvous lock");
+        // Pinned only by a worker that is admitted (a refused one must not
+        // decide what the real workers have to match), and checked before
+        // an arrival can make a formed group re-form.
+        if let Some(group) = state.initial_checksum
+            && group != request.initial_checksum
+        {
+            return Err(JoinError::InitialChecksum {
+                worker: request.initial_checksum,
+                group,
+            });
+        }
         if let Some(ranked) = &state.ranked {
             return Err(match ranked.len() < terms.max {
                 true => JoinError::Later {
@@ -240,27 +289,28 @@ impl Rendezvous {
                 false => JoinError::Full(terms.max),
             });
         }
-        let place = match request.requested_rank {
-            -1 => state
-                .places
-                .iter()
-                .position(Option::is_none)
+        let survivors = &terms.seats.survivors;
+        let kept = |place: usize| survivors.iter().any(|(p, _)| *p == place);
+        let survivor = survivors
+            .iter()
+            .find(|(_, id)| !request.previous_member.is_empty() && *id == request.previous_member)
+            .map(|(place, _)| *place);
+        let place = match (survivor, request.requested_rank) {
+            (Some(place), _) if state.places[place].is_none() => place,
+            (Some(place), _) => return Err(JoinError::Kept(place)),
+            (None, -1) => (0..terms.max)
+                .find(|&p| state.places[p].is_none() && !kept(p))
                 .ok_or(JoinError::Full(terms.max))?,
-            r if r >= 0 && (r as usize) < terms.max && state.places[r as usize].is_none() => {
+            (None, r) if r >= 0 && (r as usize) < terms.max && kept(r as usize) => {
+                return Err(JoinError::Kept(r as usize));
+            }
+            (None, r)
+                if r >= 0 && (r as usize) < terms.max && state.places[r as usize].is_none() =>
+            {
                 r as usize
             }
-            r => return Err(JoinError::Rank(r)),
+            (None, r) => return Err(JoinError::Rank(r)),
         };
-        // Pinned only by a worker that is admitted: a refused one must not
-        // decide what the real workers have to match.
-        if let Some(group) = state.initial_checksum
-            && group != request.initial_checksum
-        {
-            return Err(JoinError::InitialChecksum {
-                worker: request.initial_checksum,
-                group,
-            });
-        }
         state.initial_checksum = Some(request.initial_checksum);
         let id = format!(
             "g{}-p{place}-{:016x}",
@@ -272,7 +322,8 @@ impl Rendezvous {
             host: request.host,
             connection,
             place,
-            held,
+            claim: Claim { held, proof },
+            survivor: survivor.is_some(),
         });
         let formed = state
             .places
@@ -284,7 +335,7 @@ impl Rendezvous {
 
     /// Forms the generation with the members it has, if there are at least
     /// `min`; otherwise returns how many there are.
-    pub fn close(&self, min: usize) -> Result<Vec<Option<Held>>, usize> {
+    pub fn close(&self, min: usize) -> Result<Vec<Claim>, usize> {
         let mut state = self.state.lock().expect("rendezvous lock");
         let joined = state.places.iter().flatten().count();
         if state.ranked.is_some() || joined < min.max(1) {
@@ -293,12 +344,47 @@ impl Rendezvous {
         Ok(Self::form(&mut state))
     }
 
-    /// Numbers the members by place; returns what they hold, by rank.
-    fn form(state: &mut State) -> Vec<Option<Held>> {
+    /// Numbers the members by place; returns what they present, by rank.
+    fn form(state: &mut State) -> Vec<Claim> {
         let ranked: Vec<Member> = state.places.iter().flatten().cloned().collect();
-        let helds = ranked.iter().map(|m| m.held).collect();
+        let claims = ranked.iter().map(|m| m.claim).collect();
         state.ranked = Some(ranked);
-        helds
+        claims
+    }
+
+    /// What the next generation keeps of this one once `lost` (ranks) are
+    /// gone: the survivors' places and the initial checksum.
+    pub fn seats(&self, lost: &[usize]) -> Seats {
+        let state = self.state.lock().expect("rendezvous lock");
+        let survivors = state
+            .ranked
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(rank, _)| !lost.contains(rank))
+            .map(|(_, m)| (m.place, m.id.clone()))
+            .collect();
+        Seats {
+            survivors,
+            initial_checksum: state.initial_checksum,
+        }
+    }
+
+    /// Ranks of the formed group that are not survivors of the last
+    /// generation (in the first generation, none: everyone starts there).
+    pub fn arrivals(&self) -> Vec<usize> {
+        let state = self.state.lock().expect("rendezvous lock");
+        match self.terms.generation {
+            1 => Vec::new(),
+            _ => state
+                .ranked
+                .iter()
+                .flatten()
+                .enumerate()
+                .filter(|(_, m)| !m.survivor)
+                .map(|(rank, _)| rank)
+                .collect(),
+        }
     }
 
     /// Gives `place` back if the group has not formed yet.
@@ -309,7 +395,7 @@ impl Rendezvous {
         }
         state.places[place] = None;
         if state.places.iter().all(Option::is_none) {
-            state.initial_checksum = None;
+            state.initial_checksum = self.terms.seats.initial_checksum;
         }
     }
 
@@ -403,19 +489,27 @@ mod tests {
             initial_checksum: 5,
             host: format!("host{rank}"),
             held: None,
+            proof: None,
+            previous_member: String::new(),
         }
     }
 
-    fn group(max: usize) -> Rendezvous {
-        Rendezvous::new(Terms {
-            generation: 1,
+    fn terms(generation: u64, max: usize, seats: Seats) -> Terms {
+        Terms {
+            generation,
             max,
             config_hash: "h".into(),
             run: "run".into(),
             steps: 100,
             cadence: Cadence::new(4, 0),
             heartbeat_interval: BEAT,
-        })
+            receipts: Arc::new(Receipts::ephemeral("run")),
+            seats,
+        }
+    }
+
+    fn group(max: usize) -> Rendezvous {
+        Rendezvous::new(terms(1, max, Seats::default()))
     }
 
     #[test]
@@ -425,7 +519,7 @@ mod tests {
         assert!(first.formed.is_none());
         assert!(group.reply(&first.id).is_none(), "not before it forms");
         let second = group.admit(request(-1), 8).unwrap();
-        assert_eq!(second.formed, Some(vec![None, None]));
+        assert_eq!(second.formed, Some(vec![Claim::default(); 2]));
         let (a, b) = (
             group.reply(&first.id).unwrap(),
             group.reply(&second.id).unwrap(),
@@ -527,5 +621,87 @@ mod tests {
         let mut restarted = request(1);
         restarted.initial_checksum = 9;
         group.admit(restarted, 2).unwrap();
+    }
+
+    /// Probe 3a/3b of the issue: after a regroup, an arrival (without a
+    /// rank, or with a survivor's) cannot take a survivor's place, and one
+    /// with another initial checksum is refused before it can re-form the
+    /// group; the survivors take their places back.
+    #[test]
+    fn survivors_take_their_places_back_before_any_arrival() {
+        let first = group(3);
+        let a = first.admit(request(0), 1).unwrap();
+        let b = first.admit(request(1), 2).unwrap();
+        assert_eq!(first.close(2).unwrap().len(), 2);
+        let seats = first.seats(&[]);
+        assert_eq!(seats.initial_checksum, Some(5));
+        let second = Rendezvous::new(terms(2, 3, seats));
+        let mut wrong = request(-1);
+        wrong.initial_checksum = 666;
+        assert!(matches!(
+            second.admit(wrong, 3),
+            Err(JoinError::InitialChecksum { group: 5, .. })
+        ));
+        assert!(matches!(
+            second.admit(request(0), 3),
+            Err(JoinError::Kept(0))
+        ));
+        let arrival = second.admit(request(-1), 3).unwrap();
+        assert_eq!(arrival.place, 2, "the first place no survivor keeps");
+        let mut back = request(-1);
+        back.previous_member = b.id.clone();
+        assert_eq!(second.admit(back, 4).unwrap().place, 1);
+        let mut back = request(0);
+        back.previous_member = a.id;
+        let last = second.admit(back, 5).unwrap();
+        assert_eq!(last.place, 0);
+        assert!(last.formed.is_some());
+        assert_eq!(second.arrivals(), vec![2]);
+        assert!(
+            group(1).arrivals().is_empty(),
+            "the first generation has none"
+        );
+    }
+
+    /// A forming group that already pinned the run's checksum refuses
+    /// another even when no place is taken yet; a released place keeps it.
+    #[test]
+    fn the_pinned_checksum_outlives_released_places() {
+        let seats = Seats {
+            survivors: vec![],
+            initial_checksum: Some(5),
+        };
+        let group = Rendezvous::new(terms(2, 2, seats));
+        let joined = group.admit(request(0), 1).unwrap();
+        group.release(joined.place);
+        let mut wrong = request(1);
+        wrong.initial_checksum = 6;
+        assert!(group.admit(wrong, 2).is_err());
+    }
+
+    /// A receipt is checked at join: a forged one proves nothing.
+    #[test]
+    fn only_receipts_of_this_run_are_taken_as_proof() {
+        let receipts = Arc::new(Receipts::ephemeral("run"));
+        let group = Rendezvous::new(Terms {
+            receipts: receipts.clone(),
+            ..terms(2, 2, Seats::default())
+        });
+        let agreed = crate::origin::Verified {
+            step: 4,
+            checksum: 9,
+        };
+        let mut honest = request(0);
+        honest.proof = Some(receipts.issue(agreed));
+        group.admit(honest, 1).unwrap();
+        let mut forged = request(1);
+        forged.proof = Some(pb::Receipt {
+            step: 40,
+            checksum: 1,
+            tag: vec![0; 32].into(),
+        });
+        let claims = group.admit(forged, 2).unwrap().formed.unwrap();
+        assert_eq!(claims[0].proof, Some(agreed));
+        assert_eq!(claims[1].proof, None);
     }
 }

@@ -16,13 +16,16 @@ use crate::CoordinatorError;
 use crate::display::Echo;
 use crate::group::{Group, Settings};
 use crate::launcher::{self, Launcher};
+use crate::origin::Knowledge;
+use crate::receipts::Receipts;
 use crate::refusals::Refusals;
+use crate::rendezvous::Seats;
 use crate::reports::StepSummary;
 use crate::resume::{self, ResumePolicy};
 use crate::schedule::Schedule;
 use crate::server::{Listeners, Servers};
 use crate::service::Current;
-use crate::supervise::Supervision;
+use crate::supervise::{Lifecycle, RunFacts, Supervision};
 
 /// Where the workers come from.
 #[derive(Debug, Clone)]
@@ -182,11 +185,12 @@ where
         options,
     } = launch;
     let workers = mode.workers();
-    let settings = Settings::of(&cfg, workers)?;
     let (checkpoints, start): (Checkpoints, resume::StartPoint) =
         resume::plan(&cfg, &policy, workers).await?;
     // The operator's explicit choice of a start wins over replicas.
     let trust_replicas = policy == ResumePolicy::Latest;
+    let receipts = Receipts::open(&checkpoints, &cfg.checkpoint.run, trust_replicas).await?;
+    let settings = Settings::of(&cfg, workers, Arc::new(receipts))?;
     let secret = match &mode {
         Mode::Local(_) => format!("{:032x}", rand::random::<u128>()),
         Mode::External { token, .. } => token.clone(),
@@ -201,13 +205,11 @@ where
     let refusals = Arc::new(Refusals::default());
     let first = Group::new(
         1,
+        Seats::default(),
         settings.clone(),
-        crate::origin::Knowledge {
-            fallback: start.clone(),
-            verified: None,
+        Knowledge {
             reached: start.first_step,
-            committed: start.checkpoint.as_ref().map(|_| start.first_step),
-            trust_replicas,
+            ..Lifecycle::new(0).knowledge(&start, trust_replicas, &RunFacts::of(&settings, &cfg))
         },
         schedule.clone(),
         events_tx.clone(),

@@ -281,7 +281,14 @@ impl Member {
                 let reduced = formed.reducer.steps_reduced();
                 match formed.reports.add(rank, report, reduced) {
                     Err(e) => return Err(group.protocol(rank, e.to_string())),
-                    Ok(Some(Ok(summary))) => group.send(Event::StepDone(summary)).await,
+                    Ok(Some(Ok(summary))) => {
+                        // Before this handler reads on: every member has its
+                        // receipt queued ahead of the next reduced gradient.
+                        if let Some(checksum) = summary.checksum {
+                            group.receipt(summary.step + 1, checksum).await?;
+                        }
+                        group.send(Event::StepDone(summary)).await
+                    }
                     Ok(Some(Err(divergence))) => return Err(GroupFailure::from(divergence).into()),
                     Ok(None) => {}
                 }
@@ -323,6 +330,9 @@ impl Member {
                 group.send(Event::Finished { rank }).await;
             }
             worker_message::Kind::State(chunk) => group.state_chunk(rank, chunk).await?,
+            worker_message::Kind::ReplicaRefused(refused) => {
+                return Err(group.replica_refused(rank, &refused.reason));
+            }
             worker_message::Kind::Hello(_) => {
                 return Err(group.protocol(rank, "sent Hello twice"));
             }
@@ -351,6 +361,7 @@ fn name(kind: &worker_message::Kind) -> &'static str {
         worker_message::Kind::Heartbeat(_) => "a heartbeat",
         worker_message::Kind::Failure(_) => "a failure",
         worker_message::Kind::State(_) => "a replica chunk",
+        worker_message::Kind::ReplicaRefused(_) => "a refusal of a replica",
     }
 }
 

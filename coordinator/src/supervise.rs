@@ -34,7 +34,7 @@ use crate::error::{CoordinatorError, GroupFailure, Route};
 use crate::events::{Event, Notice, Origin};
 use crate::group::{Group, Settings};
 use crate::launcher::Launcher;
-use crate::origin::{Knowledge, Plan, Verified};
+use crate::origin::{Held, Knowledge, Plan, Verified};
 use crate::progress::Progress;
 use crate::refusals::Refusals;
 use crate::reports::StepSummary;
@@ -87,6 +87,30 @@ pub struct Regroup {
     pub cause: &'static str,
     /// Whether the members' replicas may be used.
     pub trust_replicas: bool,
+    /// The replica sent was refused: its claim is not believed again.
+    pub refuse_donor: bool,
+}
+
+/// What a run's generations all share, for [`Lifecycle::knowledge`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunFacts {
+    /// Its places (`--workers`).
+    pub places: usize,
+    /// `train.steps`.
+    pub steps: u64,
+    /// Whether a coordinator of this run came before this one.
+    pub predecessor: bool,
+}
+
+impl RunFacts {
+    /// The facts of a run of `settings` and `cfg`.
+    pub fn of(settings: &Settings, cfg: &Config) -> Self {
+        Self {
+            places: settings.max,
+            steps: cfg.train.steps,
+            predecessor: settings.receipts.predecessor(),
+        }
+    }
 }
 
 /// The rules of a run, without I/O.
@@ -107,6 +131,20 @@ pub struct Lifecycle {
     verified: Option<Verified>,
     arrival: bool,
     donor: Option<usize>,
+    /// Steps this coordinator reduced whole, over every generation.
+    reduced: u64,
+    /// Steps this coordinator saw the group complete.
+    trained: u64,
+    /// Whether the current generation starts from a state the run
+    /// provably reached.
+    proven_start: bool,
+    /// Ranks of the current generation that arrived in it.
+    arrivals: Vec<usize>,
+    /// The current generation formed to take in workers that asked to
+    /// join (not to replace lost ones).
+    grown: bool,
+    /// Replicas whose transfer a member refused.
+    refused: Vec<Held>,
 }
 
 impl Lifecycle {
@@ -129,6 +167,12 @@ impl Lifecycle {
             verified: None,
             arrival: false,
             donor: None,
+            reduced: 0,
+            trained: 0,
+            proven_start: true,
+            arrivals: Vec::new(),
+            grown: false,
+            refused: Vec::new(),
         }
     }
 
@@ -152,14 +196,17 @@ impl Lifecycle {
         self.donor
     }
 
-    /// The generation formed with `world` members, starting as `plan` says.
-    pub fn formed(&mut self, world: usize, plan: &Plan) {
+    /// The generation formed with `world` members, `arrivals` of them new
+    /// to it, starting as `plan` says.
+    pub fn formed(&mut self, world: usize, plan: &Plan, arrivals: Vec<usize>) {
         self.phase = Phase::Opening;
         self.world = world;
         self.done = plan.first_step;
         self.retrained += plan.retrained;
         self.finished = vec![false; world];
         self.donor = None;
+        self.proven_start = plan.proven;
+        self.arrivals = arrivals;
     }
 
     /// The next step given `event` from generation `origin`; `final_step`
@@ -186,6 +233,7 @@ impl Lifecycle {
             }
             Event::StepDone(summary) => {
                 self.done = summary.step + 1;
+                self.trained += 1;
                 // After a local step (post-local SGD) replicas differ: the
                 // verified state stays at the last averaging step.
                 if let Some(checksum) = summary.checksum {
@@ -231,11 +279,13 @@ impl Lifecycle {
 
     /// A member failed the group (or a clock ran out on it).
     pub fn failed(&mut self, failure: GroupFailure, final_step: u64) -> Next {
+        let refuse_donor = matches!(failure, GroupFailure::BadReplica { .. });
         let (lost, trust_replicas, cause) = match failure.route() {
             Route::Fatal => return Next::Fail(failure.into()),
             Route::Drop(lost) if lost.is_empty() => {
                 ((0..self.world).collect(), true, "member lost")
             }
+            Route::Drop(lost) if refuse_donor => (lost, true, "bad replica"),
             Route::Drop(lost) => (lost, true, "member lost"),
             Route::Restart => (Vec::new(), false, "replicas diverged"),
         };
@@ -245,14 +295,26 @@ impl Lifecycle {
             lost.iter().for_each(|&r| self.finished[r] = true);
             return self.concluded(final_step);
         }
-        if !self.spend_restart() {
+        // A worker that asked to join and went away before its first step
+        // costs the regroup it caused, never a restart of the run (a
+        // replacement that fails, as a crash loop would, still does).
+        let arrivals_only = self.grown
+            && self.phase == Phase::Opening
+            && !lost.is_empty()
+            && lost.iter().all(|r| self.arrivals.contains(r));
+        if arrivals_only {
+            warn!(lost = ?lost, reason = %failure,
+                "a worker that arrived in this generation went away before training: the group \
+                 re-forms without it (no restart spent)");
+        } else if !self.spend_restart() {
             return Next::Fail(failure.into());
         }
         Next::Regroup(Regroup {
             lost,
             reason: failure.to_string(),
-            cause,
+            cause: if arrivals_only { "arrival lost" } else { cause },
             trust_replicas,
+            refuse_donor,
         })
     }
 
@@ -272,12 +334,28 @@ impl Lifecycle {
             reason: "a worker arrived: the group grows at this step".into(),
             cause: "member arrived",
             trust_replicas: true,
+            refuse_donor: false,
         })
     }
 
     fn concluded(&self, final_step: u64) -> Next {
         if !self.finished.iter().all(|f| *f) {
             return Next::Continue;
+        }
+        // Members alone never end a run: without a step this coordinator
+        // saw completed, the end state must be one the run provably reached.
+        if self.trained == 0 && !self.proven_start {
+            return Next::Fail(
+                GroupFailure::WorkerLost {
+                    rank: 0,
+                    reason: format!(
+                        "every worker said it finished at step {}, but this coordinator saw no \
+                         step trained and has no proof the run reached it",
+                        self.done
+                    ),
+                }
+                .into(),
+            );
         }
         if self.done < final_step {
             return Next::Fail(
@@ -295,8 +373,21 @@ impl Lifecycle {
         Next::Conclude
     }
 
-    /// The group re-forms: the next generation starts forming.
-    pub fn regrouped(&mut self) {
+    /// The ending generation reduced its all-reduces up to `reduced`
+    /// steps, if it reduced any.
+    pub fn reduced(&mut self, reduced: Option<u64>) {
+        self.reduced = self.reduced.max(reduced.unwrap_or(0));
+    }
+
+    /// `donated` was the replica sent when a member refused it.
+    pub fn refuse(&mut self, donated: Option<Held>) {
+        self.refused.extend(donated);
+    }
+
+    /// The group re-forms (`cause`, as [`Regroup::cause`]): the next
+    /// generation starts forming.
+    pub fn regrouped(&mut self, cause: &str) {
+        self.grown = cause == "member arrived";
         self.generation += 1;
         self.phase = Phase::Forming;
         self.arrival = false;
@@ -305,8 +396,9 @@ impl Lifecycle {
 
     /// What the next generation may start from: the members' replicas
     /// (when `trust_replicas`) or the newest checkpoint committed, else
-    /// where the run started (`first`).
-    pub fn knowledge(&self, first: &StartPoint, trust_replicas: bool) -> Knowledge {
+    /// where the run started (`first`). `run` says how many places the run
+    /// has, where it ends, and whether an earlier coordinator trained it.
+    pub fn knowledge(&self, first: &StartPoint, trust_replicas: bool, run: &RunFacts) -> Knowledge {
         let fallback = match self.committed {
             Some(step) => StartPoint {
                 first_step: step,
@@ -322,6 +414,15 @@ impl Lifecycle {
                 .committed
                 .or(first.checkpoint.as_ref().map(|_| first.first_step)),
             trust_replicas,
+            places: run.places,
+            bound: match (self.reduced, run.predecessor) {
+                (0, true) => run.steps,
+                (0, false) => first.first_step,
+                (reduced, _) => reduced,
+            },
+            reduced: self.reduced,
+            steps: run.steps,
+            refused: self.refused.clone(),
         }
     }
 
@@ -445,6 +546,23 @@ impl Supervision<'_> {
             let group = self.current.get();
             let phase = life.phase();
             let next = tokio::select! {
+                // The group's formation comes before any news of it: its
+                // first members may open their sessions (and send events)
+                // before this loop has seen it form.
+                biased;
+                () = group.formed_signal(), if phase == Phase::Forming => {
+                    let formed = group.formed().expect("signalled once formed");
+                    life.formed(formed.world, &formed.plan, group.rendezvous.arrivals());
+                    self.membership.record(life.generation(), formed.world, &formed.plan, why);
+                    info!(generation = life.generation(), workers = formed.world,
+                        first_step = formed.plan.first_step, state = formed.plan.describe(),
+                        steps_retrained = formed.plan.retrained, "the group formed");
+                    progress.formed(formed.plan.first_step, formed.world);
+                    telemetry::formed(life.generation(), formed.world);
+                    // Every member must open its session soon after the group forms.
+                    clock.as_mut().reset(Instant::now() + handshake);
+                    continue;
+                }
                 notice = events.recv() => {
                     let notice = notice.expect("the run holds a sender");
                     let Some((origin, event)) = self.attribute(notice, &group, &mut life).await? else {
@@ -486,19 +604,6 @@ impl Supervision<'_> {
                             seconds: waited.as_secs(),
                         });
                     }
-                    continue;
-                }
-                () = group.formed_signal(), if phase == Phase::Forming => {
-                    let formed = group.formed().expect("signalled once formed");
-                    life.formed(formed.world, &formed.plan);
-                    self.membership.record(life.generation(), formed.world, &formed.plan, why);
-                    info!(generation = life.generation(), workers = formed.world,
-                        first_step = formed.plan.first_step, state = formed.plan.describe(),
-                        steps_retrained = formed.plan.retrained, "the group formed");
-                    progress.formed(formed.plan.first_step, formed.world);
-                    telemetry::formed(life.generation(), formed.world);
-                    // Every member must open its session soon after the group forms.
-                    clock.as_mut().reset(Instant::now() + handshake);
                     continue;
                 }
                 _ = &mut clock, if matches!(phase, Phase::Opening | Phase::Training) => {
@@ -582,10 +687,16 @@ impl Supervision<'_> {
     ) -> Result<(), CoordinatorError> {
         warn!(generation = life.generation(), lost = ?regroup.lost, reason = %regroup.reason,
             "the group re-forms");
-        life.regrouped();
-        let known = life.knowledge(&self.start, regroup.trust_replicas);
+        life.reduced(old.formed().and_then(|f| f.reducer.progress()));
+        if regroup.refuse_donor {
+            life.refuse(old.formed().and_then(|f| f.donated));
+        }
+        life.regrouped(regroup.cause);
+        let facts = RunFacts::of(&self.settings, self.cfg);
+        let known = life.knowledge(&self.start, regroup.trust_replicas, &facts);
         self.current.replace(Arc::new(Group::new(
             life.generation(),
+            old.seats(&regroup.lost),
             self.settings.clone(),
             known,
             self.schedule.clone(),
@@ -691,8 +802,11 @@ impl Supervision<'_> {
                     ),
                 };
             }
+            let ranks = group.formed().map_or_else(Vec::new, |f| f.peers.missing());
+            let hosts: Vec<String> = ranks.iter().map(|&r| group.rendezvous.host_of(r)).collect();
             return GroupFailure::NoSession {
-                ranks: group.formed().map_or_else(Vec::new, |f| f.peers.missing()),
+                ranks,
+                hosts: hosts.join(", "),
                 seconds: handshake.as_secs(),
             };
         }
@@ -819,12 +933,19 @@ mod tests {
             donor: None,
             resume_from: None,
             retrained: 0,
+            proven: true,
         }
     }
 
+    const FACTS: RunFacts = RunFacts {
+        places: 2,
+        steps: 10,
+        predecessor: false,
+    };
+
     fn training(world: usize, restarts: u32) -> Lifecycle {
         let mut life = Lifecycle::new(restarts);
-        life.formed(world, &plan(world, 0));
+        life.formed(world, &plan(world, 0), vec![]);
         assert!(matches!(
             life.on(1, Event::SessionsOpen, 10),
             Next::Continue
@@ -846,7 +967,7 @@ mod tests {
     fn a_generation_goes_from_forming_to_finishing_and_concludes_when_all_finished() {
         let mut life = Lifecycle::new(0);
         assert_eq!(life.phase(), Phase::Forming);
-        life.formed(2, &plan(2, 0));
+        life.formed(2, &plan(2, 0), vec![]);
         assert_eq!(life.phase(), Phase::Opening);
         assert!(matches!(life.on(1, Event::SessionsOpen, 2), Next::Continue));
         assert_eq!(life.phase(), Phase::Training);
@@ -911,13 +1032,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        life.regrouped();
+        life.regrouped("member lost");
         assert_eq!((life.generation(), life.phase()), (2, Phase::Forming));
         assert!(
             matches!(life.on(1, lost(0), 10), Next::Continue),
             "generation 1 is over"
         );
-        life.formed(3, &plan(3, 1));
+        life.formed(3, &plan(3, 1), vec![]);
         life.on(2, Event::SessionsOpen, 10);
         assert!(
             matches!(life.on(2, lost(1), 10), Next::Fail(_)),
@@ -932,7 +1053,7 @@ mod tests {
         life.on(1, step(0), 10);
         life.on(1, step(1), 10);
         let start = StartPoint::default();
-        let known = life.knowledge(&start, true);
+        let known = life.knowledge(&start, true, &FACTS);
         assert_eq!(
             known.verified,
             Some(Verified {
@@ -942,7 +1063,7 @@ mod tests {
         );
         assert_eq!((known.reached, known.fallback.first_step), (2, 0));
         life.checkpoint_committed(2);
-        let known = life.knowledge(&start, false);
+        let known = life.knowledge(&start, false, &FACTS);
         assert_eq!(known.fallback.checkpoint.as_deref(), Some("step-000000002"));
         assert!(!known.trust_replicas);
     }
@@ -980,7 +1101,7 @@ mod tests {
     #[test]
     fn an_arrival_grows_the_group_once_training_runs() {
         let mut life = Lifecycle::new(0);
-        life.formed(1, &plan(1, 0));
+        life.formed(1, &plan(1, 0), vec![]);
         assert!(matches!(life.on(1, Event::Arrival, 10), Next::Continue));
         match life.on(1, Event::SessionsOpen, 10) {
             Next::Regroup(r) => assert_eq!((r.lost.len(), r.cause), (0, "member arrived")),
@@ -1023,5 +1144,87 @@ mod tests {
             Next::Regroup(r) => assert_eq!(r.lost, vec![0, 1]),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A group that formed at its last step from members' word alone (no
+    /// proof the run reached it) never ends as a success; one whose end
+    /// state the run provably reached does.
+    #[test]
+    fn members_alone_never_end_a_run_as_a_success() {
+        let mut claimed = plan(2, 10);
+        claimed.proven = false;
+        let mut life = Lifecycle::new(0);
+        life.formed(2, &claimed, vec![]);
+        assert!(matches!(
+            life.on(1, Event::SessionsOpen, 10),
+            Next::Continue
+        ));
+        life.on(1, Event::Finished { rank: 0 }, 10);
+        match life.on(1, Event::Finished { rank: 1 }, 10) {
+            Next::Fail(err) => assert!(err.to_string().contains("no proof"), "{err}"),
+            other => panic!("{other:?}"),
+        }
+        let mut life = Lifecycle::new(0);
+        life.formed(2, &plan(2, 10), vec![]);
+        life.on(1, Event::SessionsOpen, 10);
+        life.on(1, Event::Finished { rank: 0 }, 10);
+        assert!(matches!(
+            life.on(1, Event::Finished { rank: 1 }, 10),
+            Next::Conclude
+        ));
+    }
+
+    /// A worker that asked to join and never opens its session costs the
+    /// regroup, never a restart; a survivor that does the same, or a
+    /// replacement for a lost member (a crash loop), spends one.
+    #[test]
+    fn a_lost_arrival_costs_no_restart() {
+        let silent = |ranks: Vec<usize>| GroupFailure::NoSession {
+            ranks,
+            hosts: String::new(),
+            seconds: 1,
+        };
+        let mut life = training(2, 0);
+        life.on(1, Event::Arrival, 10);
+        life.regrouped("member arrived");
+        life.formed(3, &plan(3, 4), vec![2]);
+        match life.failed(silent(vec![2]), 10) {
+            Next::Regroup(r) => assert_eq!((r.lost, r.cause), (vec![2], "arrival lost")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(life.restarts(), 0);
+        life.regrouped("arrival lost");
+        life.formed(3, &plan(3, 4), vec![2]);
+        assert!(
+            matches!(life.failed(silent(vec![2]), 10), Next::Fail(_)),
+            "only the generation that grew for it is free"
+        );
+        let mut life = training(2, 0);
+        life.regrouped("member arrived");
+        life.formed(3, &plan(3, 4), vec![2]);
+        assert!(matches!(life.failed(silent(vec![0, 2]), 10), Next::Fail(_)));
+    }
+
+    /// What the next generation may believe: up to the steps this
+    /// coordinator reduced once it trained; before that, nothing past the
+    /// start unless an earlier coordinator trained the run.
+    #[test]
+    fn the_bound_on_claims_follows_what_the_coordinator_saw() {
+        let start = StartPoint {
+            first_step: 4,
+            checkpoint: Some(checkpoint::name(4)),
+        };
+        let life = Lifecycle::new(0);
+        assert_eq!(life.knowledge(&start, true, &FACTS).bound, 4);
+        let restarted = RunFacts {
+            predecessor: true,
+            ..FACTS
+        };
+        assert_eq!(life.knowledge(&start, true, &restarted).bound, 10);
+        let mut life = training(2, 1);
+        life.reduced(Some(7));
+        life.reduced(None);
+        let known = life.knowledge(&start, true, &restarted);
+        assert_eq!((known.bound, known.reduced), (7, 7));
     }
 }

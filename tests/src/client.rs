@@ -33,6 +33,8 @@ pub fn join_request(cfg: &Config, rank: i32, checksum: u64, host: &str) -> pb::J
         initial_checksum: checksum,
         host: host.to_string(),
         held: None,
+        proof: None,
+        previous_member: String::new(),
     }
 }
 
@@ -60,6 +62,19 @@ impl RawSession {
         clients: &mut Clients,
         joined: &pb::JoinReply,
     ) -> Result<Self, tonic::Status> {
+        let (session, first) = Self::open_raw(clients, joined).await?;
+        match first {
+            Some(coordinator_message::Kind::Start(_)) => Ok(session),
+            other => panic!("expected Start, got {other:?}"),
+        }
+    }
+
+    /// Opens the session of `joined` on `clients`, says Hello and returns
+    /// it with the coordinator's first message, whatever it is.
+    pub async fn open_raw(
+        clients: &mut Clients,
+        joined: &pb::JoinReply,
+    ) -> Result<(Self, Option<coordinator_message::Kind>), tonic::Status> {
         let (outbound, rx) = mpsc::channel(64);
         let hello = pb::Hello {
             member_id: joined.member_id.clone(),
@@ -74,12 +89,6 @@ impl RawSession {
             .metadata_mut()
             .insert(auth::MEMBER, joined.member_id.parse().expect("ascii id"));
         let mut inbound = clients.coordinator.session(request).await?.into_inner();
-        match inbound.message().await? {
-            Some(pb::CoordinatorMessage {
-                kind: Some(coordinator_message::Kind::Start(_)),
-            }) => {}
-            other => panic!("expected Start, got {other:?}"),
-        }
         let beats = outbound.clone();
         let heartbeat = tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_millis(500));
@@ -91,11 +100,15 @@ impl RawSession {
                 }
             }
         });
-        Ok(Self {
+        // Beating already: a member may wait long for its first message
+        // (while another member's replica travels).
+        let first = inbound.message().await?.and_then(|m| m.kind);
+        let session = Self {
             outbound,
             inbound,
             heartbeat,
-        })
+        };
+        Ok((session, first))
     }
 
     /// Sends `kind` (whatever it is).

@@ -210,28 +210,34 @@ impl Cluster {
 
     /// Every generation of the run, from `membership.csv`.
     pub fn membership(&self) -> Vec<Generation> {
-        let path = self.out().join("membership.csv");
-        let text = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
-        // A row being appended right now is not one yet.
-        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
-        complete
-            .lines()
-            .skip(1)
-            .map(|line| {
-                let f: Vec<&str> = line.split(',').collect();
-                assert_eq!(f.len(), 6, "membership row {line:?}");
-                Generation {
-                    generation: f[0].parse().expect("generation"),
-                    first_step: f[1].parse().expect("first_step"),
-                    workers: f[2].parse().expect("workers"),
-                    state: f[3].into(),
-                    steps_retrained: f[4].parse().expect("steps_retrained"),
-                    cause: f[5].into(),
-                }
-            })
-            .collect()
+        read_membership(&self.out())
     }
+}
+
+/// Every generation of the run whose output folder is `out`, from its
+/// `membership.csv` (which must exist).
+pub fn read_membership(out: &Path) -> Vec<Generation> {
+    let path = out.join("membership.csv");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    // A row being appended right now is not one yet.
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            assert_eq!(f.len(), 6, "membership row {line:?}");
+            Generation {
+                generation: f[0].parse().expect("generation"),
+                first_step: f[1].parse().expect("first_step"),
+                workers: f[2].parse().expect("workers"),
+                state: f[3].into(),
+                steps_retrained: f[4].parse().expect("steps_retrained"),
+                cause: f[5].into(),
+            }
+        })
+        .collect()
 }
 
 /// A TCP port nothing listens on now, for a coordinator that must come

@@ -17,8 +17,8 @@ pub mod s3;
 pub mod signals;
 
 pub use cluster::{
-    Cluster, Generation, TINY, bitwise_equal, free_port, read_f32, tiny_coordinator,
-    wait_for_address, wait_for_steps, workspace_bin,
+    Cluster, Generation, TINY, bitwise_equal, free_port, read_f32, read_membership,
+    tiny_coordinator, wait_for_address, wait_for_steps, workspace_bin,
 };
 pub use process::{Finished, Running, run, wait_until};
 pub use signals::{Frozen, children, exited, kill9, terminate};

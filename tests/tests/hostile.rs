@@ -13,7 +13,7 @@ use common::pb::{self, coordinator_message, worker_message};
 use common::wire::{self, WireFormat};
 use gancluster_tests::client::{self, RawSession};
 use gancluster_tests::{
-    Frozen, Running, TINY, certs, run, wait_for_steps, wait_until, workspace_bin,
+    Frozen, Running, TINY, certs, read_membership, run, wait_for_steps, wait_until, workspace_bin,
 };
 
 const LIMIT: Duration = Duration::from_secs(120);
@@ -735,4 +735,364 @@ fn oversized_messages_and_second_sessions_are_named_for_what_they_are() {
         "worker rank 1 (\"member-1\") broke the protocol",
         "sent a message the coordinator cannot accept",
     ]);
+}
+
+// 10. A token holder's claims were taken as truth, and arrivals evicted survivors.
+
+/// The group's initial parameter checksum, as a refused join reveals it
+/// once a real worker pinned it (a join for an impossible rank meets the
+/// checksum check first, so it never takes a place).
+async fn group_checksum(url: &str, cfg: &Config) -> u64 {
+    let mut probe = client::connect(url, cfg, TOKEN).await;
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let refused = probe
+            .rendezvous
+            .join(client::join_request(cfg, 99, 1, "probe"))
+            .await
+            .expect_err("rank 99 is outside the group");
+        let message = refused.message();
+        if let Some(at) = message.find("differs from the group's ") {
+            let hex = &message[at + "differs from the group's ".len()..][..16];
+            return u64::from_str_radix(hex, 16).expect("a hex checksum");
+        }
+        assert!(message.contains("rank 99"), "{message}");
+        assert!(Instant::now() < deadline, "no worker ever joined");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A join request claiming the replica after `step` with `checksum`, and
+/// a receipt no coordinator issued.
+fn claiming(
+    cfg: &Config,
+    rank: i32,
+    initial: u64,
+    host: &str,
+    step: u64,
+    checksum: u64,
+) -> pb::JoinRequest {
+    pb::JoinRequest {
+        held: Some(pb::Held {
+            step,
+            checksum,
+            epoch: 0,
+            position: step * 8,
+            run: cfg.checkpoint.run.clone(),
+        }),
+        proof: Some(pb::Receipt {
+            step,
+            checksum,
+            tag: vec![7; 32].into(),
+        }),
+        ..client::join_request(cfg, rank, initial, host)
+    }
+}
+
+/// Probe 1: on an empty store, a token holder claims the run's last step
+/// (with a forged receipt) beside an honest worker holding nothing. The
+/// group starts fresh at step 0, nobody is asked for a replica, and its
+/// `Finished` without a trained step ends the run as a failure naming it.
+#[test]
+fn a_claimed_replica_without_evidence_is_ignored_and_never_ends_the_run() {
+    const STEPS: u64 = 50;
+    let out = tempfile::tempdir().unwrap();
+    let server = Running::spawn(
+        coordinator(2, STEPS, out.path()).env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "0"),
+    );
+    let address = address_of(out.path());
+    let url = format!("http://{address}");
+    let cfg = tiny_config(STEPS, out.path());
+    let honest = Running::spawn(worker(&url, STEPS, out.path()).args(["--rank", "0"]));
+    let rt = runtime();
+    let _intruder = rt.block_on(async {
+        let initial = group_checksum(&url, &cfg).await;
+        let mut intruder = client::connect(&url, &cfg, TOKEN).await;
+        let request = claiming(&cfg, 1, initial, "intruder", STEPS, 0xbad);
+        let joined = intruder
+            .rendezvous
+            .join(request)
+            .await
+            .unwrap()
+            .into_inner();
+        let (session, first) = RawSession::open_raw(&mut intruder, &joined).await.unwrap();
+        match first {
+            Some(coordinator_message::Kind::Start(start)) => {
+                assert_eq!(
+                    (start.first_step, start.source),
+                    (0, pb::Source::Fresh as i32),
+                    "{start:?}"
+                );
+            }
+            other => panic!("the intruder was asked {other:?} instead of being started fresh"),
+        }
+        session
+            .send(worker_message::Kind::Finished(pb::Finished {
+                steps: STEPS,
+            }))
+            .await;
+        (intruder, session)
+    });
+    let done = server.wait(LIMIT).assert_failure();
+    done.assert_says(&[
+        "worker rank 1 (\"intruder\") broke the protocol",
+        "a member claims a replica the coordinator has no evidence for",
+    ]);
+    assert!(
+        !done.stderr.contains("training finished"),
+        "{}",
+        done.stderr
+    );
+    let honest = honest.wait(LIMIT);
+    assert!(
+        !honest.stderr.contains("took over the replica"),
+        "{}",
+        honest.stderr
+    );
+}
+
+/// Probe 2: two token holders agree on a replica (a quorum of the three
+/// places, after an earlier coordinator of the run) and the one asked to
+/// send it sends garbage: 1015 random bytes, or a real checkpoint's
+/// objects relabelled as the claimed step. The honest receiver refuses it
+/// and the run names the sender, never the receiver.
+#[test]
+fn a_bad_replica_is_blamed_on_its_sender_not_its_receiver() {
+    const STEPS: u64 = 50;
+    let source = tempfile::tempdir().unwrap();
+    run(
+        gancluster_tests::tiny_coordinator(1, 2, source.path())
+            .args(["--checkpoint-every", "2"])
+            .arg("--store")
+            .arg(format!("file://{}", source.path().join("store").display())),
+        LIMIT,
+    )
+    .assert_success();
+    let relabelled = {
+        let rt = runtime();
+        rt.block_on(async {
+            let cfg = tiny_config(2, source.path());
+            let store = common::store::Store::open(&cfg.checkpoint).unwrap();
+            let checkpoints = common::checkpoint::Checkpoints::new(store, &cfg.checkpoint.run);
+            let checkpoint = checkpoints.load(2).await.unwrap();
+            let mut objects: Vec<(String, bytes::Bytes)> = Vec::new();
+            for name in [
+                "generator.mpk",
+                "discriminator.mpk",
+                "optimizer-g.mpk",
+                "optimizer-d.mpk",
+            ] {
+                let object = checkpoint
+                    .object(name)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                objects.push((name.to_string(), object.clone()));
+            }
+            let mut state: serde_json::Value =
+                serde_json::from_slice(checkpoint.object(common::checkpoint::STATE).unwrap())
+                    .unwrap();
+            state["step"] = 10.into();
+            objects.push((
+                common::checkpoint::STATE.to_string(),
+                serde_json::to_vec(&state).unwrap().into(),
+            ));
+            common::bundle::encode(&objects)
+        })
+    };
+    let random: bytes::Bytes = (0..1015u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    for bundle in [random, relabelled] {
+        let out = tempfile::tempdir().unwrap();
+        // A coordinator of this run came before: its members may hold
+        // replicas it has no receipt for.
+        let key = out.path().join("store/default/receipt-key");
+        std::fs::create_dir_all(key.parent().unwrap()).unwrap();
+        std::fs::write(&key, rand::random::<[u8; 32]>()).unwrap();
+        let server = Running::spawn(
+            coordinator(3, STEPS, out.path()).env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "0"),
+        );
+        let address = address_of(out.path());
+        let url = format!("http://{address}");
+        let cfg = tiny_config(STEPS, out.path());
+        let honest = Running::spawn(worker(&url, STEPS, out.path()).args(["--rank", "2"]));
+        let rt = runtime();
+        let _intruders = rt.block_on(async {
+            let initial = group_checksum(&url, &cfg).await;
+            let mut a = client::connect(&url, &cfg, TOKEN).await;
+            let mut b = client::connect(&url, &cfg, TOKEN).await;
+            let (ja, jb) = tokio::join!(
+                a.rendezvous
+                    .join(claiming(&cfg, 0, initial, "intruder-a", 10, 0xbad)),
+                b.rendezvous
+                    .join(claiming(&cfg, 1, initial, "intruder-b", 10, 0xbad)),
+            );
+            let (ja, jb) = (ja.unwrap().into_inner(), jb.unwrap().into_inner());
+            // The other holder waits for its start while the replica travels.
+            let other = tokio::spawn(async move {
+                let opened = RawSession::open_raw(&mut b, &jb).await;
+                (b, opened)
+            });
+            let (donor, asked) = RawSession::open_raw(&mut a, &ja).await.unwrap();
+            match asked {
+                Some(coordinator_message::Kind::SendState(ask)) => assert_eq!(ask.step, 10),
+                other => panic!("the first holder was asked {other:?} instead of its replica"),
+            }
+            let total = bundle.len() as u64;
+            let size = cfg.allreduce.chunk_bytes;
+            let count = bundle.len().div_ceil(size);
+            for index in 0..count {
+                let data = bundle.slice(index * size..((index + 1) * size).min(bundle.len()));
+                let chunk = pb::StateChunk {
+                    index: index as u32,
+                    count: count as u32,
+                    total_bytes: total,
+                    data,
+                };
+                donor.send(worker_message::Kind::State(chunk)).await;
+            }
+            (a, donor, other)
+        });
+        let done = server.wait(LIMIT).assert_failure();
+        done.assert_says(&["worker rank 0 (\"intruder-a\") sent a bad replica: rank 2 refused it"]);
+        assert!(!done.stderr.contains("worker rank 2"), "{}", done.stderr);
+        let honest = honest.wait(LIMIT);
+        assert!(
+            honest
+                .stderr
+                .contains("refusing the replica another member sent"),
+            "{}",
+            honest.stderr
+        );
+    }
+}
+
+/// Probe 3: two real workers train in a group of up to three. A joiner
+/// with another initial checksum is refused without re-forming the group;
+/// one that joins right and hangs up costs no restart (none is allowed);
+/// an honest worker without a rank grows the group to three. The
+/// survivors keep their places throughout and everyone finishes.
+#[test]
+fn arrivals_never_evict_survivors_and_a_bad_one_costs_no_restart() {
+    const STEPS: u64 = 600;
+    let out = tempfile::tempdir().unwrap();
+    let server = Running::spawn(
+        coordinator(3, STEPS, out.path())
+            .env("GANCLUSTER__COORDINATOR__MIN_WORKERS", "2")
+            .env("GANCLUSTER__COORDINATOR__MAX_RESTARTS", "0")
+            .env("GANCLUSTER__COORDINATOR__REJOIN_TIMEOUT_S", "2")
+            .env("GANCLUSTER__COORDINATOR__HANDSHAKE_TIMEOUT_S", "3")
+            .env("GANCLUSTER__COORDINATOR__JOIN_TIMEOUT_S", "10"),
+    );
+    let address = address_of(out.path());
+    let url = format!("http://{address}");
+    let cfg = tiny_config(STEPS, out.path());
+    let survivor = |rank: &str| {
+        Running::spawn(
+            worker(&url, STEPS, out.path())
+                .args(["--rank", rank])
+                .env("GANCLUSTER__COORDINATOR__MIN_WORKERS", "2"),
+        )
+    };
+    let survivors = [survivor("0"), survivor("1")];
+    // membership.csv appears once the first generation forms.
+    let membership = || -> Vec<(usize, String)> {
+        match out.path().join("membership.csv").is_file() {
+            true => read_membership(out.path())
+                .into_iter()
+                .map(|g| (g.workers, g.cause))
+                .collect(),
+            false => Vec::new(),
+        }
+    };
+    wait_until(LIMIT, "the two workers never formed a group", || {
+        (membership().len() == 1).then_some(())
+    });
+    wait_for_steps(out.path(), 5);
+    let rt = runtime();
+    rt.block_on(async {
+        let initial = group_checksum(&url, &cfg).await;
+        let mut wrong = client::connect(&url, &cfg, TOKEN).await;
+        let refused = wrong
+            .rendezvous
+            .join(client::join_request(
+                &cfg,
+                -1,
+                initial ^ 1,
+                "wrong-checksum",
+            ))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.message().contains("initial parameter checksum"),
+            "{refused:?}"
+        );
+        assert_eq!(
+            membership().len(),
+            1,
+            "a refused arrival re-formed the group"
+        );
+        let mut quitter = client::connect(&url, &cfg, TOKEN).await;
+        let join = quitter
+            .rendezvous
+            .join(client::join_request(&cfg, -1, initial, "quitter"));
+        // It hangs up once the group has begun to re-form for it.
+        let hung_up = tokio::time::timeout(Duration::from_millis(500), join).await;
+        assert!(
+            hung_up.is_err() || hung_up.unwrap().is_ok(),
+            "the quitter was refused"
+        );
+    });
+    wait_until(
+        LIMIT,
+        "the group never went on with its two survivors",
+        || {
+            let members = membership();
+            (members.len() >= 2 && members.last().unwrap().0 == 2).then_some(())
+        },
+    );
+    let arrival = Running::spawn(&mut worker(&url, STEPS, out.path()));
+    let done = server.wait(LIMIT).assert_success();
+    for worker in survivors.into_iter().chain([arrival]) {
+        let finished = worker.wait(LIMIT).assert_success();
+        assert!(!finished.stderr.contains("is taken"), "{}", finished.stderr);
+        assert!(
+            !finished.stderr.contains("is kept for"),
+            "{}",
+            finished.stderr
+        );
+    }
+    let members = membership();
+    assert_eq!(members.last().unwrap().0, 3, "{members:?}\n{}", done.stderr);
+    assert!(
+        members.iter().all(|(_, cause)| cause != "member lost"),
+        "{members:?}\n{}",
+        done.stderr
+    );
+}
+
+/// A client holding every connection slot turns a worker away at once;
+/// the worker says so and keeps trying within its join budget, and joins
+/// once the slots free (the coordinator closes silent ones at its
+/// handshake deadline).
+#[test]
+fn a_worker_turned_away_for_want_of_a_slot_retries_and_joins() {
+    let out = tempfile::tempdir().unwrap();
+    let server = Running::spawn(
+        coordinator(1, 3, out.path())
+            .env("GANCLUSTER__COORDINATOR__MAX_CONNECTIONS", "2")
+            .env("GANCLUSTER__COORDINATOR__HANDSHAKE_TIMEOUT_S", "4"),
+    );
+    let address = address_of(out.path());
+    let hogs: Vec<TcpStream> = (0..2)
+        .map(|_| TcpStream::connect(&address).unwrap())
+        .collect();
+    let worker = Running::spawn(&mut worker(&format!("http://{address}"), 3, out.path()));
+    let finished = worker.wait(LIMIT).assert_success();
+    drop(hogs);
+    assert!(
+        finished.stderr.contains("connection slots may be taken"),
+        "{}",
+        finished.stderr
+    );
+    server.wait(LIMIT).assert_success();
 }

@@ -25,7 +25,7 @@ use common::auth::Token;
 use common::cadence::Cadence;
 use common::checkpoint::{self as layout, Checkpoints, TrainingState};
 use common::observe::{self, Health};
-use common::session::{self, Clients, Donor, Notifier, Session, SessionError};
+use common::session::{self, Clients, Donor, Notifier, Proof, Session, SessionError};
 use common::store::Store;
 use common::{Config, DataCursor, pb, report};
 use tokio::runtime::Runtime;
@@ -102,6 +102,11 @@ pub fn run(
     let mut uploader = Uploader::new(checkpoints.clone());
     let stop = StopForwarder::start(&runtime);
     let mut held: Option<Held> = None;
+    // What this worker presents besides its replica: the newest receipt
+    // (the coordinator's proof of a state the group agreed on) and the
+    // member id it had, which gets it its place back in the next generation.
+    let mut receipt: Option<pb::Receipt> = None;
+    let mut previous_member = String::new();
     // Set once this worker has been in a group: only then does it wait for
     // a coordinator that went away (one that never answered is an error).
     let mut lost_since: Option<Instant> = None;
@@ -115,8 +120,11 @@ pub fn run(
             token: &token,
             initial,
             held,
+            receipt: receipt.clone(),
+            previous_member: previous_member.clone(),
         };
-        let (joined, opened) = match runtime.block_on(joining.join(&trainer)) {
+        let (joined, opened) = match runtime.block_on(joining.join(&trainer, &mut previous_member))
+        {
             Ok(joined) => joined,
             // The group re-formed again before this generation started.
             Err(SessionError::Regroup(reason)) => {
@@ -133,8 +141,16 @@ pub fn run(
                 runtime.block_on(async { tokio::time::sleep(wait).await });
                 continue;
             }
-            // The coordinator is not up yet (pods start in any order).
-            Err(err) if !joined_once && err.is_not_listening() => {
+            // The coordinator is not up yet (pods start in any order), or
+            // turned this worker away before it could join (no free slot).
+            Err(err)
+                if !joined_once
+                    && (err.is_not_listening() || matches!(err, SessionError::TurnedAway(_))) =>
+            {
+                let turned_away = matches!(err, SessionError::TurnedAway(_));
+                if turned_away {
+                    warn!(error = %err, "trying to join again in a second");
+                }
                 let since = *first_try.get_or_insert_with(Instant::now);
                 // A pod started again after the run completed (its coordinator
                 // said so and exited) must not wait for one: the store tells.
@@ -152,13 +168,19 @@ pub fn run(
                         cfg.coordinator.join_timeout_s
                     )));
                 }
-                runtime.block_on(async { tokio::time::sleep(NOT_UP_RETRY).await });
+                let wait = if turned_away {
+                    TURNED_AWAY_RETRY
+                } else {
+                    NOT_UP_RETRY
+                };
+                runtime.block_on(async { tokio::time::sleep(wait).await });
                 continue;
             }
             Err(err) => return Err(err.into()),
         };
         lost_since = None;
         joined_once = true;
+        let proof: Proof = opened.session.proof();
         serving(true);
         let replica = Replica {
             rank: joined.rank as usize,
@@ -181,7 +203,7 @@ pub fn run(
             snapshot: None,
             cadence: Cadence::of(&cfg.train),
         };
-        let trained = begin(
+        let begun = begin(
             cfg,
             &runtime,
             &checkpoints,
@@ -190,8 +212,29 @@ pub fn run(
             held,
             replica,
             &mut trainer,
-        )
-        .and_then(|begin| {
+        );
+        if let Err(err) = &begun
+            && let Some(refused) = err.downcast_ref::<RefusedReplica>()
+        {
+            // The sender is at fault: say so, and join the next generation
+            // from fresh weights (what was loaded may be anything).
+            warn!(reason = %refused, "refusing the replica another member sent");
+            let session = remote
+                .session
+                .take()
+                .expect("the session lives until the end");
+            let answer = runtime.block_on(session.refuse_replica(refused.to_string()));
+            serving(false);
+            receipt = proof.latest().or(receipt);
+            held = None;
+            trainer = Trainer::new(&cfg.model, &cfg.train, trainer.device());
+            match answer {
+                SessionError::Regroup(_) => continue,
+                other if other.is_transient() && keeps_waiting(cfg, &mut lost_since) => continue,
+                other => return Err(anyhow::Error::new(other).context("after refusing a replica")),
+            }
+        }
+        let trained = begun.and_then(|begin| {
             train(
                 cfg,
                 replica,
@@ -207,6 +250,7 @@ pub fn run(
             .take()
             .expect("the session lives until the end");
         let snapshot = remote.snapshot.take();
+        receipt = proof.latest().or(receipt);
         let (err, session) = match trained {
             Ok(summary) => {
                 uploader.wait(&runtime);
@@ -324,6 +368,10 @@ fn complete_in_store(runtime: &Runtime, checkpoints: &Checkpoints, cfg: &Config)
 /// Waits between attempts to reach a coordinator that is still starting.
 const NOT_UP_RETRY: Duration = Duration::from_millis(200);
 
+/// Waits between attempts to join a coordinator that turned this worker
+/// away (every connection slot taken).
+const TURNED_AWAY_RETRY: Duration = Duration::from_secs(1);
+
 /// Waits between attempts to reach a lost coordinator: 0.5 s, doubling to 10 s.
 fn backoff(since: Option<Instant>) -> Duration {
     let waited = since.map_or(Duration::ZERO, |s| s.elapsed());
@@ -351,14 +399,19 @@ struct Joining<'a> {
     token: &'a Token,
     initial: u64,
     held: Option<Held>,
+    receipt: Option<pb::Receipt>,
+    previous_member: String,
 }
 
 impl Joining<'_> {
     /// Connects, joins and opens the session, giving this worker's replica
-    /// if the coordinator asks for it.
+    /// if the coordinator asks for it. The member id it is given goes to
+    /// `joined_as` as soon as it joins: a generation that re-forms before
+    /// its session opens still counts this worker among its survivors.
     async fn join(
         &self,
         trainer: &Trainer<TrainBackend>,
+        joined_as: &mut String,
     ) -> Result<(pb::JoinReply, session::Opened), SessionError> {
         let held = self.held.map(|h| pb::Held {
             step: h.step,
@@ -367,16 +420,21 @@ impl Joining<'_> {
             position: h.cursor.position,
             run: self.cfg.checkpoint.run.clone(),
         });
-        let request = session::join_request(
-            self.cfg,
-            self.connection.rank,
-            self.initial,
-            hostname(),
-            held,
-        );
+        let request = pb::JoinRequest {
+            proof: self.receipt.clone(),
+            previous_member: self.previous_member.clone(),
+            ..session::join_request(
+                self.cfg,
+                self.connection.rank,
+                self.initial,
+                hostname(),
+                held,
+            )
+        };
         let mut clients: Clients =
             session::connect(&self.connection.address, self.cfg, self.token).await?;
         let joined = session::join(&mut clients, request).await?;
+        joined_as.clone_from(&joined.member_id);
         let mut donor = ReplicaDonor {
             trainer,
             held: self.held,
@@ -386,6 +444,12 @@ impl Joining<'_> {
         Ok((joined, opened))
     }
 }
+
+/// The replica another member sent is not the one the coordinator said to
+/// expect: the sender is at fault, not this worker.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct RefusedReplica(String);
 
 /// Gives the replica this worker holds to the coordinator, for a member
 /// that joins without one.
@@ -486,13 +550,23 @@ fn begin(
         pb::Source::Transfer => {
             let bundle =
                 state.context("the coordinator said a replica was sent, but none arrived")?;
-            let restored = checkpoint::restore_replica(trainer, bundle)?;
-            anyhow::ensure!(
-                restored.step == start.first_step,
-                "the replica sent is at step {} but the group starts at step {}",
-                restored.step,
-                start.first_step
-            );
+            let restored = checkpoint::restore_replica(trainer, bundle)
+                .map_err(|e| RefusedReplica(format!("{e:#}")))?;
+            if restored.step != start.first_step {
+                return Err(RefusedReplica(format!(
+                    "it is at step {} but the group starts at step {}",
+                    restored.step, start.first_step
+                ))
+                .into());
+            }
+            let checksum = trainer.checksum();
+            if checksum != start.checksum {
+                return Err(RefusedReplica(format!(
+                    "its parameter checksum is {checksum:016x}, but its sender claimed {:016x}",
+                    start.checksum
+                ))
+                .into());
+            }
             info!(
                 step = restored.step,
                 "took over the replica another member sent"
