@@ -1068,6 +1068,19 @@ fn arrivals_never_evict_survivors_and_a_bad_one_costs_no_restart() {
         "{members:?}\n{}",
         done.stderr
     );
+    // Only the quitter and the honest worker made the group re-form for
+    // them: not the joiners refused for their checksum (nor the probe).
+    let arrivals = done
+        .stderr
+        .lines()
+        .filter(|l| l.contains("re-forms to take it in"));
+    for arrived in arrivals {
+        assert!(
+            arrived.contains("host=\"quitter\"") || arrived.contains("host=\"pid "),
+            "{arrived}\n{}",
+            done.stderr
+        );
+    }
 }
 
 /// A client holding every connection slot turns a worker away at once;
