@@ -889,20 +889,14 @@ impl Session {
     }
 
     /// Tells the coordinator the replica it was sent is not the one it was
-    /// told to expect (its sender is at fault), then waits, at most
-    /// [`FAREWELL`], for the group to re-form without that sender.
+    /// told to expect (its sender is at fault), then waits, as
+    /// [`Session::why_closed`] does, for the group to re-form without that
+    /// sender.
     pub async fn refuse_replica(mut self, reason: String) -> SessionError {
         let refused = worker_message::Kind::ReplicaRefused(pb::ReplicaRefused { reason });
-        if let Err(err) = self.send(refused).await {
-            return err;
-        }
-        match tokio::time::timeout(FAREWELL, self.next()).await {
-            Ok(Err(reason)) => reason,
-            Ok(Ok(kind)) => SessionError::Protocol(format!(
-                "refused the replica sent, then the coordinator sent {}",
-                kind_name(&kind)
-            )),
-            Err(_) => SessionError::Closed,
+        match self.send(refused).await {
+            Err(err) => err,
+            Ok(()) => self.why_closed().await,
         }
     }
 
