@@ -56,7 +56,7 @@ image *ARGS:
 
 # Validate the manifests and rehearse the cpu overlay in Docker containers.
 rehearse:
-    cargo test --workspace --test deploy --test rehearsal
+    cargo test -p gancluster-tests --test integration -- deploy:: rehearsal::
 
 # Scaling with a fixed compute wait per step standing in for a GPU step (C ms), W = 1..8.
 bench-scaling:

@@ -1,29 +1,31 @@
-//! Shared pieces of gancluster that do not need burn: configuration,
-//! data-set sharding, the wire contract, the gradient codec and the
-//! worker's client side of the coordinator protocol.
+//! Shared pieces of gancluster that do not need burn: configuration, the
+//! wire contract, the worker's client side of the protocol, storage and
+//! checkpoints, data-set sampling and process plumbing.
 //!
 //! The coordinator depends on this crate only, so it compiles fast and its
 //! image stays small; anything touching tensors lives in `worker`.
+//!
+//! # Layout
+//!
+//! - [`config`]: the schema (`gancluster.toml`, `GANCLUSTER__…` variables,
+//!   flags), its loading and its validation.
+//! - [`protocol`]: the gRPC messages, the protocol version and every limit
+//!   a peer is held to, the gradient codec, PowerSGD, replica bundles.
+//! - [`security`]: the token, TLS, peer text made safe to print.
+//! - [`client`]: the worker's session with the coordinator.
+//! - [`storage`]: the object store, the checkpoint layout, the run's lease,
+//!   the output folder's file names.
+//! - [`sampling`]: which samples each rank reads, which steps synchronise.
+//! - [`process`]: flags, logging, exit codes, health and metrics.
 #![deny(missing_docs)]
 
-pub mod auth;
-pub mod bundle;
-pub mod cadence;
-pub mod checkpoint;
-pub mod cli;
+pub mod client;
 pub mod config;
-pub mod lease;
-pub mod logging;
-pub mod observe;
-pub mod pb;
-pub mod powersgd;
-pub mod report;
-pub mod session;
-pub mod shard;
-pub mod store;
-pub mod tls;
-pub mod untrusted;
-pub mod wire;
+pub mod process;
+pub mod protocol;
+pub mod sampling;
+pub mod security;
+pub mod storage;
 
 pub use config::{Config, ConfigError};
-pub use shard::{DataCursor, ShardSampler, StepPlan};
+pub use sampling::shard::{DataCursor, ShardSampler, StepPlan};

@@ -41,12 +41,12 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::Config;
-use common::auth::Token;
-use common::cadence::Cadence;
-use common::pb::{self, Net};
-use common::powersgd::{Layout, PowerSgd};
-use common::session;
-use common::wire::WireFormat;
+use common::client::session;
+use common::protocol::pb::{self, Net};
+use common::protocol::powersgd::{Layout, PowerSgd};
+use common::protocol::wire::WireFormat;
+use common::sampling::cadence::Cadence;
+use common::security::auth::Token;
 use coordinator::Mode;
 use gancluster_tests::client::answer_checkpoint;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -407,7 +407,7 @@ async fn through_coordinator(
     let mut cfg = config(image_size, steps, format, &store, timing.sync_every);
     cfg.output.dir = socket_dir.path().to_path_buf();
     let unix = unix.then(|| {
-        let bound = coordinator::server::LocalSocket::bind(socket_dir.path()).expect("unix socket");
+        let bound = coordinator::LocalSocket::bind(socket_dir.path()).expect("unix socket");
         address = format!("unix://{}", bound.path.display());
         bound
     });

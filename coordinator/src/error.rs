@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use common::auth::TokenError;
-use common::tls::TlsError;
+use common::security::auth::TokenError;
+use common::security::tls::TlsError;
 
 /// Why a coordinator run failed.
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +89,7 @@ pub enum CoordinatorError {
     Server(#[from] tonic::transport::Error),
     /// The checkpoint store failed (unreachable, refused credentials...).
     #[error("checkpoint store: {0}")]
-    Store(#[from] common::checkpoint::CheckpointError),
+    Store(#[from] common::storage::checkpoint::CheckpointError),
     /// `--fresh` on a run that already has checkpoints.
     #[error(
         "run `{run}` already has {checkpoints} checkpoint(s) in {store}: drop --fresh to resume it, \
@@ -150,7 +150,7 @@ pub enum CoordinatorError {
     },
     /// Another coordinator holds the output folder or the run.
     #[error(transparent)]
-    Lease(#[from] common::lease::LeaseError),
+    Lease(#[from] common::storage::lease::LeaseError),
     /// The run's lease was lost mid-run: another coordinator may be writing it.
     #[error("stopped without writing anything more: {0}")]
     LeaseLost(String),
@@ -169,7 +169,9 @@ impl CoordinatorError {
     pub fn is_permanent(&self) -> bool {
         match self {
             Self::Group(failure) => !failure.restartable(),
-            Self::Store(common::checkpoint::CheckpointError::Store(store)) => store.is_permanent(),
+            Self::Store(common::storage::checkpoint::CheckpointError::Store(store)) => {
+                store.is_permanent()
+            }
             Self::MissingToken
             | Self::Token(_)
             | Self::Tls(_)
@@ -252,7 +254,7 @@ pub enum GroupFailure {
     },
     /// Replicas no longer hold identical parameters.
     #[error("{0}")]
-    Diverged(#[from] crate::reports::Divergence),
+    Diverged(#[from] crate::generation::reports::Divergence),
     /// A worker broke the protocol (bad chunk, wrong step...).
     #[error("worker rank {rank} ({host}) broke the protocol: {message}")]
     Protocol {
@@ -289,7 +291,7 @@ pub enum GroupFailure {
         /// The step.
         step: u64,
         /// Which network's gradient.
-        net: common::pb::Net,
+        net: common::protocol::pb::Net,
         /// Who sent NaN/Inf, or that the sum overflowed.
         culprits: String,
     },

@@ -4,32 +4,35 @@
 //!
 //! It never touches tensors: it moves and adds bytes, so it builds without
 //! burn and stays small.
+//!
+//! # Layout
+//!
+//! - [`run`]: one run from start to end: where it resumes from, the pure
+//!   lifecycle rules (when to re-form, when to give up) and the async
+//!   driver that feeds them events.
+//! - `generation`: one generation of the group: the rendezvous (who gets
+//!   which place), where it starts from (claims, receipts, the store),
+//!   the step reports that must agree.
+//! - `allreduce`: the streaming, rank-ordered reduction of gradients and
+//!   the checkpoint/stop schedule that travels with it.
+//! - `net`: listeners, TLS, the token check, connection limits, the gRPC
+//!   handlers and each member's outbound stream.
+//! - `local`: launching and watching worker processes (`--workers N`).
+//! - `ui`: log lines, the progress display, the summary, Prometheus metrics.
+//! - `error`: why a run stops, nested by who must act.
 
-pub mod allreduce;
-pub mod auth;
-pub mod connections;
-pub mod display;
-pub mod error;
-pub mod events;
-pub mod group;
-pub mod launcher;
-pub mod origin;
-pub mod peers;
-pub mod progress;
-pub mod receipts;
-pub mod refusals;
-pub mod rendezvous;
-pub mod reports;
-pub mod resume;
+mod allreduce;
+mod error;
+mod generation;
+mod local;
+mod net;
 pub mod run;
-pub mod schedule;
-pub mod server;
-pub mod service;
-pub mod summary;
-pub mod supervise;
-pub mod telemetry;
+mod ui;
 
 pub use error::{CoordinatorError, GroupFailure};
-pub use resume::ResumePolicy;
+pub use net::server::{Listeners, LocalSocket};
+pub use run::resume::ResumePolicy;
 pub use run::{Launch, Mode, Options, Outcome, Report, run, run_on};
-pub use server::Listeners;
+pub use ui::display::{Echo, Screen, Verbosity, log_file, logs_dir};
+pub use ui::summary::summary;
+pub use ui::telemetry::describe as describe_metrics;

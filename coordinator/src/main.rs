@@ -8,12 +8,14 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use common::ConfigError;
-use common::cli::ConfigArgs;
-use common::logging::{self, LogFormat};
-use common::observe;
-use common::report;
-use coordinator::display::{self, Echo, Verbosity};
-use coordinator::{CoordinatorError, Mode, Options, Outcome, ResumePolicy, summary};
+use common::process::cli::ConfigArgs;
+use common::process::logging::{self, LogFormat};
+use common::process::observe;
+use common::process::report;
+use coordinator::{
+    CoordinatorError, Echo, Mode, Options, Outcome, ResumePolicy, Screen, Verbosity, log_file,
+    logs_dir,
+};
 
 /// mimalloc reuses freed multi-megabyte buffers (gradient chunks) where
 /// glibc's allocator handed back fresh pages to fault in each time.
@@ -82,7 +84,7 @@ struct Cli {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format;
-    common::tls::install_crypto();
+    common::security::tls::install_crypto();
     match train(cli).await {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -133,22 +135,22 @@ async fn train(cli: Cli) -> anyhow::Result<u8> {
     } else {
         "info"
     };
-    let log = display::log_file(&cfg.output.dir, "coordinator.log").with_context(|| {
+    let log = log_file(&cfg.output.dir, "coordinator.log").with_context(|| {
         format!(
             "creating {} (output.dir, --out)",
-            display::logs_dir(&cfg.output.dir).display()
+            logs_dir(&cfg.output.dir).display()
         )
     })?;
-    logging::init_with(cli.log_format, default_level, display::Screen, Some(log));
+    logging::init_with(cli.log_format, default_level, Screen, Some(log));
     tracing::info!(
-        logs = %display::logs_dir(&cfg.output.dir).display(),
+        logs = %logs_dir(&cfg.output.dir).display(),
         "every line of the coordinator and of each rank is in logs/coordinator.log and logs/rank-N.log"
     );
     anyhow::ensure!(cli.workers > 0, "--workers must be at least 1");
     let mode = if cli.external {
         let token = cli.token.ok_or(CoordinatorError::MissingToken)?;
         // Refused before anything binds: an empty token must never mean "open".
-        common::auth::Token::new(&token).map_err(CoordinatorError::from)?;
+        common::security::auth::Token::new(&token).map_err(CoordinatorError::from)?;
         Mode::External {
             workers: cli.workers,
             token,
@@ -163,7 +165,7 @@ async fn train(cli: Cli) -> anyhow::Result<u8> {
     };
     if let Some(address) = &cli.metrics_listen {
         observe::serve_metrics(address)?;
-        coordinator::telemetry::describe();
+        coordinator::describe_metrics();
     }
     let health = match &cli.health_listen {
         Some(address) => Some(observe::Health::serve(address, observe::COORDINATOR).await?),
@@ -177,7 +179,7 @@ async fn train(cli: Cli) -> anyhow::Result<u8> {
     };
     match coordinator::run(cfg.clone(), mode, policy, &options, shutdown_signal).await {
         Ok(report) => {
-            let text = summary::summary(&report, &cfg, started.elapsed());
+            let text = coordinator::summary(&report, &cfg, started.elapsed());
             match cli.log_format {
                 LogFormat::Human => eprintln!("{text}"),
                 LogFormat::Json => tracing::info!(summary = %text, "summary"),

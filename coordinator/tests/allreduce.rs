@@ -7,10 +7,10 @@
 use std::time::Duration;
 
 use common::Config;
-use common::auth::Token;
-use common::pb::{self, Net};
-use common::session;
-use common::wire::{self, WireFormat};
+use common::client::session;
+use common::protocol::pb::{self, Net};
+use common::protocol::wire::{self, WireFormat};
+use common::security::auth::Token;
 use coordinator::Mode;
 use gancluster_tests::client::answer_checkpoint;
 use rand::{Rng, SeedableRng};

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Time to recover from each fault the README's reliability table lists.
+"""Time to recover from each fault docs/operations.md's reliability table lists.
 
     scripts/recovery/measure.py BIN_DIR [REPEATS]
 

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::Config;
-use common::auth::{self, Token};
-use common::checkpoint::{Checkpoints, STATE};
-use common::pb::{self, coordinator_message, worker_message};
-use common::session::{self, Clients, Session};
-use common::store::Store;
+use common::client::session::{self, Clients, Session};
+use common::protocol::pb::{self, coordinator_message, worker_message};
+use common::security::auth::{self, Token};
+use common::storage::checkpoint::{Checkpoints, STATE};
+use common::storage::store::Store;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

@@ -230,7 +230,7 @@ fn stopped_by_sigterm_and_resumed(run_id: &str, mode: &[&str], more: u64) -> u64
     running.terminate();
     running
         .wait(LIMIT)
-        .assert_code(common::report::STOPPED)
+        .assert_code(common::process::report::STOPPED)
         .assert_says(&["stop requested"]);
     let name = latest(&server, run_id);
     let step: u64 = name.trim_start_matches("step-").parse().unwrap();
@@ -419,7 +419,9 @@ fn sigterm_checkpoints_stops_cleanly_and_the_run_resumes() {
     wait_for_steps(out.path(), 3);
     running.terminate();
     // Not done: exit 75, so that a Job starts the pod again.
-    let done = running.wait(LIMIT).assert_code(common::report::STOPPED);
+    let done = running
+        .wait(LIMIT)
+        .assert_code(common::process::report::STOPPED);
     done.assert_says(&["stop requested"]);
     let name = latest(&server, "term");
     let step: u64 = name.trim_start_matches("step-").parse().unwrap();
@@ -442,7 +444,9 @@ fn a_worker_sigterm_checkpoints_and_stops_the_group() {
     let workers = children(running.id());
     assert_eq!(workers.len(), 2, "the coordinator's worker processes");
     terminate(workers[1]);
-    let done = running.wait(LIMIT).assert_code(common::report::STOPPED);
+    let done = running
+        .wait(LIMIT)
+        .assert_code(common::process::report::STOPPED);
     done.assert_says(&["stop requested by a worker", "SIGTERM on"]);
     let name = latest(&server, "evict");
     let step: u64 = name.trim_start_matches("step-").parse().unwrap();

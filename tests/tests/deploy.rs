@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::observe;
+use common::process::observe;
 use gancluster_tests::manifests::{self, Container, Source, config_file, container, find, render};
 use gancluster_tests::{run, workspace_bin};
 use serde_json::Value;
@@ -250,7 +250,7 @@ fn the_pods_flags_env_keys_and_ports_are_ones_the_binaries_accept() {
             assert_eq!(rules[0]["action"], "FailJob", "{overlay} {name}");
             assert_eq!(
                 rules[0]["onExitCodes"]["values"][0].as_u64(),
-                Some(u64::from(common::report::CONFIG)),
+                Some(u64::from(common::process::report::CONFIG)),
                 "{overlay} {name}: the exit code of a configuration error"
             );
         }

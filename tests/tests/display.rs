@@ -88,7 +88,7 @@ fn without_a_terminal_the_coordinator_prints_plain_rounded_step_lines() {
     let lines: Vec<&str> = done
         .stderr
         .lines()
-        .filter(|l| l.contains("coordinator::progress") && l.contains(" step "))
+        .filter(|l| l.contains("coordinator::ui::progress") && l.contains(" step "))
         .collect();
     assert_eq!(
         lines.len(),

@@ -11,10 +11,10 @@ use gancluster_tests::{
     Cluster, Finished, Frozen, Running, TINY, children, exited, free_port, read_f32, run,
     tiny_coordinator, wait_for_address, wait_for_steps, workspace_bin,
 };
-use worker::backend::{self, TrainBackend};
 use worker::data::{BatchLoader, ImageSource};
-use worker::gan_step::{Trainer, step_noise};
-use worker::replica_loop::{PARAMS_F32, to_tensor};
+use worker::model::backend::{self, TrainBackend};
+use worker::train::replica_loop::{PARAMS_F32, to_tensor};
+use worker::train::step::{Trainer, step_noise};
 
 const LIMIT: Duration = Duration::from_secs(240);
 

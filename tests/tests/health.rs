@@ -15,7 +15,7 @@ fn a_workers_readiness_follows_its_membership() {
     let cluster = Cluster::new(1, 100_000);
     let listen = format!("127.0.0.1:{}", free_port());
     let port = free_port();
-    let service = common::observe::WORKER;
+    let service = common::process::observe::WORKER;
     // Killed when dropped, at the end of the test.
     let _worker = Running::spawn(
         cluster

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Config;
-use common::pb::{self, coordinator_message, worker_message};
-use common::wire::{self, WireFormat};
+use common::protocol::pb::{self, coordinator_message, worker_message};
+use common::protocol::wire::{self, WireFormat};
 use gancluster_tests::client::{self, RawSession};
 use gancluster_tests::{
     Frozen, Running, TINY, certs, read_membership, run, wait_for_steps, wait_until, workspace_bin,
@@ -104,7 +104,10 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Two hostile members (ranks 0 and 1) in an open session each.
-async fn two_members(address: &str, cfg: &Config) -> [(common::session::Clients, RawSession); 2] {
+async fn two_members(
+    address: &str,
+    cfg: &Config,
+) -> [(common::client::session::Clients, RawSession); 2] {
     let url = format!("http://{address}");
     let mut a = client::connect(&url, cfg, TOKEN).await;
     let mut b = client::connect(&url, cfg, TOKEN).await;
@@ -872,8 +875,9 @@ fn a_bad_replica_is_blamed_on_its_sender_not_its_receiver() {
         let rt = runtime();
         rt.block_on(async {
             let cfg = tiny_config(2, source.path());
-            let store = common::store::Store::open(&cfg.checkpoint).unwrap();
-            let checkpoints = common::checkpoint::Checkpoints::new(store, &cfg.checkpoint.run);
+            let store = common::storage::store::Store::open(&cfg.checkpoint).unwrap();
+            let checkpoints =
+                common::storage::checkpoint::Checkpoints::new(store, &cfg.checkpoint.run);
             let checkpoint = checkpoints.load(2).await.unwrap();
             let mut objects: Vec<(String, bytes::Bytes)> = Vec::new();
             for name in [
@@ -887,15 +891,18 @@ fn a_bad_replica_is_blamed_on_its_sender_not_its_receiver() {
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
                 objects.push((name.to_string(), object.clone()));
             }
-            let mut state: serde_json::Value =
-                serde_json::from_slice(checkpoint.object(common::checkpoint::STATE).unwrap())
-                    .unwrap();
+            let mut state: serde_json::Value = serde_json::from_slice(
+                checkpoint
+                    .object(common::storage::checkpoint::STATE)
+                    .unwrap(),
+            )
+            .unwrap();
             state["step"] = 10.into();
             objects.push((
-                common::checkpoint::STATE.to_string(),
+                common::storage::checkpoint::STATE.to_string(),
                 serde_json::to_vec(&state).unwrap().into(),
             ));
-            common::bundle::encode(&objects)
+            common::protocol::bundle::encode(&objects)
         })
     };
     let random: bytes::Bytes = (0..1015u32)

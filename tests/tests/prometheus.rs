@@ -105,5 +105,7 @@ fn a_live_scrape_passes_promtool_and_a_prometheus_server_queries_the_run() {
     assert_eq!(answer["status"], "success", "{answer}");
     drop(server);
     coordinator.terminate();
-    coordinator.wait(LIMIT).assert_code(common::report::STOPPED);
+    coordinator
+        .wait(LIMIT)
+        .assert_code(common::process::report::STOPPED);
 }

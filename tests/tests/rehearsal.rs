@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::checkpoint;
-use common::observe;
+use common::process::observe;
+use common::storage::checkpoint;
 use gancluster_tests::manifests::{self, Container, config_file, container, render};
 use gancluster_tests::probes::{ServingStatus, get, health, metric};
 use gancluster_tests::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
@@ -473,7 +473,7 @@ fn upload(s3: &S3Server, folder: &Path, prefix: &str) {
     cfg.s3.allow_http = true;
     cfg.s3.access_key_id = ACCESS_KEY.into();
     cfg.s3.secret_access_key = SECRET_KEY.to_string().into();
-    let store = common::store::Store::open(&cfg).unwrap();
+    let store = common::storage::store::Store::open(&cfg).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let mut stack = vec![folder.to_path_buf()];
     while let Some(dir) = stack.pop() {

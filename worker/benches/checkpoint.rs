@@ -9,14 +9,14 @@
 use std::time::{Duration, Instant};
 
 use burn::tensor::{Tensor, TensorData};
-use common::checkpoint::{Checkpoints, TrainingState};
 use common::config::{CheckpointConfig, ModelConfig, S3Config, TrainConfig};
-use common::store::Store;
+use common::storage::checkpoint::{Checkpoints, TrainingState};
+use common::storage::store::Store;
 use gancluster_tests::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
-use worker::backend::{self, TrainBackend};
-use worker::checkpoint;
-use worker::gan_step::{LocalReducer, Trainer};
-use worker::output::LossRow;
+use worker::model::backend::{self, TrainBackend};
+use worker::train::checkpoint;
+use worker::train::output::LossRow;
+use worker::train::step::{LocalReducer, Trainer};
 
 fn main() -> anyhow::Result<()> {
     let iters: usize = std::env::args()
@@ -76,8 +76,8 @@ fn main() -> anyhow::Result<()> {
     let records = part(&mut || drop(trainer.records().unwrap()));
     let grid = trainer.sample_pixels(64, 42)?;
     let sampling = part(&mut || drop(trainer.sample_pixels(64, 42).unwrap()));
-    let png = part(&mut || drop(worker::output::grid_png(&grid, 64).unwrap()));
-    let plot = part(&mut || drop(worker::plot::loss_png(&history).unwrap()));
+    let png = part(&mut || drop(worker::train::output::grid_png(&grid, 64).unwrap()));
+    let plot = part(&mut || drop(worker::train::plot::loss_png(&history).unwrap()));
     let bytes: usize = objects.iter().map(|(_, b)| b.len()).sum();
     println!(
         "checkpoint of DCGAN-64: {:.1} MB in {} objects",

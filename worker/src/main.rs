@@ -7,13 +7,15 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use common::cli::ConfigArgs;
-use common::logging::{self, LogFormat};
-use common::report;
-use worker::bench::{self, BenchArgs};
-use worker::check_backend::{Comparison, Trajectory};
+use common::process::cli::ConfigArgs;
+use common::process::logging::{self, LogFormat};
+use common::process::report;
 use worker::data::{ImageSource, synthetic};
-use worker::{distributed, standalone, swd};
+use worker::eval::swd;
+use worker::replica::distributed;
+use worker::tools::bench::{self, BenchArgs};
+use worker::tools::check_backend::{Comparison, Trajectory};
+use worker::train::standalone;
 
 /// With a GPU the host's work is moving gradients, and mimalloc reuses freed
 /// multi-megabyte buffers where glibc's allocator faults in fresh pages each
@@ -154,12 +156,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let format = cli.log_format;
     logging::init(format);
-    common::tls::install_crypto();
+    common::security::tls::install_crypto();
     match run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             logging::failure(format, err.as_ref());
-            let code = match worker::failure::is_permanent(&err) {
+            let code = match worker::replica::failure::is_permanent(&err) {
                 true => report::CONFIG,
                 false => report::FAILURE,
             };
@@ -280,7 +282,7 @@ fn fetch_data(args: FetchArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the download runtime")?;
     let fetched = runtime
-        .block_on(worker::fetch::fetch(&cfg, &args.from, &args.to))
+        .block_on(worker::tools::fetch::fetch(&cfg, &args.from, &args.to))
         .with_context(|| format!("fetching {} into {}", args.from, args.to.display()))?;
     tracing::info!(
         downloaded = fetched.downloaded,
@@ -294,7 +296,7 @@ fn fetch_data(args: FetchArgs) -> anyhow::Result<()> {
 
 fn parity(args: ParityArgs) -> anyhow::Result<()> {
     let cfg = args.config.load()?;
-    let (inputs, ours) = worker::parity::record(&cfg, args.parity_steps)?;
+    let (inputs, ours) = worker::tools::parity::record(&cfg, args.parity_steps)?;
     inputs.write(&args.tapes, "inputs")?;
     ours.write(&args.tapes, "ours")?;
     let Some(reference) = args.against else {
@@ -304,8 +306,10 @@ fn parity(args: ParityArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     };
-    let differences =
-        worker::parity::compare(&ours, &worker::parity::Tape::read(&reference, "torch")?)?;
+    let differences = worker::tools::parity::compare(
+        &ours,
+        &worker::tools::parity::Tape::read(&reference, "torch")?,
+    )?;
     let mut failed = 0;
     for d in &differences {
         let verdict = if d.passes() { "ok" } else { "DIFFERS" };

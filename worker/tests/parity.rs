@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use common::Config;
-use worker::parity::{self, Tape};
+use worker::tools::parity::{self, Tape};
 
 /// The configuration the fixture was made with (`worker parity --tapes DIR
 /// --image-size 16 --ngf 8 --ndf 8 --batch-size 8 --seed 42` with

@@ -9,13 +9,13 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use common::Config;
-use common::powersgd::PowerSgd;
-use common::wire::{self, WireFormat};
-use worker::backend::{self, TrainBackend};
+use common::protocol::powersgd::PowerSgd;
+use common::protocol::wire::{self, WireFormat};
 use worker::data::{BatchLoader, ImageSource};
-use worker::eval::swd_against_held_out;
-use worker::gan_step::{GradientReducer, LocalReducer, Net, Trainer, Update};
-use worker::replica_loop::to_tensor;
+use worker::eval::held_out::swd_against_held_out;
+use worker::model::backend::{self, TrainBackend};
+use worker::train::replica_loop::to_tensor;
+use worker::train::step::{GradientReducer, LocalReducer, Net, Trainer, Update};
 
 const EVAL_IMAGES: usize = 256;
 const STEPS: u64 = 400;

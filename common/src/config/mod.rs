@@ -9,6 +9,7 @@
 //! a default.
 
 mod load;
+mod shapes;
 mod validate;
 
 use std::path::PathBuf;
@@ -40,7 +41,7 @@ pub enum ConfigError {
     /// A key that does not exist, or a value of the wrong type.
     #[error(
         "configuration key `{key}` (from {origin}): {message} \
-         (every key is in the README's configuration table)"
+         (every key is in docs/configuration.md)"
     )]
     Type {
         /// The dotted key, e.g. `train.steps`.
@@ -108,65 +109,6 @@ pub struct ModelConfig {
     pub ngf: usize,
     /// Discriminator feature maps in its first layer.
     pub ndf: usize,
-}
-
-impl ModelConfig {
-    /// Trainable scalars of the generator: the length of its flat gradient,
-    /// which the coordinator checks every gradient header against (it has
-    /// no burn to ask).
-    pub fn generator_params(&self) -> u64 {
-        count(&self.generator_tensors())
-    }
-
-    /// Trainable scalars of the discriminator (see [`ModelConfig::generator_params`]).
-    pub fn discriminator_params(&self) -> u64 {
-        count(&self.discriminator_tensors())
-    }
-
-    /// The generator's trainable tensors in flat-gradient order, as
-    /// dimensions (PyTorch's `state_dict` order): PowerSGD compresses each
-    /// weight as a matrix, which needs their shapes, not only their sum.
-    /// Every layer is a bias-free 4×4 transposed convolution ([in, out, 4,
-    /// 4]); each BatchNorm adds a scale and a shift per channel.
-    pub fn generator_tensors(&self) -> Vec<Vec<usize>> {
-        let mut channels = self.ngf << (self.depth() - 1);
-        let mut all = vec![vec![self.nz, channels, 4, 4]];
-        all.extend([vec![channels], vec![channels]]);
-        for _ in 1..self.depth() {
-            all.push(vec![channels, channels / 2, 4, 4]);
-            channels /= 2;
-            all.extend([vec![channels], vec![channels]]);
-        }
-        all.push(vec![channels, 3, 4, 4]);
-        all
-    }
-
-    /// The discriminator's trainable tensors (see
-    /// [`ModelConfig::generator_tensors`]); convolutions are [out, in, 4, 4].
-    pub fn discriminator_tensors(&self) -> Vec<Vec<usize>> {
-        let mut channels = self.ndf;
-        let mut all = vec![vec![channels, 3, 4, 4]];
-        for _ in 1..self.depth() {
-            all.push(vec![channels * 2, channels, 4, 4]);
-            channels *= 2;
-            all.extend([vec![channels], vec![channels]]);
-        }
-        all.push(vec![1, channels, 4, 4]);
-        all
-    }
-
-    /// Stride-2 layers between 4×4 and the image: 64 → 4, 16 → 2.
-    fn depth(&self) -> usize {
-        self.image_size.trailing_zeros() as usize - 2
-    }
-}
-
-/// Scalars in `tensors`.
-fn count(tensors: &[Vec<usize>]) -> u64 {
-    tensors
-        .iter()
-        .map(|dims| dims.iter().product::<usize>() as u64)
-        .sum()
 }
 
 impl Default for ModelConfig {
@@ -402,7 +344,7 @@ pub struct AllReduceConfig {
     pub chunk_bytes: usize,
     /// `f32` (exact), `bf16` (half the bytes, reduced in f32) or `int8`
     /// (a quarter, with error feedback; exact before each checkpoint).
-    pub wire: crate::wire::WireFormat,
+    pub wire: crate::protocol::wire::WireFormat,
     /// PowerSGD rank: 0 sends gradients whole; r ≥ 1 sends each weight's
     /// gradient as two rank-r factors, in `wire`'s format, with error
     /// feedback (exact before each checkpoint).
@@ -424,7 +366,7 @@ impl Default for AllReduceConfig {
     fn default() -> Self {
         Self {
             chunk_bytes: 4 << 20,
-            wire: crate::wire::WireFormat::F32,
+            wire: crate::protocol::wire::WireFormat::F32,
             powersgd_rank: 0,
             nonfinite: NonFinite::Halt,
         }
@@ -586,19 +528,6 @@ impl std::fmt::Debug for Secret {
     }
 }
 
-/// The largest gRPC message: one chunk plus headers.
-pub const MAX_CHUNK_BYTES: usize = 64 << 20;
-
-/// HTTP/2 flow-control windows for gradient streams. h2's 64 KiB default
-/// costs a window-update round trip every 64 KiB, which caps a 25 MB
-/// all-reduce far below what the socket can carry.
-pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
-/// Connection-wide window (several streams share one connection).
-pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
-/// Largest HTTP/2 DATA frame each side accepts: h2's 16 KiB default splits
-/// a 4 MiB chunk into 256 frames.
-pub const MAX_FRAME_BYTES: u32 = 1 << 20;
-
 impl Config {
     /// A hash of everything that must be equal on every replica (model,
     /// training, data and all-reduce settings; not where outputs go or how
@@ -634,6 +563,9 @@ impl Config {
         .collect()
     }
 }
+
+#[cfg(test)]
+mod documented;
 
 #[cfg(test)]
 mod tests {

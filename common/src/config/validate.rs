@@ -1,12 +1,13 @@
 //! The valid range of every key, checked once when the configuration is
 //! loaded: a size a user or a file can set is bounded here, before it can
 //! become an allocation, a busy loop or a path outside the run's folder.
-//! The README's configuration table states the same ranges.
+//! docs/configuration.md states the same ranges.
 
 use std::fmt::Display;
 use std::ops::RangeInclusive;
 
-use super::{Config, ConfigError, MAX_CHUNK_BYTES};
+use super::{Config, ConfigError};
+use crate::protocol::limits::MAX_CHUNK_BYTES;
 
 /// The highest PowerSGD rank: at 64, DCGAN-64's factors already carry a
 /// quarter of its gradient's elements, which bf16 alone halves.
@@ -93,7 +94,7 @@ impl Config {
         check(
             "allreduce.wire",
             self.allreduce.wire,
-            self.allreduce.wire != crate::wire::WireFormat::Int8,
+            self.allreduce.wire != crate::protocol::wire::WireFormat::Int8,
             "\"f32\" or \"bf16\" with allreduce.powersgd_rank > 0: PowerSGD's factors \
              carry error feedback already",
         )?;
@@ -160,7 +161,7 @@ impl Config {
         check(
             "allreduce.wire",
             self.allreduce.wire,
-            self.allreduce.wire == crate::wire::WireFormat::F32,
+            self.allreduce.wire == crate::protocol::wire::WireFormat::F32,
             "\"f32\" with train.sync_every > 1: parameters and Adam moments are averaged \
              exactly (compress gradients with sync_every = 1 instead)",
         )?;

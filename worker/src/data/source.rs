@@ -97,7 +97,7 @@ impl ImageSource {
                     partition = %partition.display(),
                     listed = keep.len(),
                     found = paths.len(),
-                    example = %common::untrusted::shown(&example),
+                    example = %common::security::untrusted::shown(&example),
                     "the partition file lists images that are not in the folder; training on those found"
                 );
             }

@@ -1,0 +1,14 @@
+//! Domain types to their protobuf spelling.
+
+use super::pb;
+use super::wire::WireFormat;
+
+impl From<WireFormat> for pb::WireFormat {
+    fn from(format: WireFormat) -> Self {
+        match format {
+            WireFormat::F32 => pb::WireFormat::F32,
+            WireFormat::Bf16 => pb::WireFormat::Bf16,
+            WireFormat::Int8 => pb::WireFormat::Int8,
+        }
+    }
+}
