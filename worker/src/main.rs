@@ -20,7 +20,7 @@ use worker::train::standalone;
 /// With a GPU the host's work is moving gradients, and mimalloc reuses freed
 /// multi-megabyte buffers where glibc's allocator faults in fresh pages each
 /// time; on the CPU backend glibc ran DCGAN-64's step ~5 % faster, so the
-/// CPU build keeps it (BENCHMARKS.md, "A leaner data path").
+/// CPU build keeps it (docs/benchmark-log.md, "A leaner data path").
 #[cfg(feature = "cuda")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
