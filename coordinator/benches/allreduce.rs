@@ -41,9 +41,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::Config;
-use common::client::session;
-use common::protocol::pb::{self, Net};
+use common::client;
+use common::protocol::pb;
 use common::protocol::powersgd::{Layout, PowerSgd};
+use common::protocol::wire::Net;
 use common::protocol::wire::WireFormat;
 use common::sampling::cadence::Cadence;
 use common::security::auth::Token;
@@ -476,8 +477,8 @@ async fn client(args: &[String]) {
     let steps = total_steps(iters, sync_every);
     let cfg = config(image_size, steps, format, store, sync_every);
     let token = Token::new(TOKEN).expect("token");
-    let request = session::join_request(&cfg, Some(rank), 0, "bench".into(), None);
-    let (joined, mut session, _) = session::rendezvous(address, &token, request, &cfg)
+    let request = client::join_request(&cfg, Some(rank), 0, "bench".into(), None);
+    let (joined, mut session, _) = client::rendezvous(address, &token, request, &cfg)
         .await
         .expect("join");
     let gradient = |elems: u64| -> (Vec<f32>, Vec<f32>) {

@@ -15,17 +15,23 @@
 //!   the step reports that must agree.
 //! - `allreduce`: the streaming, rank-ordered reduction of gradients and
 //!   the checkpoint/stop schedule that travels with it.
-//! - `net`: listeners, TLS, the token check, connection limits, the gRPC
-//!   handlers and each member's outbound stream.
+//! - `net`: listeners, TLS, the token check, connection limits and the
+//!   gRPC handlers.
 //! - `local`: launching and watching worker processes (`--workers N`).
 //! - `ui`: log lines, the progress display, the summary, Prometheus metrics.
 //! - `error`: why a run stops, nested by who must act.
+//! - `peers`: every member's outbound stream, with a deadline on each send
+//!   (the reducer and the group write to it), and `refusals`: refused
+//!   clients logged without letting them flood (the gates and the
+//!   rendezvous refuse). Leaves, below every folder that uses them.
 
 mod allreduce;
 mod error;
 mod generation;
 mod local;
 mod net;
+mod peers;
+mod refusals;
 pub mod run;
 mod ui;
 

@@ -7,8 +7,9 @@
 use std::time::Duration;
 
 use common::Config;
-use common::client::session;
-use common::protocol::pb::{self, Net};
+use common::client;
+use common::protocol::pb;
+use common::protocol::wire::Net;
 use common::protocol::wire::{self, WireFormat};
 use common::security::auth::Token;
 use coordinator::Mode;
@@ -143,8 +144,8 @@ async fn worker(
 ) -> Gradients {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let token = Token::new(TOKEN).unwrap();
-    let request = session::join_request(&cfg, Some(rank), 7, format!("test worker {rank}"), None);
-    let (_, mut session, _) = session::rendezvous(&address, &token, request, &cfg)
+    let request = client::join_request(&cfg, Some(rank), 7, format!("test worker {rank}"), None);
+    let (_, mut session, _) = client::rendezvous(&address, &token, request, &cfg)
         .await
         .unwrap();
     let mut results = Vec::new();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::Config;
-use common::client::session::{self, Clients, Session};
+use common::client::{self, Clients, Session};
 use common::protocol::pb::{self, coordinator_message, worker_message};
 use common::security::auth::{self, Token};
 use common::storage::checkpoint::{Checkpoints, STATE};
@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 /// Connects to `address` presenting `token` (unchecked: tests send bad ones too).
 pub async fn connect(address: &str, cfg: &Config, token: &str) -> Clients {
     let token = Token::new(token).expect("a token a header can carry");
-    session::connect(address, cfg, &token)
+    client::connect(address, cfg, &token)
         .await
         .unwrap_or_else(|e| panic!("connecting to {address}: {e}"))
 }

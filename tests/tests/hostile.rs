@@ -104,10 +104,7 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// Two hostile members (ranks 0 and 1) in an open session each.
-async fn two_members(
-    address: &str,
-    cfg: &Config,
-) -> [(common::client::session::Clients, RawSession); 2] {
+async fn two_members(address: &str, cfg: &Config) -> [(common::client::Clients, RawSession); 2] {
     let url = format!("http://{address}");
     let mut a = client::connect(&url, cfg, TOKEN).await;
     let mut b = client::connect(&url, cfg, TOKEN).await;

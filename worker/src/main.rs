@@ -12,7 +12,7 @@ use common::process::logging::{self, LogFormat};
 use common::process::report;
 use worker::data::{ImageSource, synthetic};
 use worker::eval::swd;
-use worker::replica::distributed;
+use worker::replica;
 use worker::tools::bench::{self, BenchArgs};
 use worker::tools::check_backend::{Comparison, Trajectory};
 use worker::train::standalone;
@@ -161,7 +161,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
             logging::failure(format, err.as_ref());
-            let code = match worker::replica::failure::is_permanent(&err) {
+            let code = match replica::failure::is_permanent(&err) {
                 true => report::CONFIG,
                 false => report::FAILURE,
             };
@@ -234,16 +234,16 @@ fn train(args: TrainArgs) -> anyhow::Result<u8> {
             standalone::run(&cfg, args.eval_images)?
         }
         Some(address) => {
-            let connection = distributed::Connection {
+            let connection = replica::Connection {
                 address,
                 token: args.token,
                 rank: args.rank,
             };
-            let endpoints = distributed::Endpoints {
+            let endpoints = replica::Endpoints {
                 health: args.health_listen,
                 metrics: args.metrics_listen,
             };
-            distributed::run(&cfg, &connection, &endpoints, args.eval_images)?
+            replica::run(&cfg, &connection, &endpoints, args.eval_images)?
         }
     };
     let (d_loss, g_loss) = summary

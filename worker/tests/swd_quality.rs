@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use common::Config;
 use common::protocol::powersgd::PowerSgd;
+use common::protocol::wire::Net;
 use common::protocol::wire::{self, WireFormat};
 use worker::data::{BatchLoader, ImageSource};
 use worker::eval::held_out::swd_against_held_out;
 use worker::model::backend::{self, TrainBackend};
 use worker::train::replica_loop::to_tensor;
-use worker::train::step::{GradientReducer, LocalReducer, Net, Trainer, Update};
+use worker::train::step::{GradientReducer, LocalReducer, Trainer, Update};
 
 const EVAL_IMAGES: usize = 256;
 const STEPS: u64 = 400;

@@ -16,6 +16,19 @@ use serde::{Deserialize, Serialize};
 /// 1.6 % more bytes, and one large element flattens at most 255 others.
 pub const INT8_BLOCK: usize = 256;
 
+/// Which network a gradient (or an averaged state) belongs to: the two
+/// all-reduces of every step. [`pb::Net`] is its wire spelling, which also
+/// has an "unspecified" a peer may send.
+///
+/// [`pb::Net`]: super::pb::Net
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// The discriminator.
+    Discriminator,
+    /// The generator.
+    Generator,
+}
+
 /// Element encoding on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]

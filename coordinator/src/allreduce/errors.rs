@@ -3,7 +3,7 @@
 use common::protocol::pb::{self};
 use common::protocol::wire::{WireError, WireFormat};
 
-use crate::net::peers::NotReading;
+use crate::peers::NotReading;
 
 /// A worker sent a chunk the reducer cannot accept. The sender is at fault.
 #[derive(Debug, thiserror::Error)]

@@ -12,7 +12,7 @@ use common::protocol::wire::{self, Chunking, WireError, WireFormat};
 use tracing::warn;
 
 use crate::allreduce::schedule::Schedule;
-use crate::net::peers::Peers;
+use crate::peers::Peers;
 use crate::ui::telemetry;
 
 use super::errors::{ChunkError, Pass, SubmitError};
@@ -26,10 +26,10 @@ struct Gradient {
     phase: u32,
     /// Fixed when its first chunk arrives: the schedule decided during the
     /// step before whether this one travels exact.
-    plan: Option<Plan>,
+    framing: Option<Framing>,
     /// Chunks some ranks sent, by index: one part per rank.
     slots: HashMap<u32, Vec<Option<Bytes>>>,
-    /// Chunks already reduced and broadcast (empty until planned).
+    /// Chunks already reduced and broadcast (empty until framed).
     done: Vec<bool>,
     reduced: usize,
     /// A part was not finite and the policy is to skip.
@@ -38,7 +38,7 @@ struct Gradient {
 
 /// How one all-reduce travels.
 #[derive(Debug, Clone, Copy)]
-struct Plan {
+struct Framing {
     /// Whole in f32, as before a checkpoint under error feedback.
     exact: bool,
     format: WireFormat,
@@ -51,7 +51,7 @@ impl Gradient {
             step,
             net,
             phase,
-            plan: None,
+            framing: None,
             slots: HashMap::new(),
             done: Vec::new(),
             reduced: 0,
@@ -62,12 +62,12 @@ impl Gradient {
     /// How this all-reduce travels, decided once. In a group of one
     /// (`alone`) every step is exact: nothing travels, so nothing is
     /// rounded, compressed or carried.
-    fn plan(&mut self, shape: &Shape, schedule: &Schedule, alone: bool) -> Plan {
-        if let Some(plan) = self.plan {
-            return plan;
+    fn framing(&mut self, shape: &Shape, schedule: &Schedule, alone: bool) -> Framing {
+        if let Some(framing) = self.framing {
+            return framing;
         }
         let exact = alone || schedule.exact(self.step);
-        let plan = Plan {
+        let framing = Framing {
             exact,
             format: match exact {
                 true => WireFormat::F32,
@@ -75,17 +75,17 @@ impl Gradient {
             },
             chunking: shape.chunking(self.net, self.step, self.phase, exact),
         };
-        self.done = vec![false; plan.chunking.count()];
-        self.plan = Some(plan);
-        plan
+        self.done = vec![false; framing.chunking.count()];
+        self.framing = Some(framing);
+        framing
     }
 
     /// The gradient the group reduces after this one.
     fn next(&self, shape: &Shape) -> Self {
         let second_follows = self.phase == 0
             && self
-                .plan
-                .is_some_and(|plan| shape.compressed(self.step, plan.exact));
+                .framing
+                .is_some_and(|framing| shape.compressed(self.step, framing.exact));
         match self.net {
             _ if second_follows => Self::new(self.step, self.net, 1),
             pb::Net::Discriminator => Self::new(self.step, pb::Net::Generator, 0),
@@ -155,10 +155,10 @@ impl Reducer {
     /// and broadcasts it before returning.
     pub async fn submit(&self, rank: usize, mut chunk: pb::GradChunk) -> Result<(), SubmitError> {
         let data = std::mem::take(&mut chunk.data);
-        let Some((parts, plan)) = self.accept(rank, &chunk, data)? else {
+        let Some((parts, framing)) = self.accept(rank, &chunk, data)? else {
             return Ok(());
         };
-        let format = plan.format;
+        let format = framing.format;
         let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
         let mean = match self.alone() {
             // The sender's own gradient is the mean; it says whether it is finite.
@@ -167,7 +167,7 @@ impl Reducer {
                 finite: !chunk.not_finite,
                 residual: None,
             },
-            false => self.reduce(&chunk, parts.clone(), plan).await,
+            false => self.reduce(&chunk, parts.clone(), framing).await,
         };
         let skip = match mean.finite {
             true => self.current.lock().expect("reducer lock").skip,
@@ -200,11 +200,16 @@ impl Reducer {
     /// The mean of one chunk's `parts`, off the runtime; under error
     /// feedback with the residual this chunk's mean carried, which the
     /// result replaces once it is applied.
-    async fn reduce(&self, chunk: &pb::GradChunk, parts: Vec<Bytes>, plan: Plan) -> wire::Mean {
-        let (format, world) = (plan.format, self.world);
+    async fn reduce(
+        &self,
+        chunk: &pb::GradChunk,
+        parts: Vec<Bytes>,
+        framing: Framing,
+    ) -> wire::Mean {
+        let (format, world) = (framing.format, self.world);
         let key = (chunk.net, chunk.index);
         let carried = self.shape.format.carries_residual().then(|| {
-            let elems = plan.chunking.range(chunk.index as usize).len();
+            let elems = framing.chunking.range(chunk.index as usize).len();
             let mut carried = self.carried.lock().expect("carried lock");
             carried.remove(&key).unwrap_or_else(|| vec![0.0; elems])
         });
@@ -235,7 +240,7 @@ impl Reducer {
         rank: usize,
         chunk: &pb::GradChunk,
         data: Bytes,
-    ) -> Result<Option<(Vec<Bytes>, Plan)>, ChunkError> {
+    ) -> Result<Option<(Vec<Bytes>, Framing)>, ChunkError> {
         let mut current = self.current.lock().expect("reducer lock");
         let g = &mut *current;
         let net = pb::Net::try_from(chunk.net).unwrap_or(pb::Net::Unspecified);
@@ -255,8 +260,8 @@ impl Reducer {
                 last: self.schedule.final_step(),
             });
         }
-        let plan = g.plan(&self.shape, &self.schedule, self.alone());
-        let (format, chunking) = (plan.format, plan.chunking);
+        let framing = g.framing(&self.shape, &self.schedule, self.alone());
+        let (format, chunking) = (framing.format, framing.chunking);
         if chunk.format != pb::WireFormat::from(format) as i32 {
             return Err(ChunkError::Format {
                 step: chunk.step,
@@ -315,7 +320,7 @@ impl Reducer {
         }
         let parts = g.slots.remove(&index).expect("slot present");
         g.done[index as usize] = true;
-        Ok(Some((parts.into_iter().flatten().collect(), plan)))
+        Ok(Some((parts.into_iter().flatten().collect(), framing)))
     }
 
     /// A mean with NaN or Inf in it: halts the group, or marks the gradient

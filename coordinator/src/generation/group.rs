@@ -21,13 +21,13 @@ use crate::CoordinatorError;
 use crate::allreduce::schedule::Schedule;
 use crate::allreduce::{Reducer, Shape, Waiting};
 use crate::error::GroupFailure;
-use crate::generation::origin::{self, Claim, Held, Knowledge, Plan};
+use crate::generation::events::{Event, Notice, Origin};
+use crate::generation::origin::{self, Claim, Held, Knowledge, Start};
 use crate::generation::receipts::Receipts;
 use crate::generation::rendezvous::{JoinError, Rendezvous, Seats, Terms};
 use crate::generation::reports::Reports;
-use crate::net::peers::{NotReading, Peers};
-use crate::net::refusals::Refusals;
-use crate::run::events::{Event, Notice, Origin};
+use crate::peers::{NotReading, Peers};
+use crate::refusals::Refusals;
 
 /// What every generation of a run is set up with.
 #[derive(Clone)]
@@ -113,7 +113,7 @@ pub struct Formed {
     /// Step reports.
     pub reports: Reports,
     /// Where the state comes from.
-    pub plan: Plan,
+    pub start: Start,
     /// The replica the donor claimed, when one is sent.
     pub donated: Option<Held>,
     starts: Vec<pb::Start>,
@@ -249,7 +249,7 @@ impl Group {
             ),
             reports: Reports::new(world, plan.first_step, s.shape.cadence),
             peers,
-            plan,
+            start: plan,
             donated,
             starts,
             transfer: Mutex::new(None),
@@ -276,7 +276,7 @@ impl Group {
         let formed = self
             .formed()
             .expect("sessions open only in a formed generation");
-        let plan = &formed.plan;
+        let plan = &formed.start;
         let Some(donor) = plan.donor else {
             return self.start(formed).await;
         };
@@ -369,7 +369,7 @@ impl Group {
         let formed = self
             .formed()
             .expect("sessions open only in a formed generation");
-        let plan = &formed.plan;
+        let plan = &formed.start;
         match plan.donor {
             Some(donor) if plan.sources[rank] == pb::Source::Transfer => GroupFailure::BadReplica {
                 donor,

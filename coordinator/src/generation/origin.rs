@@ -27,7 +27,15 @@
 use common::DataCursor;
 use common::protocol::pb;
 
-use crate::run::resume::StartPoint;
+/// Where a generation starts from the store alone, without replicas: the
+/// newest checkpoint (or the one the operator named), or fresh weights.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredStart {
+    /// First step to train.
+    pub first_step: u64,
+    /// Checkpoint to load, or `None` for fresh weights.
+    pub checkpoint: Option<String>,
+}
 
 /// A replica a member says it holds: the state after `step` steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +87,7 @@ pub struct Claim {
 pub struct Knowledge {
     /// Where the run would start without replicas (the newest checkpoint,
     /// or fresh weights).
-    pub fallback: StartPoint,
+    pub fallback: StoredStart,
     /// The newest state the coordinator saw every rank agree on.
     pub verified: Option<Verified>,
     /// Steps the run had completed before this generation (0 when the
@@ -108,7 +116,7 @@ pub struct Knowledge {
 
 /// How a generation starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub struct Start {
     /// The first step it trains.
     pub first_step: u64,
     /// Where that step reads the data, when the state is a replica.
@@ -127,7 +135,7 @@ pub struct Plan {
     pub proven: bool,
 }
 
-impl Plan {
+impl Start {
     /// Whether the state comes from members' replicas.
     pub fn replicated(&self) -> bool {
         self.sources
@@ -147,7 +155,7 @@ impl Plan {
 }
 
 /// The plan for members presenting `claims` (indexed by rank), given `known`.
-pub fn plan(claims: &[Claim], known: &Knowledge) -> Plan {
+pub fn plan(claims: &[Claim], known: &Knowledge) -> Start {
     let proven = proven(claims, known);
     let reached = known
         .reached
@@ -169,7 +177,7 @@ pub fn plan(claims: &[Claim], known: &Knowledge) -> Plan {
                 .contains(&pb::Source::Transfer)
                 .then(|| sources.iter().position(|s| *s == pb::Source::Keep))
                 .flatten();
-            Plan {
+            Start {
                 first_step: best.step,
                 cursor: best.cursor,
                 sources,
@@ -185,7 +193,7 @@ pub fn plan(claims: &[Claim], known: &Knowledge) -> Plan {
                 Some(_) => pb::Source::Checkpoint,
                 None => pb::Source::Fresh,
             };
-            Plan {
+            Start {
                 first_step: fallback.first_step,
                 cursor: DataCursor::default(),
                 sources: vec![source; claims.len()],
@@ -320,7 +328,7 @@ mod tests {
     fn known(checkpoint: Option<u64>, verified: Option<Verified>, places: usize) -> Knowledge {
         let reached = verified.map_or(checkpoint.unwrap_or(0), |v| v.step);
         Knowledge {
-            fallback: StartPoint {
+            fallback: StoredStart {
                 first_step: checkpoint.unwrap_or(0),
                 checkpoint: checkpoint.map(common::storage::checkpoint::name),
             },

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::CoordinatorError;
 use crate::error::GroupFailure;
-use crate::run::events::{Event, Notice, Origin};
+use crate::generation::events::{Event, Notice, Origin};
 use crate::ui::display::{self, Echo};
 
 /// The running worker processes, one per place.

@@ -13,7 +13,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Status};
 
 use crate::net::connections::ticket_of;
-use crate::net::refusals::Refusals;
+use crate::refusals::Refusals;
 
 /// Admits requests carrying the token.
 #[derive(Clone)]

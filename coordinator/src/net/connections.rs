@@ -25,7 +25,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::Connected;
 
-use crate::net::refusals::Refusals;
+use crate::refusals::Refusals;
 
 /// One accepted connection, as handlers see it in a request's extensions.
 #[derive(Debug)]

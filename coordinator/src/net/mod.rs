@@ -5,12 +5,9 @@
 //! [`connections`] bounds how many connections a stranger may hold and
 //! for how long; [`auth`] checks the token before any handler runs;
 //! [`service`] is the thin gRPC layer over the generation's domain
-//! objects; [`peers`] is every member's outbound stream with a deadline
-//! on each send; [`refusals`] logs refusals without letting them flood.
+//! objects. Refusals are logged through [`crate::refusals`].
 
 pub(crate) mod auth;
 pub(crate) mod connections;
-pub(crate) mod peers;
-pub(crate) mod refusals;
 pub(crate) mod server;
 pub(crate) mod service;

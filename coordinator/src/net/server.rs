@@ -30,8 +30,8 @@ use tracing::{info, warn};
 use crate::CoordinatorError;
 use crate::net::auth::Authenticator;
 use crate::net::connections::Gate;
-use crate::net::refusals::Refusals;
 use crate::net::service::{Current, RendezvousService, SessionService};
+use crate::refusals::Refusals;
 
 /// Largest Join message: a join request is a few hundred bytes, and only
 /// an authenticated member's Session may carry large gradient chunks.

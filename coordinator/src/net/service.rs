@@ -24,11 +24,11 @@ use tracing::info;
 use crate::CoordinatorError;
 use crate::allreduce::SubmitError;
 use crate::error::GroupFailure;
+use crate::generation::events::Event;
 use crate::generation::group::{Formed, Group};
 use crate::generation::rendezvous::JoinError;
 use crate::net::connections::ticket_of;
-use crate::net::peers::OUTBOUND_QUEUE;
-use crate::run::events::Event;
+use crate::peers::OUTBOUND_QUEUE;
 
 /// The generation the handlers serve; the supervision replaces it when
 /// the group re-forms.
@@ -224,7 +224,7 @@ async fn serve_member(group: Arc<Group>, rank: usize, mut inbound: Streaming<pb:
         .expect("sessions open only in a formed generation");
     let mut member = Member {
         rank,
-        step: formed.plan.first_step,
+        step: formed.start.first_step,
         finished: false,
     };
     let heartbeat_timeout = group.settings().heartbeat_timeout;
@@ -315,7 +315,7 @@ impl Member {
             worker_message::Kind::Finished(finished) => {
                 let last = group.schedule().final_step();
                 let reported = formed.reports.last_of(rank);
-                let trained = last > formed.plan.first_step;
+                let trained = last > formed.start.first_step;
                 if finished.steps != last || (trained && reported != Some(last - 1)) {
                     return Err(group.protocol(
                         rank,

@@ -31,11 +31,11 @@ use common::storage::checkpoint::{self};
 use tracing::warn;
 
 use crate::error::{CoordinatorError, GroupFailure, Route};
+use crate::generation::events::Event;
 use crate::generation::group::Settings;
-use crate::generation::origin::{Held, Knowledge, Plan, Verified};
+use crate::generation::origin::StoredStart;
+use crate::generation::origin::{Held, Knowledge, Start, Verified};
 use crate::generation::reports::StepSummary;
-use crate::run::events::Event;
-use crate::run::resume::StartPoint;
 
 /// Where the current generation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,7 +190,7 @@ impl Lifecycle {
 
     /// The generation formed with `world` members, `arrivals` of them new
     /// to it, starting as `plan` says.
-    pub fn formed(&mut self, world: usize, plan: &Plan, arrivals: Vec<usize>) {
+    pub fn formed(&mut self, world: usize, plan: &Start, arrivals: Vec<usize>) {
         self.phase = Phase::Opening;
         self.world = world;
         self.done = plan.first_step;
@@ -390,9 +390,14 @@ impl Lifecycle {
     /// (when `trust_replicas`) or the newest checkpoint committed, else
     /// where the run started (`first`). `run` says how many places the run
     /// has, where it ends, and whether an earlier coordinator trained it.
-    pub fn knowledge(&self, first: &StartPoint, trust_replicas: bool, run: &RunFacts) -> Knowledge {
+    pub fn knowledge(
+        &self,
+        first: &StoredStart,
+        trust_replicas: bool,
+        run: &RunFacts,
+    ) -> Knowledge {
         let fallback = match self.committed {
-            Some(step) => StartPoint {
+            Some(step) => StoredStart {
                 first_step: step,
                 checkpoint: Some(checkpoint::name(step)),
             },
@@ -483,8 +488,8 @@ mod tests {
         })
     }
 
-    fn plan(world: usize, first_step: u64) -> Plan {
-        Plan {
+    fn plan(world: usize, first_step: u64) -> Start {
+        Start {
             first_step,
             cursor: Default::default(),
             sources: vec![pb::Source::Fresh; world],
@@ -610,7 +615,7 @@ mod tests {
         let mut life = training(2, 1);
         life.on(1, step(0), 10);
         life.on(1, step(1), 10);
-        let start = StartPoint::default();
+        let start = StoredStart::default();
         let known = life.knowledge(&start, true, &FACTS);
         assert_eq!(
             known.verified,
@@ -768,7 +773,7 @@ mod tests {
     /// start unless an earlier coordinator trained the run.
     #[test]
     fn the_bound_on_claims_follows_what_the_coordinator_saw() {
-        let start = StartPoint {
+        let start = StoredStart {
             first_step: 4,
             checkpoint: Some(checkpoint::name(4)),
         };

@@ -1,7 +1,6 @@
 //! One coordinator run: lock it, serve, (maybe) launch, supervise every
 //! generation, stop.
 
-pub(crate) mod events;
 mod lifecycle;
 mod outcome;
 pub(crate) mod outputs;
@@ -24,13 +23,13 @@ use tokio::sync::mpsc;
 use crate::CoordinatorError;
 use crate::allreduce::schedule::Schedule;
 use crate::generation::group::{Group, Settings};
-use crate::generation::origin::Knowledge;
+use crate::generation::origin::{Knowledge, StoredStart};
 use crate::generation::receipts::Receipts;
 use crate::generation::rendezvous::Seats;
 use crate::local::launcher::{self, Launcher};
-use crate::net::refusals::Refusals;
 use crate::net::server::{Listeners, Servers};
 use crate::net::service::Current;
+use crate::refusals::Refusals;
 use crate::ui::display::Echo;
 use lifecycle::{Lifecycle, RunFacts};
 use resume::ResumePolicy;
@@ -156,8 +155,8 @@ where
         options,
     } = launch;
     let workers = mode.workers();
-    let (checkpoints, start): (Checkpoints, resume::StartPoint) =
-        resume::plan(&cfg, &policy, workers).await?;
+    let (checkpoints, start): (Checkpoints, StoredStart) =
+        resume::from_store(&cfg, &policy, workers).await?;
     // The operator's explicit choice of a start wins over replicas.
     let trust_replicas = policy == ResumePolicy::Latest;
     let receipts = Receipts::open(&checkpoints, &cfg.checkpoint.run, trust_replicas).await?;

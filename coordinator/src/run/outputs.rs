@@ -7,7 +7,7 @@ use common::Config;
 use common::storage::outputs::{ADDRESS_FILE, CONFIG_TOML, MEMBERSHIP_CSV};
 
 use crate::CoordinatorError;
-use crate::generation::origin::Plan;
+use crate::generation::origin::Start;
 
 /// `membership.csv`: one row per generation (when it started, with how
 /// many workers, from what state, how many steps it trained again, and
@@ -34,7 +34,7 @@ impl Membership {
     /// Appends generation `generation` of `world` workers starting as
     /// `plan` says, formed because of `cause`. A record that cannot be
     /// written is logged, never a reason to stop training.
-    pub fn record(&self, generation: u64, world: usize, plan: &Plan, cause: &str) {
+    pub fn record(&self, generation: u64, world: usize, plan: &Start, cause: &str) {
         let row = format!(
             "{generation},{},{world},{},{},{cause}\n",
             plan.first_step,

@@ -12,6 +12,7 @@ use common::storage::store::Store;
 use tracing::{info, warn};
 
 use crate::CoordinatorError;
+use crate::generation::origin::StoredStart;
 
 /// How the operator wants an existing run treated.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -28,27 +29,18 @@ pub enum ResumePolicy {
     },
 }
 
-/// Where the workers start.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct StartPoint {
-    /// First step to train.
-    pub first_step: u64,
-    /// Checkpoint to load, or `None` for fresh weights.
-    pub checkpoint: Option<String>,
-}
-
 /// Opens the run's checkpoints, proves the store is reachable with the
 /// configured credentials, and decides where training starts.
-pub async fn plan(
+pub async fn from_store(
     cfg: &Config,
     policy: &ResumePolicy,
     world: usize,
-) -> Result<(Checkpoints, StartPoint), CoordinatorError> {
+) -> Result<(Checkpoints, StoredStart), CoordinatorError> {
     let store = Store::open(&cfg.checkpoint).map_err(CheckpointError::from)?;
     store.check().await.map_err(CheckpointError::from)?;
     let run = &cfg.checkpoint.run;
     let checkpoints = Checkpoints::new(store, run);
-    let fresh = StartPoint {
+    let fresh = StoredStart {
         first_step: 0,
         checkpoint: None,
     };
@@ -131,7 +123,7 @@ pub async fn plan(
     info!(checkpoint = %checkpoints.location(state.step), step = state.step, "resuming");
     Ok((
         checkpoints,
-        StartPoint {
+        StoredStart {
             first_step: state.step,
             checkpoint: Some(chosen.name()),
         },
@@ -196,19 +188,19 @@ mod tests {
     async fn resumes_from_the_newest_and_refuses_fresh_without_force() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = cfg(&format!("file://{}", dir.path().display()));
-        let (checkpoints, start) = plan(&cfg, &ResumePolicy::Latest, 2).await.unwrap();
+        let (checkpoints, start) = from_store(&cfg, &ResumePolicy::Latest, 2).await.unwrap();
         assert_eq!(
             start,
-            StartPoint {
+            StoredStart {
                 first_step: 0,
                 checkpoint: None
             }
         );
         save(&checkpoints, &cfg, 3).await;
         save(&checkpoints, &cfg, 6).await;
-        let (_, start) = plan(&cfg, &ResumePolicy::Latest, 3).await.unwrap();
+        let (_, start) = from_store(&cfg, &ResumePolicy::Latest, 3).await.unwrap();
         assert_eq!(start.checkpoint.as_deref(), Some("step-000000006"));
-        let (_, start) = plan(&cfg, &ResumePolicy::From("3".into()), 2)
+        let (_, start) = from_store(&cfg, &ResumePolicy::From("3".into()), 2)
             .await
             .unwrap();
         assert_eq!(start.first_step, 3);
@@ -217,11 +209,11 @@ mod tests {
             [3],
             "the abandoned step 6 is gone"
         );
-        let err = plan(&cfg, &ResumePolicy::Fresh { force: false }, 2)
+        let err = from_store(&cfg, &ResumePolicy::Fresh { force: false }, 2)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("--force"), "{err}");
-        let (_, start) = plan(&cfg, &ResumePolicy::Fresh { force: true }, 2)
+        let (_, start) = from_store(&cfg, &ResumePolicy::Fresh { force: true }, 2)
             .await
             .unwrap();
         assert_eq!(start.checkpoint, None);
@@ -232,11 +224,13 @@ mod tests {
     async fn a_checkpoint_of_another_training_is_refused_naming_the_keys() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("file://{}", dir.path().display());
-        let (checkpoints, _) = plan(&cfg(&url), &ResumePolicy::Latest, 1).await.unwrap();
+        let (checkpoints, _) = from_store(&cfg(&url), &ResumePolicy::Latest, 1)
+            .await
+            .unwrap();
         save(&checkpoints, &cfg(&url), 2).await;
         let mut other = cfg(&url);
         other.train.lr = 1e-3;
-        let err = plan(&other, &ResumePolicy::Latest, 1)
+        let err = from_store(&other, &ResumePolicy::Latest, 1)
             .await
             .unwrap_err()
             .to_string();

@@ -15,14 +15,14 @@ use tracing::{info, warn};
 
 use crate::allreduce::schedule::Schedule;
 use crate::error::{CoordinatorError, GroupFailure};
+use crate::generation::events::{Event, Notice, Origin};
 use crate::generation::group::{Group, Settings};
+use crate::generation::origin::StoredStart;
 use crate::local::launcher::Launcher;
-use crate::net::refusals::Refusals;
 use crate::net::service::Current;
-use crate::run::events::{Event, Notice, Origin};
+use crate::refusals::Refusals;
 use crate::run::outcome::{Outcome, Report};
 use crate::run::outputs::Membership;
-use crate::run::resume::StartPoint;
 use crate::ui::display::Echo;
 use crate::ui::progress::Progress;
 use crate::ui::telemetry;
@@ -40,7 +40,7 @@ pub struct Supervision<'a> {
     /// Where checkpoints are committed.
     pub checkpoints: &'a Checkpoints,
     /// Where the run starts when no replica is trusted.
-    pub start: StartPoint,
+    pub start: StoredStart,
     /// The generation the servers serve.
     pub current: Arc<Current>,
     /// Local mode's processes.
@@ -110,12 +110,12 @@ impl Supervision<'_> {
                 biased;
                 () = group.formed_signal(), if phase == Phase::Forming => {
                     let formed = group.formed().expect("signalled once formed");
-                    life.formed(formed.world, &formed.plan, group.rendezvous.arrivals());
-                    self.membership.record(life.generation(), formed.world, &formed.plan, why);
+                    life.formed(formed.world, &formed.start, group.rendezvous.arrivals());
+                    self.membership.record(life.generation(), formed.world, &formed.start, why);
                     info!(generation = life.generation(), workers = formed.world,
-                        first_step = formed.plan.first_step, state = formed.plan.describe(),
-                        steps_retrained = formed.plan.retrained, "the group formed");
-                    progress.formed(formed.plan.first_step, formed.world);
+                        first_step = formed.start.first_step, state = formed.start.describe(),
+                        steps_retrained = formed.start.retrained, "the group formed");
+                    progress.formed(formed.start.first_step, formed.world);
                     telemetry::formed(life.generation(), formed.world);
                     // Every member must open its session soon after the group forms.
                     clock.as_mut().reset(Instant::now() + handshake);

@@ -7,7 +7,7 @@
 //! status) are told which it is, so neither restarts a worker in a loop.
 
 use common::ConfigError;
-use common::client::session::SessionError;
+use common::client::SessionError;
 use common::process::observe::ObserveError;
 use common::process::report::caused_by;
 use common::security::auth::TokenError;

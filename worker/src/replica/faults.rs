@@ -21,7 +21,8 @@ use common::DataCursor;
 use crate::model::backend::TrainBackend;
 use crate::model::params;
 use crate::train::replica_loop::{Directive, StepRecord, StepSync};
-use crate::train::step::{GradientReducer, Net, Trainer, Update};
+use crate::train::step::{GradientReducer, Trainer, Update};
+use common::protocol::wire::Net;
 
 /// The variable that arms a fault.
 pub const FAULT_ENV: &str = "GANCLUSTER_FAULT";

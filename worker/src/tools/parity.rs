@@ -30,7 +30,8 @@ use crate::data::{BatchLoader, ImageSource};
 use crate::model::backend::{self, TrainBackend};
 use crate::model::dcgan::Named;
 use crate::train::replica_loop::to_tensor;
-use crate::train::step::{GradientReducer, Net, Trainer, Update, step_noise};
+use crate::train::step::{GradientReducer, Trainer, Update, step_noise};
+use common::protocol::wire::Net;
 
 /// Steps whose weights and running statistics are compared (after them).
 pub const STATE_AFTER: [u64; 3] = [1, 2, 10];

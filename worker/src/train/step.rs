@@ -16,6 +16,7 @@ use burn::tensor::activation::relu;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{ElementConversion, Tensor, TensorData};
 use common::config::{ModelConfig, NonFinite, TrainConfig};
+use common::protocol::wire::Net;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
@@ -23,15 +24,6 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::model::dcgan::{Discriminator, Generator, WeightInit};
 use crate::model::params;
 use crate::train::averaging::{self, AveragingError};
-
-/// Which network a gradient belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Net {
-    /// The discriminator.
-    Discriminator,
-    /// The generator.
-    Generator,
-}
 
 /// What every replica does with a network's gradient at a step.
 #[derive(Debug, Clone, PartialEq)]
