@@ -17,6 +17,7 @@
 //!   the output folder's file names.
 //! - [`sampling`]: which samples each rank reads, which steps synchronise.
 //! - [`process`]: flags, logging, exit codes, health and metrics.
+//! - [`tensorboard`]: event files TensorBoard reads, written while training.
 #![deny(missing_docs)]
 
 pub mod client;
@@ -26,6 +27,7 @@ pub mod protocol;
 pub mod sampling;
 pub mod security;
 pub mod storage;
+pub mod tensorboard;
 
 pub use config::{Config, ConfigError};
 pub use sampling::shard::{DataCursor, ShardSampler, StepPlan};

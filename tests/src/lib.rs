@@ -13,6 +13,7 @@ pub mod moto;
 pub mod probes;
 pub mod process;
 pub mod pty;
+pub mod python;
 pub mod s3;
 pub mod signals;
 

@@ -1,10 +1,8 @@
 //! moto's S3 server: the test S3 server whose conditional PUT
 //! (`If-None-Match: *`, `If-Match`) is atomic, as AWS's is, which the
 //! run-lease tests need. (s3s-fs accepts the headers but does not make the
-//! check and the write one step.) moto is Python: when `python3` cannot
-//! import it, the first test that needs it installs the pinned version from
-//! PyPI into `target/test-tools/moto`, so `cargo test --workspace` needs no
-//! manual step beyond a `python3` with pip.
+//! check and the write one step.) moto is Python, installed by the first
+//! test that needs it ([`crate::python`]).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -22,42 +20,7 @@ const MOTO: &str = "moto[server]==5.2.1";
 /// A folder on `PYTHONPATH` from which `python3` imports moto, installing
 /// it there first when it cannot.
 fn moto_path() -> std::path::PathBuf {
-    let bin = crate::workspace_bin("coordinator");
-    let target = bin
-        .parent()
-        .and_then(std::path::Path::parent)
-        .expect("target/<profile>/");
-    let dir = target.join("test-tools").join("moto");
-    let importable = || {
-        Command::new("python3")
-            .args(["-c", "import moto.server"])
-            .env("PYTHONPATH", &dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !importable() {
-        let installed = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg(MOTO)
-            .status();
-        assert!(
-            installed.is_ok_and(|s| s.success()) && importable(),
-            "moto's S3 server is needed and could not be installed: needs python3 with pip \
-             and PyPI (`python3 -m pip install --target {} '{MOTO}'`)",
-            dir.display()
-        );
-    }
-    dir
+    crate::python::tool_path("moto", "moto.server", MOTO)
 }
 
 /// A running `moto_server`; killed when dropped.

@@ -251,3 +251,40 @@ fn a_worker_started_after_its_run_completed_exits_cleanly() {
     .assert_success();
     late.assert_says(&["the run is already complete in the store"]);
 }
+
+/// As torchrun does: local rank r is given one GPU (the r-th of `--gpus`,
+/// in turn when there are fewer GPUs than workers) as
+/// `CUDA_VISIBLE_DEVICES`, and its place as `LOCAL_RANK` and
+/// `LOCAL_WORLD_SIZE`; each worker says what it was given, and the
+/// coordinator says that GPUs are shared. (A CPU build: the variables are
+/// what is checked.)
+#[test]
+fn local_workers_are_given_a_gpu_each_in_turn_and_their_place() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = coordinator(3, 1, out.path());
+    cmd.args(["--gpus", "7,9"]);
+    run(&mut cmd, LIMIT).assert_success();
+    for (rank, gpu) in [(0, "7"), (1, "9"), (2, "7")] {
+        let log =
+            std::fs::read_to_string(out.path().join(format!("logs/rank-{rank}.log"))).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("training device"))
+            .unwrap_or_else(|| panic!("rank {rank} never said its device:\n{log}"));
+        for expected in [
+            format!("cuda_visible_devices=Some(\"{gpu}\")"),
+            format!("local_rank=Some(\"{rank}\")"),
+            "local_world_size=Some(\"3\")".to_string(),
+        ] {
+            assert!(
+                line.contains(&expected),
+                "rank {rank}: {expected} missing in {line}"
+            );
+        }
+    }
+    let coordinator = std::fs::read_to_string(out.path().join("logs/coordinator.log")).unwrap();
+    assert!(
+        coordinator.contains("fewer GPUs than local workers"),
+        "{coordinator}"
+    );
+}

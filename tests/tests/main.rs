@@ -27,3 +27,5 @@ mod prometheus;
 mod rehearsal;
 /// One coordinator per run.
 mod run_lock;
+/// Event files read back by TensorBoard itself.
+mod tensorboard;

@@ -260,12 +260,16 @@ impl Default for DataConfig {
 pub struct OutputConfig {
     /// Folder for the sample grid, loss CSV and effective config.
     pub dir: PathBuf,
+    /// Whether rank 0 writes TensorBoard event files under
+    /// `<dir>/tensorboard/<checkpoint.run>/`.
+    pub tensorboard: bool,
 }
 
 impl Default for OutputConfig {
     fn default() -> Self {
         Self {
             dir: PathBuf::from("runs/default"),
+            tensorboard: true,
         }
     }
 }
@@ -315,6 +319,22 @@ pub struct CoordinatorConfig {
     /// coordinator that went away (restarted, rescheduled) before it gives
     /// up; local workers, whose coordinator is their parent, use 0.
     pub reconnect_timeout_s: u64,
+    /// GPUs local workers train on, as `CUDA_VISIBLE_DEVICES` names them
+    /// (`0,1,2,3`, or GPU UUIDs), one per local rank in turn; empty: every
+    /// GPU this process sees.
+    pub gpus: String,
+}
+
+impl CoordinatorConfig {
+    /// The GPUs of `gpus`, in order; none when it is empty.
+    pub fn gpu_list(&self) -> Vec<String> {
+        self.gpus
+            .split(',')
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(String::from)
+            .collect()
+    }
 }
 
 impl Default for CoordinatorConfig {
@@ -332,6 +352,7 @@ impl Default for CoordinatorConfig {
             handshake_timeout_s: 10,
             shutdown_grace_s: 5,
             reconnect_timeout_s: 300,
+            gpus: String::new(),
         }
     }
 }

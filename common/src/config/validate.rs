@@ -13,6 +13,9 @@ use crate::protocol::limits::MAX_CHUNK_BYTES;
 /// quarter of its gradient's elements, which bf16 alone halves.
 const MAX_POWERSGD_RANK: usize = 64;
 
+/// Most GPUs `coordinator.gpus` may name: more than any one machine holds.
+const MAX_LOCAL_GPUS: usize = 256;
+
 /// Largest synthetic training split: fifty times CelebA.
 pub const MAX_SYNTHETIC_IMAGES: usize = 10_000_000;
 
@@ -183,6 +186,18 @@ impl Config {
                 .rsplit_once(':')
                 .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()),
             "host:port, e.g. 0.0.0.0:50051 (port 0: any free port)",
+        )?;
+        let gpus = co.gpu_list();
+        check(
+            "coordinator.gpus",
+            &co.gpus,
+            gpus.len() <= MAX_LOCAL_GPUS
+                && gpus.iter().all(|g| {
+                    g.len() <= 64 && g.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                })
+                && gpus.iter().enumerate().all(|(i, g)| !gpus[..i].contains(g)),
+            "empty (every visible GPU) or distinct GPU indices or UUIDs separated by commas, \
+             e.g. 0,1,2,3",
         )?;
         within("coordinator.join_timeout_s", co.join_timeout_s, 1..=86_400)?;
         within(

@@ -61,6 +61,10 @@ pub struct ConfigArgs {
     /// Coordinator listen address [coordinator.listen].
     #[arg(long)]
     pub listen: Option<String>,
+    /// GPUs for local workers, one per rank in turn, e.g. 0,1,2,3
+    /// [coordinator.gpus].
+    #[arg(long)]
+    pub gpus: Option<String>,
     /// Checkpoint store URL: s3://bucket/prefix, file://path [checkpoint.store].
     #[arg(long)]
     pub store: Option<String>,
@@ -104,6 +108,7 @@ impl ConfigArgs {
             ("train.sync_every", num(self.sync_every)),
             ("train.sync_warmup", num(self.sync_warmup)),
             ("coordinator.listen", text(&self.listen)),
+            ("coordinator.gpus", text(&self.gpus)),
             ("checkpoint.store", text(&self.store)),
             ("checkpoint.run", text(&self.run)),
             ("checkpoint.every", num(self.checkpoint_every)),

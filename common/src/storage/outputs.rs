@@ -10,6 +10,7 @@
 //! <output.dir>/membership.csv     one row per generation (coordinator)
 //! <output.dir>/coordinator.addr   the bound address, for port 0
 //! <output.dir>/logs/              one log per process
+//! <output.dir>/tensorboard/<run>/ TensorBoard event files (rank 0)
 //! ```
 
 /// The effective configuration, where local workers read it.
@@ -26,3 +27,5 @@ pub const MEMBERSHIP_CSV: &str = "membership.csv";
 pub const ADDRESS_FILE: &str = "coordinator.addr";
 /// The folder of per-process logs.
 pub const LOGS_DIR: &str = "logs";
+/// The folder of TensorBoard runs, one per run id.
+pub const TENSORBOARD_DIR: &str = "tensorboard";

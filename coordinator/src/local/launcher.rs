@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use crate::CoordinatorError;
 use crate::error::GroupFailure;
 use crate::generation::events::{Event, Notice, Origin};
+use crate::local::gpus::GpuMap;
 use crate::ui::display::{self, Echo};
 
 /// The running worker processes, one per place.
@@ -69,6 +70,8 @@ pub struct Spec {
     pub output: PathBuf,
     /// Which of their lines reach the coordinator's terminal.
     pub echo: Echo,
+    /// Which GPU each local rank trains on.
+    pub gpus: GpuMap,
 }
 
 /// Local workers' coordinator is their parent: if it dies they stop at
@@ -78,6 +81,20 @@ const NO_RECONNECT: (&str, &str) = ("GANCLUSTER__COORDINATOR__RECONNECT_TIMEOUT_
 impl Launcher {
     /// Starts the workers `spec` describes; their failures arrive on `events`.
     pub fn spawn(spec: Spec, events: mpsc::Sender<Notice>) -> Result<Self, CoordinatorError> {
+        let (gpus, workers) = (spec.gpus.gpus(), spec.workers);
+        match gpus.is_empty() {
+            true => tracing::info!(
+                workers,
+                "no GPU visible: local workers train on the CPU build's device"
+            ),
+            false if spec.gpus.shared_by(workers) => tracing::warn!(
+                workers, gpus = %gpus.join(","),
+                "fewer GPUs than local workers: they take the GPUs in turn, so some GPUs train \
+                 several ranks (coordinator.gpus, --gpus to choose)"
+            ),
+            false => tracing::info!(workers, gpus = %gpus.join(","),
+                "each local worker trains on its own GPU: local rank r on the r-th"),
+        }
         let mut launcher = Self {
             binary: worker_binary()?,
             places: Vec::with_capacity(spec.workers),
@@ -134,6 +151,7 @@ impl Launcher {
             .args(&spec.args)
             .env("GANCLUSTER_TOKEN", &spec.token)
             .env(NO_RECONNECT.0, NO_RECONNECT.1)
+            .envs(spec.gpus.env(place, spec.workers))
             .envs(spec.secrets.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

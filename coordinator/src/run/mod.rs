@@ -26,6 +26,7 @@ use crate::generation::group::{Group, Settings};
 use crate::generation::origin::{Knowledge, StoredStart};
 use crate::generation::receipts::Receipts;
 use crate::generation::rendezvous::Seats;
+use crate::local::gpus::{self, GpuMap};
 use crate::local::launcher::{self, Launcher};
 use crate::net::server::{Listeners, Servers};
 use crate::net::service::Current;
@@ -270,5 +271,6 @@ fn local_spec(
         args,
         output: cfg.output.dir.clone(),
         echo: options.echo.clone(),
+        gpus: GpuMap::choose(cfg.coordinator.gpu_list(), gpus::visible),
     })
 }

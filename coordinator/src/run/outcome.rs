@@ -39,4 +39,7 @@ pub struct Report {
     pub checkpoint: Option<String>,
     /// SWD of the final checkpoint, when rank 0 measured it.
     pub swd: Option<f64>,
+    /// From the start of supervision (workers launched or awaited) to the
+    /// first step the group completed, if it trained one.
+    pub first_step: Option<std::time::Duration>,
 }

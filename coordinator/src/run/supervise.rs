@@ -92,6 +92,10 @@ impl Supervision<'_> {
         tokio::pin!(deadline, clock, signal, lease_lost);
         let mut life = Lifecycle::new(co.max_restarts);
         let mut skipped = 0;
+        // What a user waits for before step 0: workers starting, joining,
+        // loading, and (on a GPU with a cold kernel cache) tuning.
+        let began = Instant::now();
+        let mut first_step = None;
         let mut why = "start";
         let progress = Progress::new(
             self.cfg.train.steps,
@@ -129,6 +133,7 @@ impl Supervision<'_> {
                     if origin == life.generation() {
                         match &event {
                             Event::StepDone(summary) => {
+                                first_step.get_or_insert_with(|| began.elapsed());
                                 progress.step(summary);
                                 telemetry::step(summary);
                                 clock.as_mut().reset(Instant::now() + step_timeout);
@@ -182,7 +187,7 @@ impl Supervision<'_> {
                 }
             };
             match self
-                .act(next, &mut life, &group, &progress, &mut skipped)
+                .act(next, &mut life, &group, &progress, &mut skipped, first_step)
                 .await?
             {
                 Acted::Goes => {}
@@ -203,6 +208,7 @@ impl Supervision<'_> {
         group: &Group,
         progress: &Progress,
         skipped: &mut u64,
+        first_step: Option<Duration>,
     ) -> Result<Acted, CoordinatorError> {
         match next {
             Next::Continue => Ok(Acted::Goes),
@@ -220,7 +226,9 @@ impl Supervision<'_> {
             Next::Conclude => {
                 progress.finish();
                 *skipped += group.skipped();
-                Ok(Acted::Ended(self.outcome(life, *skipped).await?))
+                Ok(Acted::Ended(
+                    self.outcome(life, *skipped, first_step).await?,
+                ))
             }
             Next::Fail(err) => Err(err),
             Next::Regroup(regroup) => {
@@ -403,7 +411,12 @@ impl Supervision<'_> {
     }
 
     /// Success only when the last checkpoint asked for is in the store.
-    async fn outcome(&self, life: &Lifecycle, skipped: u64) -> Result<Report, CoordinatorError> {
+    async fn outcome(
+        &self,
+        life: &Lifecycle,
+        skipped: u64,
+        first_step: Option<Duration>,
+    ) -> Result<Report, CoordinatorError> {
         let committed = life.committed();
         let wanted = self.schedule.last_checkpoint();
         if let Some(step) = wanted.filter(|w| Some(*w) != committed) {
@@ -459,6 +472,7 @@ impl Supervision<'_> {
             skipped,
             checkpoint: committed.map(|step| self.checkpoints.location(step)),
             swd,
+            first_step,
         })
     }
 }

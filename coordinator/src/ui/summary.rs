@@ -45,6 +45,12 @@ pub fn summary(report: &Report, cfg: &Config, wall: Duration) -> String {
             ),
         );
     }
+    if let Some(first) = report.first_step {
+        row(
+            "first step",
+            format!("after {} (start, join, load, kernel tuning)", human(first)),
+        );
+    }
     if let Some(swd) = report.swd {
         row(
             "SWD ×1e3",
@@ -67,6 +73,13 @@ pub fn summary(report: &Report, cfg: &Config, wall: Duration) -> String {
             file(out, outputs::LOSS_PNG)
         ),
     );
+    if cfg.output.tensorboard {
+        let board = out.join(outputs::TENSORBOARD_DIR);
+        row(
+            "curves",
+            format!("tensorboard --logdir {}", board.display()),
+        );
+    }
     row(
         "checkpoint",
         report.checkpoint.clone().unwrap_or_else(|| "none".into()),
@@ -117,17 +130,20 @@ mod tests {
             skipped: 0,
             checkpoint: Some("folder runs/default/checkpoints/step-000000300".into()),
             swd: Some(123.456),
+            first_step: Some(Duration::from_millis(4200)),
         };
         let text = summary(&report, &Config::default(), Duration::from_secs(224));
         for expected in [
             "training finished: 300 steps in 3m44s, 1283 img/s",
             "D 0.8566  G 1.235",
             "SWD ×1e3   123.5",
+            "first step after 4.2s",
             "restarts   1 (2 generations, steps trained again: 0",
             "runs/default/samples.png",
             "runs/default/loss.png",
             "step-000000300",
             "runs/default/logs/",
+            "tensorboard --logdir runs/default/tensorboard",
         ] {
             assert!(text.contains(expected), "{expected} missing:\n{text}");
         }

@@ -192,8 +192,63 @@ fn cuda_device_name() -> Result<String, String> {
 /// missing; checking first turns that into an error a user can act on.
 pub fn device() -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
-    cuda_driver_present()?;
+    {
+        cuda_driver_present()?;
+        keep_kernels(&kernel_cache(|name| std::env::var_os(name)));
+    }
+    let given = |name: &str| std::env::var(name).ok();
+    // A local coordinator gives each rank one GPU as CUDA_VISIBLE_DEVICES,
+    // so the device is always the first the process sees.
+    tracing::info!(
+        backend = NAME,
+        device = %device_name(),
+        index = 0,
+        cuda_visible_devices = ?given("CUDA_VISIBLE_DEVICES"),
+        local_rank = ?given("LOCAL_RANK"),
+        local_world_size = ?given("LOCAL_WORLD_SIZE"),
+        "training device"
+    );
     Ok(Device::default())
+}
+
+/// Where cubecl keeps what it learns about this machine's GPU, its
+/// autotune results and compiled kernels (PTX): `GANCLUSTER_KERNEL_CACHE`,
+/// else `gancluster/kernels` in the user's cache folder (`XDG_CACHE_HOME`,
+/// else `~/.cache`), else the system's temporary folder. Without it cubecl
+/// tunes every new kernel shape again in every process (28–40 s a matmul
+/// shape on an H200) and keeps its results under the `target/` of
+/// whatever Cargo project the process was started in.
+pub fn kernel_cache(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let set = |name: &str| var(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    set("GANCLUSTER_KERNEL_CACHE").unwrap_or_else(|| {
+        set("XDG_CACHE_HOME")
+            .or_else(|| set("HOME").map(|home| home.join(".cache")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("gancluster")
+            .join("kernels")
+    })
+}
+
+/// Points cubecl's autotune and compilation caches at `folder`, once per
+/// process and before the first kernel. Local workers share it: cubecl
+/// locks each cache file while it reads or writes, so ranks tuning at the
+/// same time (each on its own GPU, which costs no more wall time than one
+/// rank tuning alone) never corrupt it, and from the second run on every
+/// rank finds the results of the first. A `cubecl.toml` and cubecl's
+/// environment variables (`CUBECL_AUTOTUNE_LEVEL`) still apply.
+#[cfg(feature = "cuda")]
+fn keep_kernels(folder: &std::path::Path) {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        config.autotune.cache = CacheConfig::File(folder.join("autotune"));
+        config.compilation.cache = Some(CacheConfig::File(folder.join("ptx")));
+        CubeClRuntimeConfig::set(config);
+        tracing::info!(folder = %folder.display(), "kernel cache (GANCLUSTER_KERNEL_CACHE)");
+    });
 }
 
 #[cfg(feature = "cuda")]
@@ -211,4 +266,43 @@ fn cuda_driver_present() -> anyhow::Result<()> {
          (libcuda.so.1) cannot be loaded: run it on a machine with an NVIDIA GPU and driver, \
          or use a CPU build (without `--features cuda`)"
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+    use std::path::PathBuf;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |name| {
+            vars.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| OsString::from(v))
+        }
+    }
+
+    #[test]
+    fn the_kernel_cache_is_where_it_is_set_else_in_the_user_s_cache_folder() {
+        let set = env(&[
+            ("GANCLUSTER_KERNEL_CACHE", "/vol/kernels"),
+            ("HOME", "/home/u"),
+        ]);
+        assert_eq!(kernel_cache(set), PathBuf::from("/vol/kernels"));
+        let xdg = env(&[("XDG_CACHE_HOME", "/xdg"), ("HOME", "/home/u")]);
+        assert_eq!(kernel_cache(xdg), PathBuf::from("/xdg/gancluster/kernels"));
+        let home = env(&[("GANCLUSTER_KERNEL_CACHE", ""), ("HOME", "/home/u")]);
+        assert_eq!(
+            kernel_cache(home),
+            PathBuf::from("/home/u/.cache/gancluster/kernels")
+        );
+        assert_eq!(
+            kernel_cache(env(&[])),
+            std::env::temp_dir().join("gancluster/kernels")
+        );
+    }
 }

@@ -38,6 +38,7 @@ pub(super) fn begin(
     state: Option<Bytes>,
     held: Option<Held>,
     replica: Replica,
+    generation: u64,
     trainer: &mut Trainer<TrainBackend>,
 ) -> anyhow::Result<Result<Start, RefusedReplica>> {
     anyhow::ensure!(
@@ -58,6 +59,7 @@ pub(super) fn begin(
         until: start.steps,
         batch: start.batch_size as usize,
         checkpoint_first: start.checkpoint,
+        generation,
     };
     let history = || -> anyhow::Result<Vec<output::LossRow>> {
         match replica.rank {
@@ -132,6 +134,7 @@ pub(super) fn begin(
             Ok(Ok(Start {
                 until: start.steps,
                 batch: start.batch_size as usize,
+                generation,
                 ..Start::fresh(cfg)
             }))
         }

@@ -170,6 +170,7 @@ pub fn run(
             opened.state,
             carried.held,
             replica,
+            joined.generation,
             &mut trainer,
         );
         let begun = match begun {

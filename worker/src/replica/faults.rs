@@ -99,6 +99,10 @@ impl<S: StepSync> StepSync for Faulty<'_, S> {
         self.inner.after_step(record, trainer)
     }
 
+    fn waited_ms(&self) -> f64 {
+        self.inner.waited_ms()
+    }
+
     fn average(&mut self, step: u64, trainer: &mut Trainer<TrainBackend>) -> anyhow::Result<()> {
         if self.fault == Some(Fault::Kill(step)) {
             tracing::warn!(step, "{FAULT_ENV}: SIGKILL before averaging");

@@ -114,6 +114,10 @@ impl StepSync for Remote<'_> {
         }
     }
 
+    fn waited_ms(&self) -> f64 {
+        self.waited_ms
+    }
+
     fn average(&mut self, step: u64, trainer: &mut Trainer<TrainBackend>) -> anyhow::Result<()> {
         for net in [Net::Discriminator, Net::Generator] {
             let state = trainer.averaging_state(net)?;
@@ -134,6 +138,7 @@ impl StepSync for Remote<'_> {
         record: &StepRecord,
         trainer: &mut Trainer<TrainBackend>,
     ) -> anyhow::Result<Directive> {
+        self.waited_ms = 0.0;
         let checksum = trainer.checksum();
         let report = pb::StepReport {
             step: record.step,
@@ -144,7 +149,7 @@ impl StepSync for Remote<'_> {
             d_fake: record.losses.d_fake,
             images_per_s: record.images_per_s,
             checksum,
-            allreduce_ms: std::mem::take(&mut self.waited_ms),
+            allreduce_ms: record.allreduce_ms,
         };
         let runtime = self.runtime;
         let reported = runtime.block_on(self.session().report(report));

@@ -51,6 +51,9 @@ pub struct BenchResult {
     threads: usize,
     median_s: f64,
     p90_s: f64,
+    /// The first iteration: kernel compilation and autotuning included,
+    /// what a user waits for before step 0 (short with a warm kernel cache).
+    first_s: f64,
     peak_memory: Option<backend::Memory>,
 }
 
@@ -67,7 +70,8 @@ impl fmt::Display for BenchResult {
         write!(
             f,
             "RESULT burn=0.21.0 backend={} device={:?} threads={} img={} ngf={} ndf={} batch={} \
-             warmup={} iters={} median_step={:.4}s p90_step={:.4}s img_per_s={:.1}",
+             warmup={} iters={} median_step={:.4}s p90_step={:.4}s img_per_s={:.1} \
+             first_step={:.3}s",
             backend::NAME,
             self.device,
             self.threads,
@@ -80,6 +84,7 @@ impl fmt::Display for BenchResult {
             self.median_s,
             self.p90_s,
             self.images_per_s(),
+            self.first_s,
         )?;
         match &self.peak_memory {
             Some(memory) => write!(
@@ -127,11 +132,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
     );
     let mut memory = backend::MemoryWatch::new(&device);
     let mut times = Vec::with_capacity(args.iters);
+    let mut first_s = None;
     for it in 0..args.warmup + args.iters {
         let started = Instant::now();
         let losses = trainer.train_step(it as u64, real.clone(), &mut LocalReducer::default())?;
         Inner::sync(&device).map_err(|e| anyhow::anyhow!("synchronising the device: {e:?}"))?;
         let dt = started.elapsed().as_secs_f64();
+        first_s.get_or_insert(dt);
         memory.sample();
         let phase = if it < args.warmup { "warmup" } else { "timed" };
         println!(
@@ -149,6 +156,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchResult> {
         threads: rayon::current_num_threads(),
         median_s: percentile(&times, 0.5),
         p90_s: percentile(&times, 0.9),
+        first_s: first_s.unwrap_or_default(),
         peak_memory: memory.peak(),
     })
 }

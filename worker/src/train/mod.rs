@@ -2,7 +2,7 @@
 //! are reduced ([`step`]: `GradientReducer`), the step loop every replica
 //! runs standalone or distributed ([`replica_loop`]: `StepSync`), post-local
 //! SGD's state averaging, checkpoints, and what a run leaves for people
-//! (loss log, curves, sample grid) and for Prometheus.
+//! (loss log, curves, sample grid), for TensorBoard and for Prometheus.
 
 pub(crate) mod averaging;
 pub mod checkpoint;
@@ -12,3 +12,4 @@ pub mod replica_loop;
 pub mod standalone;
 pub mod step;
 pub(crate) mod telemetry;
+mod tensorboard;

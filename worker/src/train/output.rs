@@ -13,29 +13,33 @@ use crate::train::step::StepLosses;
 /// Pixels between grid cells.
 const GRID_GAP: u32 = 2;
 
-/// Tiles `images` (CHW in [−1, 1], `size`×`size`) into a square grid PNG.
-pub fn write_grid(path: &Path, images: &[f32], size: u32) -> image::ImageResult<()> {
-    grid(images, size).save(path)
-}
-
-/// [`write_grid`] as PNG bytes, for a checkpoint.
+/// Tiles `images` (CHW in [−1, 1], `size`×`size`) into a square grid, as PNG.
 pub fn grid_png(images: &[f32], size: u32) -> image::ImageResult<Vec<u8>> {
     let mut png = Cursor::new(Vec::new());
     grid(images, size).write_to(&mut png, ImageFormat::Png)?;
     Ok(png.into_inner())
 }
 
+/// Width and height in pixels of the grid of `count` images of
+/// `size`×`size`: as square as it gets, with a gap around every cell.
+pub fn grid_size(count: usize, size: u32) -> (u32, u32) {
+    let (cols, rows) = grid_cells(count);
+    let cell = size + GRID_GAP;
+    (cols * cell + GRID_GAP, rows * cell + GRID_GAP)
+}
+
+fn grid_cells(count: usize) -> (u32, u32) {
+    let cols = ((count as f64).sqrt().ceil() as u32).max(1);
+    (cols, (count as u32).div_ceil(cols))
+}
+
 fn grid(images: &[f32], size: u32) -> RgbImage {
     let plane = (3 * size * size) as usize;
     let count = images.len() / plane;
-    let cols = (count as f64).sqrt().ceil() as u32;
-    let rows = (count as u32).div_ceil(cols);
+    let (cols, _) = grid_cells(count);
     let cell = size + GRID_GAP;
-    let mut grid = RgbImage::from_pixel(
-        cols * cell + GRID_GAP,
-        rows * cell + GRID_GAP,
-        image::Rgb([255; 3]),
-    );
+    let (width, height) = grid_size(count, size);
+    let mut grid = RgbImage::from_pixel(width, height, image::Rgb([255; 3]));
     for (i, chw) in images.chunks_exact(plane).enumerate() {
         let tile = preprocess::to_rgb(chw, size);
         let (x, y) = (i as u32 % cols, i as u32 / cols);

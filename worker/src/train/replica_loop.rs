@@ -27,6 +27,7 @@ use crate::eval::swd::SwdReport;
 use crate::train::checkpoint;
 use crate::train::output::{self, LossLog, LossRow};
 use crate::train::step::{GradientReducer, LocalReducer, StepLosses, Trainer};
+use crate::train::tensorboard::{self, Board};
 
 /// Final trainable parameters, G's then D's, as little-endian f32.
 pub const PARAMS_F32: &str = "params.f32";
@@ -69,6 +70,8 @@ pub struct Start {
     /// Rank 0 checkpoints the state it starts from before training (the
     /// member that was to write it was lost).
     pub checkpoint_first: bool,
+    /// The group's generation (0 standalone), for TensorBoard.
+    pub generation: u64,
 }
 
 impl Start {
@@ -81,6 +84,7 @@ impl Start {
             until: cfg.train.steps,
             batch: cfg.train.batch_size,
             checkpoint_first: false,
+            generation: 0,
         }
     }
 }
@@ -96,6 +100,8 @@ pub struct StepRecord {
     pub losses: StepLosses,
     /// This replica's throughput.
     pub images_per_s: f64,
+    /// Milliseconds it waited for the step's all-reduces.
+    pub allreduce_ms: f64,
 }
 
 /// What the group does once a step is trained, as the coordinator decided.
@@ -113,6 +119,12 @@ pub trait StepSync: GradientReducer {
     /// the state it starts from (a distributed replica keeps it, to go back
     /// to if the group re-forms during the step).
     fn before_step(&mut self, _step: u64, _cursor: DataCursor, _trainer: &Trainer<TrainBackend>) {}
+
+    /// Milliseconds the step in progress has waited for all-reduces so far
+    /// (none when the replica reduces alone).
+    fn waited_ms(&self) -> f64 {
+        0.0
+    }
 
     /// Called after every step with the updated trainer; says what to do next.
     fn after_step(
@@ -216,6 +228,10 @@ pub fn train(
     } else {
         None
     };
+    let mut board = match writes {
+        true => Board::open(cfg, start.first_step)?,
+        false => None,
+    };
     let source = ImageSource::open(&cfg.data, cfg.train.seed)?;
     if writes && eval_images > 0 {
         held_out::held_out(cfg, eval_images)
@@ -278,6 +294,7 @@ pub fn train(
             epoch,
             losses,
             images_per_s: count as f64 / step_started.elapsed().as_secs_f64(),
+            allreduce_ms: sync.waited_ms(),
         };
         let directive = sync.after_step(&record, trainer)?;
         done = step + 1;
@@ -288,6 +305,16 @@ pub fn train(
         if let Some(log) = log.as_mut() {
             let row = LossRow::new(step, epoch, &losses, record.images_per_s);
             log.record(&row)?;
+            if let Some(board) = board.as_mut()
+                && (done.is_multiple_of(cfg.train.log_every) || done == start.until)
+            {
+                let group = tensorboard::Group {
+                    allreduce_ms: record.allreduce_ms,
+                    workers: replica.world,
+                    generation: start.generation,
+                };
+                board.step(&row, group)?;
+            }
             history.push(row);
         }
         if done.is_multiple_of(cfg.train.log_every) {
@@ -311,6 +338,15 @@ pub fn train(
             let mean = swd.as_ref().map(|(_, report)| report.mean);
             let state = training_state(cfg, replica, done, cursor, losses, mean);
             let objects = checkpoint::capture(trainer, &state, &history, size, cfg.train.seed)?;
+            if let Some(board) = board.as_mut() {
+                let grid = objects.iter().find(|(name, _)| name == SAMPLES_PNG);
+                if let Some((_, png)) = grid {
+                    board.samples(step, png.to_vec(), grid_size(size))?;
+                }
+                if let Some(mean) = mean {
+                    board.swd(step, mean)?;
+                }
+            }
             sync.checkpoint(done, objects)?;
         }
         if directive.stop {
@@ -328,13 +364,23 @@ pub fn train(
         );
     }
     let swd = if writes {
-        write_results(trainer, out, size, cfg.train.seed, &history)?;
-        match swd {
+        let grid = write_results(trainer, out, size, cfg.train.seed, &history)?;
+        let swd = match swd {
             Some((step, report)) if step == done => Some(report),
-            _ => (eval_images > 0)
-                .then(|| held_out::swd_against_held_out(trainer, cfg, eval_images))
-                .transpose()?,
+            _ => {
+                let report = (eval_images > 0)
+                    .then(|| held_out::swd_against_held_out(trainer, cfg, eval_images))
+                    .transpose()?;
+                if let (Some(board), Some(report)) = (board.as_mut(), &report) {
+                    board.swd(done - 1, report.mean)?;
+                }
+                report
+            }
+        };
+        if let Some(board) = board.as_mut() {
+            board.samples(done - 1, grid, grid_size(size))?;
         }
+        swd
     } else {
         None
     };
@@ -378,20 +424,22 @@ fn prepare_output(cfg: &Config, out: &Path, history: &[LossRow]) -> anyhow::Resu
     LossLog::create(&path, history).with_context(|| format!("creating {}", path.display()))
 }
 
+/// Writes the final loss curves, sample grid and parameters; returns the
+/// grid as PNG.
 fn write_results(
     trainer: &Trainer<TrainBackend>,
     out: &Path,
     size: usize,
     seed: u64,
     history: &[LossRow],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<u8>> {
     let plot_path = out.join(LOSS_PNG);
     std::fs::write(&plot_path, crate::train::plot::loss_png(history)?)
         .with_context(|| format!("writing {}", plot_path.display()))?;
     let grid = trainer.sample_pixels(GRID_IMAGES, seed)?;
     let grid_path = out.join(SAMPLES_PNG);
-    output::write_grid(&grid_path, &grid, size as u32)
-        .with_context(|| format!("writing {}", grid_path.display()))?;
+    let png = output::grid_png(&grid, size as u32).context("encoding the sample grid")?;
+    std::fs::write(&grid_path, &png).with_context(|| format!("writing {}", grid_path.display()))?;
     let params: Vec<u8> = trainer
         .flat_params()
         .iter()
@@ -399,7 +447,13 @@ fn write_results(
         .collect();
     let params_path: PathBuf = out.join(PARAMS_F32);
     std::fs::write(&params_path, params)
-        .with_context(|| format!("writing {}", params_path.display()))
+        .with_context(|| format!("writing {}", params_path.display()))?;
+    Ok(png)
+}
+
+/// The sample grid's size in pixels.
+fn grid_size(image_size: usize) -> (u32, u32) {
+    output::grid_size(GRID_IMAGES, image_size as u32)
 }
 
 /// A loader batch as a `[count, 3, size, size]` tensor on `device`.
